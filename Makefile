@@ -1,0 +1,36 @@
+# One virtualenv (.venv) for everything; pyproject.toml is the only dependency list.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+WEIGHTS ?= build/weights
+JOBS ?= auto
+
+.PHONY: install demo test lint format clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -U pip
+	$(PY) -m pip install -q -e ".[dev,cpu]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## The main job on the embedded default model (random opt-125m weights, optkit's tokenizer).
+demo: $(STAMP)
+	@test -d $(WEIGHTS)/opt-125m-np || $(VENV)/bin/optkit random-weights $(WEIGHTS)/opt-125m-np --model opt-125m
+	$(VENV)/bin/optkit generate --model jax/opt-125m --path $(WEIGHTS) \
+		--prompt "Paris is the capital city of" --prompt "The best way to serve a language model is"
+
+## The whole test suite (exit code 5, "no tests collected", fails like any other error).
+test: $(STAMP)
+	$(PY) -m pytest -n $(JOBS) -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check optkit tests benchmarks
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix optkit tests benchmarks
+
+clean:
+	rm -rf build .pytest_cache

@@ -1,0 +1,8 @@
+"""optkit: serve, parallelize and benchmark OPT language models on JAX."""
+
+from optkit.api import get_model
+from optkit.config import PRESETS, OPTConfig
+from optkit.weights.tokenizer import get_tokenizer
+
+__all__ = ["OPTConfig", "PRESETS", "get_model", "get_tokenizer"]
+__version__ = "0.1.0"

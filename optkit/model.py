@@ -1,0 +1,236 @@
+"""Pure-JAX OPT decoder over a KV cache.
+
+The model knows nothing of devices or sharding: every function here takes a params pytree
+and arrays, and returns arrays.  Parallel strategies (``optkit.parallel``) decide where the
+arrays live; ``optkit.generate`` runs the sampling loop outside.
+
+Params pytree (kernels are stored (in, out), i.e. transposed from the torch layout)::
+
+    embed_tokens     (V, E)          token embedding, tied to the LM head
+    embed_positions  (max_pos+2, H)  learned positions (row 1 = pad, first token at row 2)
+    project_in       (E, H)          only when E != H (opt-350m)
+    project_out      (H, E)          only when E != H
+    final_ln         {scale, bias}   only for pre-LN models with a final LayerNorm
+    layers[i]        attn_ln {scale, bias}, qkv {kernel (H, 3, A, D), bias (3, A, D)},
+                     out {kernel (A, D, H), bias (H,)}, mlp_ln {scale, bias},
+                     fc1 {kernel (H, F), bias (F,)}, fc2 {kernel (F, H), bias (H,)}
+
+``layers`` is a Python list (unrolled; best decode bandwidth) or a single dict whose arrays
+carry a leading layer axis (``lax.scan``; fast compiles).  Both give the same numbers.
+
+KV cache pytree::
+
+    k, v    per layer (B, S, A, D) -- a list, or stacked (L, B, S, A, D) with scanned layers
+    mask    (B, S) bool             which cache positions hold real tokens
+    index   (B,) int32              next write position of each row
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from optkit.config import OPTConfig
+
+Params = dict
+Cache = dict
+
+
+# ---------------------------------------------------------------------------------------------
+# Cache
+# ---------------------------------------------------------------------------------------------
+def init_cache(cfg: OPTConfig, batch: int, max_len: int, dtype=jnp.float32, stacked: bool = False,
+               num_layers: int | None = None) -> Cache:
+    """An empty KV cache for ``batch`` rows of up to ``max_len`` positions."""
+    n = cfg.num_hidden_layers if num_layers is None else num_layers
+    shape = (batch, max_len, cfg.num_attention_heads, cfg.head_dim)
+    if stacked:
+        k = jnp.zeros((n, *shape), dtype)
+        v = jnp.zeros((n, *shape), dtype)
+    else:
+        k = [jnp.zeros(shape, dtype) for _ in range(n)]
+        v = [jnp.zeros(shape, dtype) for _ in range(n)]
+    return {
+        "k": k,
+        "v": v,
+        "mask": jnp.zeros((batch, max_len), bool),
+        "index": jnp.zeros((batch,), jnp.int32),
+    }
+
+
+def cache_spec(cfg: OPTConfig, batch: int, max_len: int, dtype=jnp.float32,
+               stacked: bool = False) -> Cache:
+    """``jax.ShapeDtypeStruct`` tree of :func:`init_cache` (for abstract compilation)."""
+    return jax.eval_shape(lambda: init_cache(cfg, batch, max_len, dtype, stacked))
+
+
+# ---------------------------------------------------------------------------------------------
+# Building blocks
+# ---------------------------------------------------------------------------------------------
+def layer_norm(p: dict, x: jax.Array, eps: float) -> jax.Array:
+    xf = x.astype(jnp.float32)
+    mean = xf.mean(-1, keepdims=True)
+    var = jnp.square(xf - mean).mean(-1, keepdims=True)
+    y = (xf - mean) * jax.lax.rsqrt(var + eps)
+    y = y * p["scale"].astype(jnp.float32) + p["bias"].astype(jnp.float32)
+    return y.astype(x.dtype)
+
+
+def dense(p: dict, x: jax.Array) -> jax.Array:
+    return jnp.matmul(x, p["kernel"]) + p["bias"]
+
+
+def positions_from_mask(attention_mask: jax.Array, start: jax.Array | int = 0) -> jax.Array:
+    """HF/metaseq position rows: the k-th real token uses row k + 2, pads use row 1."""
+    mask = attention_mask.astype(jnp.int32)
+    pos = (jnp.cumsum(mask, axis=-1) + start) * mask + 1
+    return pos
+
+
+def embed(params: Params, cfg: OPTConfig, tokens: jax.Array, positions: jax.Array) -> jax.Array:
+    x = jnp.take(params["embed_tokens"], tokens, axis=0)
+    if cfg.has_projections:
+        x = jnp.matmul(x, params["project_in"])
+    return x + jnp.take(params["embed_positions"], positions, axis=0).astype(x.dtype)
+
+
+def unembed(params: Params, cfg: OPTConfig, x: jax.Array) -> jax.Array:
+    """Final LayerNorm / projection and the tied LM head: hidden states -> logits."""
+    if cfg.has_final_layer_norm:
+        x = layer_norm(params["final_ln"], x, cfg.layer_norm_eps)
+    if cfg.has_projections:
+        x = jnp.matmul(x, params["project_out"])
+    return jnp.einsum("...e,ve->...v", x, params["embed_tokens"])
+
+
+def _attention(q, k, v, allowed, scale):
+    """q (B,T,A,D), k/v (B,S,A,D), allowed (B,T,S) bool -> (B,T,A,D)."""
+    scores = jnp.einsum("btad,bsad->bats", q, k, preferred_element_type=jnp.float32) * scale
+    scores = jnp.where(allowed[:, None, :, :], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum("bats,bsad->btad", probs, v)
+
+
+def _layer(lp: dict, cfg: OPTConfig, x: jax.Array, attend) -> tuple[jax.Array, tuple]:
+    """One decoder layer.  ``attend(q, k, v) -> (out, new_kv)`` hides prefill vs decode."""
+    eps = cfg.layer_norm_eps
+    residual = x
+    h = layer_norm(lp["attn_ln"], x, eps) if cfg.do_layer_norm_before else x
+    qkv = jnp.einsum("bth,hkad->btkad", h, lp["qkv"]["kernel"]) + lp["qkv"]["bias"]
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    a, new_kv = attend(q, k, v)
+    h = jnp.einsum("btad,adh->bth", a, lp["out"]["kernel"]) + lp["out"]["bias"]
+    h = residual + h
+    if not cfg.do_layer_norm_before:
+        h = layer_norm(lp["attn_ln"], h, eps)
+    residual = h
+    m = layer_norm(lp["mlp_ln"], h, eps) if cfg.do_layer_norm_before else h
+    m = dense(lp["fc2"], jax.nn.relu(dense(lp["fc1"], m)))
+    h = residual + m
+    if not cfg.do_layer_norm_before:
+        h = layer_norm(lp["mlp_ln"], h, eps)
+    return h, new_kv
+
+
+def _run_layers(layers, cfg: OPTConfig, x, ks, vs, make_attend):
+    """Apply every layer (unrolled list or scanned stack), threading per-layer caches."""
+    if isinstance(layers, dict):  # stacked: leading layer axis, lax.scan
+
+        def body(h, xs):
+            lp, k_c, v_c = xs
+            h, (k_n, v_n) = _layer(lp, cfg, h, make_attend(k_c, v_c))
+            return h, (k_n, v_n)
+
+        x, (ks, vs) = jax.lax.scan(body, x, (layers, ks, vs))
+        return x, ks, vs
+    new_k, new_v = [], []
+    for lp, k_c, v_c in zip(layers, ks, vs, strict=True):
+        x, (k_n, v_n) = _layer(lp, cfg, x, make_attend(k_c, v_c))
+        new_k.append(k_n)
+        new_v.append(v_n)
+    return x, new_k, new_v
+
+
+# ---------------------------------------------------------------------------------------------
+# Prefill / decode, split into stages so pipeline parallelism can run each on its own devices
+# ---------------------------------------------------------------------------------------------
+def prefill_layers(layers, cfg: OPTConfig, x: jax.Array, attention_mask: jax.Array,
+                   cache: Cache) -> tuple[jax.Array, Cache]:
+    """Run a prompt's hidden states ``x`` (B,T,H) through ``layers``; write K/V at [0, T)."""
+    t = x.shape[1]
+    mask = attention_mask.astype(bool)
+    causal = jnp.tril(jnp.ones((t, t), bool))
+    allowed = causal[None] & mask[:, None, :]
+    scale = cfg.head_dim ** -0.5
+
+    def make_attend(k_c, v_c):
+        def attend(q, k, v):
+            out = _attention(q, k, v, allowed, scale)
+            k_n = jax.lax.dynamic_update_slice_in_dim(k_c, k.astype(k_c.dtype), 0, axis=1)
+            v_n = jax.lax.dynamic_update_slice_in_dim(v_c, v.astype(v_c.dtype), 0, axis=1)
+            return out, (k_n, v_n)
+        return attend
+
+    x, ks, vs = _run_layers(layers, cfg, x, cache["k"], cache["v"], make_attend)
+    cache_mask = jax.lax.dynamic_update_slice_in_dim(
+        jnp.zeros_like(cache["mask"]), mask, 0, axis=1)
+    index = jnp.full_like(cache["index"], t)
+    return x, {"k": ks, "v": vs, "mask": cache_mask, "index": index}
+
+
+def decode_layers(layers, cfg: OPTConfig, x: jax.Array, cache: Cache) -> tuple[jax.Array, Cache]:
+    """Run one new position per row (x: (B,1,H)) through ``layers``, writing at ``index``."""
+    b, s = cache["mask"].shape
+    index = cache["index"]
+    rows = jnp.arange(b)
+    mask = cache["mask"].at[rows, index].set(True)
+    allowed = mask[:, None, :]
+    scale = cfg.head_dim ** -0.5
+
+    def make_attend(k_c, v_c):
+        def attend(q, k, v):
+            k_n = k_c.at[rows, index].set(k[:, 0].astype(k_c.dtype))
+            v_n = v_c.at[rows, index].set(v[:, 0].astype(v_c.dtype))
+            return _attention(q, k_n, v_n, allowed, scale), (k_n, v_n)
+        return attend
+
+    x, ks, vs = _run_layers(layers, cfg, x, cache["k"], cache["v"], make_attend)
+    return x, {"k": ks, "v": vs, "mask": mask, "index": index + 1}
+
+
+def prefill(params: Params, cfg: OPTConfig, tokens: jax.Array, attention_mask: jax.Array,
+            cache: Cache, all_logits: bool = True) -> tuple[jax.Array, Cache]:
+    """Process left-padded prompts ``tokens`` (B,T) into an empty ``cache``.
+
+    Returns logits (B,T,V) (or (B,V) for the last position when ``all_logits=False``).
+    """
+    x = embed(params, cfg, tokens, positions_from_mask(attention_mask))
+    x, cache = prefill_layers(params["layers"], cfg, x, attention_mask, cache)
+    if not all_logits:
+        x = x[:, -1]
+    return unembed(params, cfg, x), cache
+
+
+def decode_positions(cache: Cache) -> jax.Array:
+    """Position rows of the next token of each row: (number of real tokens so far) + 2."""
+    return (cache["mask"].sum(-1).astype(jnp.int32) + 2)[:, None]
+
+
+def decode_step(params: Params, cfg: OPTConfig, tokens: jax.Array,
+                cache: Cache) -> tuple[jax.Array, Cache]:
+    """Feed one token per row (B,) and return next-token logits (B,V) and the new cache."""
+    x = embed(params, cfg, tokens[:, None], decode_positions(cache))
+    x, cache = decode_layers(params["layers"], cfg, x, cache)
+    return unembed(params, cfg, x[:, 0]), cache
+
+
+def forward(params: Params, cfg: OPTConfig, tokens: jax.Array,
+            attention_mask: jax.Array | None = None) -> jax.Array:
+    """Logits (B,T,V) of a full sequence without keeping a cache."""
+    if attention_mask is None:
+        attention_mask = jnp.ones(tokens.shape, jnp.int32)
+    dtype = params["embed_tokens"].dtype
+    stacked = isinstance(params["layers"], dict)
+    cache = init_cache(cfg, tokens.shape[0], tokens.shape[1], dtype, stacked)
+    logits, _ = prefill(params, cfg, tokens, attention_mask, cache)
+    return logits

@@ -1,0 +1,194 @@
+"""Executors run the model's pure functions on devices; generation and serving only call them.
+
+An executor owns the params (already placed on its devices) and exposes jitted, cache-donating
+``prefill`` / ``decode`` plus helpers the decoding loops need.  The cache is opaque to callers.
+:class:`MeshExecutor` covers one device and every SPMD strategy on one mesh (data and tensor
+parallel): the strategy is only a table from logical axis names to mesh axes.  Pipeline
+parallelism composes several of them (``optkit.parallel.pipeline``).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from optkit import model as M
+from optkit.config import OPTConfig
+from optkit.weights.layout import ParamSpec
+
+#: Logical axis name -> mesh axis name (or tuple of names, or None for replicated).
+Rules = Mapping[str, str | tuple[str, ...] | None]
+
+CACHE_AXES = {
+    "kv": ("batch", "cache_seq", "heads", "head_dim"),
+    "kv_stacked": ("layers", "batch", "cache_seq", "heads", "head_dim"),
+    "mask": ("batch", "cache_seq"),
+    "index": ("batch",),
+}
+
+
+def single_device_mesh(device: jax.Device | None = None) -> Mesh:
+    device = device or jax.devices()[0]
+    return Mesh(np.array([device]).reshape(1, 1), ("data", "tensor"))
+
+
+def partition_spec(axes: tuple[str | None, ...], shape: tuple[int, ...], rules: Rules,
+                   mesh: Mesh) -> PartitionSpec:
+    """Map logical axes to mesh axes; a dim the mesh axes do not divide stays replicated."""
+    out, used = [], set()
+    for name, dim in zip(axes, shape, strict=True):
+        target = rules.get(name) if name else None
+        if target is None:
+            out.append(None)
+            continue
+        names = (target,) if isinstance(target, str) else tuple(target)
+        names = tuple(n for n in names if n in mesh.shape and n not in used)
+        size = int(np.prod([mesh.shape[n] for n in names])) if names else 1
+        if size == 1 or dim % size:
+            out.append(None)
+            continue
+        used.update(names)
+        out.append(names[0] if len(names) == 1 else names)
+    return PartitionSpec(*out)
+
+
+class MeshExecutor:
+    """Jitted prefill/decode of one model on one mesh under a sharding-rule table."""
+
+    def __init__(self, cfg: OPTConfig, params: Any, mesh: Mesh | None = None,
+                 rules: Rules | None = None, dtype=None):
+        self.cfg = cfg
+        self.mesh = mesh or single_device_mesh()
+        self.rules = dict(rules or {})
+        self.params = params
+        self.dtype = jnp.dtype(dtype or jax.tree.leaves(params)[0].dtype)
+        self.stacked = isinstance(params["layers"], dict)
+        self._fns: dict[Any, Callable] = {}
+
+    # Shardings -----------------------------------------------------------------------------
+    def sharding(self, axes: tuple[str | None, ...], shape: tuple[int, ...]) -> NamedSharding:
+        return NamedSharding(self.mesh, partition_spec(axes, shape, self.rules, self.mesh))
+
+    def param_sharding(self, spec: ParamSpec) -> NamedSharding:
+        return self.sharding(spec.axes, spec.shape)
+
+    def cache_shardings(self, batch: int, max_len: int) -> dict:
+        a, d = self.cfg.num_attention_heads, self.cfg.head_dim
+        if self.stacked:
+            n = self.cfg.num_hidden_layers
+            kv = self.sharding(CACHE_AXES["kv_stacked"], (n, batch, max_len, a, d))
+        else:
+            kv = [self.sharding(CACHE_AXES["kv"], (batch, max_len, a, d))] * \
+                 self.cfg.num_hidden_layers
+        return {"k": kv, "v": kv, "mask": self.sharding(CACHE_AXES["mask"], (batch, max_len)),
+                "index": self.sharding(CACHE_AXES["index"], (batch,))}
+
+    def batch_sharding(self, shape: tuple[int, ...]) -> NamedSharding:
+        return self.sharding(("batch",) + (None,) * (len(shape) - 1), shape)
+
+    def logits_sharding(self, shape: tuple[int, ...]) -> NamedSharding:
+        return self.sharding(("batch",) + (None,) * (len(shape) - 2) + ("vocab",), shape)
+
+    def put_batch(self, x) -> jax.Array:
+        x = np.asarray(x) if not isinstance(x, jax.Array) else x
+        return jax.device_put(x, self.batch_sharding(tuple(x.shape)))
+
+    # Cache ---------------------------------------------------------------------------------
+    def init_cache(self, batch: int, max_len: int):
+        key = ("init", batch, max_len)
+        if key not in self._fns:
+            self._fns[key] = jax.jit(
+                functools.partial(M.init_cache, self.cfg, batch, max_len, self.dtype, self.stacked),
+                out_shardings=self.cache_shardings(batch, max_len))
+        return self._fns[key]()
+
+    # Model calls ---------------------------------------------------------------------------
+    def _jit(self, key, fn, **kw):
+        if key not in self._fns:
+            self._fns[key] = jax.jit(fn, **kw)
+        return self._fns[key]
+
+    def prefill(self, tokens, attention_mask, cache, all_logits: bool = False):
+        """Prompts (B,T) into an empty cache -> (logits (B,T,V) or (B,V), cache)."""
+        tokens, attention_mask = self.put_batch(tokens), self.put_batch(attention_mask)
+        b, t = tokens.shape
+        s = cache_len(cache)
+        shape = (b, t, self.cfg.vocab_size) if all_logits else (b, self.cfg.vocab_size)
+        fn = self._jit(("prefill", all_logits, b, t, s),
+                       lambda p, x, m, c: M.prefill(p, self.cfg, x, m, c, all_logits=all_logits),
+                       donate_argnums=(3,),
+                       out_shardings=(self.logits_sharding(shape), self.cache_shardings(b, s)))
+        return fn(self.params, tokens, attention_mask, cache)
+
+    def decode(self, tokens, cache):
+        """One token per row (B,) -> (logits (B,V), cache); the old cache is donated."""
+        tokens = self.put_batch(tokens)
+        b, s = tokens.shape[0], cache_len(cache)
+        fn = self._jit(("decode", b, s),
+                       lambda p, x, c: M.decode_step(p, self.cfg, x, c),
+                       donate_argnums=(2,),
+                       out_shardings=(self.logits_sharding((b, self.cfg.vocab_size)),
+                                      self.cache_shardings(b, s)))
+        return fn(self.params, tokens, cache)
+
+    def decode_loop(self, step_fn: Callable, tokens, cache, state, num_steps: int):
+        """``num_steps`` decode steps in one dispatch.
+
+        ``step_fn(logits, state) -> (next_tokens, state, out)`` is pure JAX (sampling, logits
+        processors); ``out`` leaves are stacked over steps.  Returns (tokens, cache, state, outs).
+        """
+        tokens = self.put_batch(tokens)
+
+        def run(params, tokens, cache, state):
+            def body(carry, _):
+                tok, c, st = carry
+                logits, c = M.decode_step(params, self.cfg, tok, c)
+                tok, st, out = step_fn(logits, st)
+                return (tok, c, st), out
+            (tok, c, st), outs = jax.lax.scan(body, (tokens, cache, state), None,
+                                              length=num_steps)
+            return tok, c, st, outs
+
+        b, s = tokens.shape[0], cache_len(cache)
+        fn = self._jit(("loop", step_fn, num_steps, b, s), run, donate_argnums=(2,),
+                       out_shardings=(None, self.cache_shardings(b, s), None, None))
+        return fn(self.params, tokens, cache, state)
+
+    def logits(self, tokens, attention_mask=None):
+        """Full-sequence logits (B,T,V) without keeping a cache."""
+        tokens = np.asarray(tokens) if not isinstance(tokens, jax.Array) else tokens
+        if attention_mask is None:
+            attention_mask = np.ones(tokens.shape, np.int32)
+        cache = self.init_cache(tokens.shape[0], tokens.shape[1])
+        logits, _ = self.prefill(tokens, attention_mask, cache, all_logits=True)
+        return logits
+
+    def select(self, cache, rows):
+        """Cache rows reordered/replicated by ``rows`` (beam search, ``num_return_sequences``)."""
+        rows = jnp.asarray(rows, jnp.int32)
+        b, s = rows.shape[0], cache_len(cache)
+        axis = 1 if self.stacked else 0
+
+        def take(c, r):
+            out = {"mask": c["mask"][r], "index": c["index"][r]}
+            for name in ("k", "v"):
+                if self.stacked:
+                    out[name] = jnp.take(c[name], r, axis=axis)
+                else:
+                    out[name] = [x[r] for x in c[name]]
+            return out
+
+        fn = self._jit(("select", b, s, cache_len(cache)), take,
+                       out_shardings=self.cache_shardings(b, s))
+        return fn(cache, rows)
+
+
+def cache_len(cache) -> int:
+    """Number of positions a cache holds."""
+    return int(cache["mask"].shape[1])

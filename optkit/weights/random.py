@@ -1,0 +1,108 @@
+"""Random OPT weights of any shape (Alpa's ``dummy=True``): in memory or as a weight folder.
+
+* :func:`random_params` makes the params pytree directly on the target devices (each leaf
+  created by a jitted function with its output sharding; nothing goes through the host).
+* :func:`random_state_dict` yields folder-key tensors (torch layout, numpy), one at a time,
+  deterministically per (seed, key): the same tensors feed a weight folder, an HF model and
+  the synthetic Metaseq writer.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from optkit.config import OPTConfig
+from optkit.weights.folder import FolderWriter
+from optkit.weights.layout import ParamSpec, folder_shapes, param_specs, tree_from_specs
+
+STD = 0.02
+
+
+@functools.cache
+def _init_fn(shape: tuple[int, ...], init: str, dtype: str, sharding):
+    def make(key):
+        if init == "ones":
+            return jnp.ones(shape, dtype) + STD * jax.random.normal(key, shape, dtype)
+        return STD * jax.random.normal(key, shape, dtype)
+    return jax.jit(make, out_shardings=sharding)
+
+
+def random_params(cfg: OPTConfig, seed: int = 0, dtype=jnp.float32, sharding_for=None,
+                  stacked: bool = False) -> dict:
+    """Random params created on device (sharded by ``sharding_for(spec)`` when given)."""
+    base = jax.random.key(seed)
+    specs = param_specs(cfg, stacked=stacked)
+    dtype = jnp.dtype(dtype).name
+    index = {s.path: i for i, s in enumerate(specs)}
+
+    def leaf(spec: ParamSpec):
+        sharding = sharding_for(spec) if sharding_for else None
+        key = jax.random.fold_in(base, index[spec.path])
+        return _init_fn(spec.shape, spec.init, dtype, sharding)(key)
+
+    return tree_from_specs(specs, leaf)
+
+
+def _key_seed(seed: int, key: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "little")
+
+
+def random_tensor(cfg: OPTConfig, key: str, shape: tuple[int, ...], seed: int = 0,
+                  dtype=np.float32) -> np.ndarray:
+    """One folder tensor, deterministic in (seed, key)."""
+    rng = np.random.default_rng(_key_seed(seed, key))
+    if key.endswith("layer_norm.weight"):
+        arr = 1.0 + 0.1 * rng.standard_normal(shape, dtype=np.float32)
+    elif key.endswith("layer_norm.bias"):
+        arr = 0.05 * rng.standard_normal(shape, dtype=np.float32)
+    else:
+        arr = STD * rng.standard_normal(shape, dtype=np.float32)
+    if key == "decoder.embed_positions.weight" or key == "decoder.embed_tokens.weight":
+        arr[cfg.pad_token_id] = 0.0  # metaseq keeps the padding rows at zero
+    return arr.astype(dtype)
+
+
+def random_state_dict(cfg: OPTConfig, seed: int = 0, dtype=np.float32
+                      ) -> Iterator[tuple[str, np.ndarray]]:
+    """(folder key, torch-layout array) for every tensor of ``cfg``, generated lazily."""
+    for key, shape in folder_shapes(cfg).items():
+        yield key, random_tensor(cfg, key, shape, seed, dtype)
+
+
+def write_random_folder(path: str | os.PathLike, cfg: OPTConfig, seed: int = 0,
+                        dtype=np.float16, overwrite: bool = False, progress: bool = True) -> Path:
+    """Write a random model of ``cfg`` as an Alpa-layout folder (fp16 by default, as Alpa)."""
+    writer = FolderWriter(path, cfg, overwrite=overwrite)
+    shapes = folder_shapes(cfg)
+    for key, shape in tqdm(shapes.items(), desc=f"random {cfg.name}", unit="tensor",
+                           disable=not progress, leave=False):
+        if writer.done(key, shape):
+            continue
+        writer.write(key, random_tensor(cfg, key, shape, seed, dtype))
+    return writer.commit(shapes, source=f"random seed={seed}")
+
+
+def hf_state_dict(cfg: OPTConfig, seed: int = 0, prefix: str = "model."):
+    """Random weights as an HF ``OPTForCausalLM`` torch state dict (tied head included)."""
+    import torch
+
+    from optkit.weights.keymap import to_hf_key
+
+    sd = {to_hf_key(k, prefix): torch.from_numpy(np.ascontiguousarray(a))
+          for k, a in random_state_dict(cfg, seed)}
+    sd["lm_head.weight"] = sd[to_hf_key("decoder.embed_tokens.weight", prefix)]
+    return sd
+
+
+def params_nbytes(cfg: OPTConfig, dtype=jnp.float32) -> int:
+    return sum(s.size for s in param_specs(cfg)) * jnp.dtype(dtype).itemsize
+

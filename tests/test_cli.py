@@ -1,0 +1,33 @@
+import subprocess
+import sys
+
+import pytest
+
+from optkit.cli import build_parser, main
+from tests.conftest import CONFIGS
+
+
+def test_every_command_has_help(capsys):
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    for name in sub.choices:
+        with pytest.raises(SystemExit) as e:
+            main([name, "--help"])
+        assert e.value.code == 0
+        assert "usage" in capsys.readouterr().out
+
+
+def test_random_weights_then_generate(tmp_path):
+    cfg = CONFIGS["pre_ln"].replace(vocab_size=50272)
+    cfg.save_json(tmp_path / "c.json")
+    assert main(["random-weights", str(tmp_path / "opt-x-np"), "--model",
+                 str(tmp_path / "c.json")]) == 0
+    out = subprocess.run([sys.executable, "-m", "optkit.cli", "generate", "--model", "jax/opt-x",
+                          "--path", str(tmp_path), "--prompt", "Hello", "--max-new-tokens", "4"],
+                         capture_output=True, text=True, check=True)
+    assert "'Hello' ->" in out.stdout
+
+
+def test_no_command_prints_help(capsys):
+    assert main([]) == 2
+    assert "convert" in capsys.readouterr().out
