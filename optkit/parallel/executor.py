@@ -188,6 +188,35 @@ class MeshExecutor:
                        out_shardings=self.cache_shardings(b, s))
         return fn(cache, rows)
 
+    def insert(self, cache, prefix, slot: int):
+        """Copy a one-row ``prefix`` cache (from :meth:`prefill` with batch 1, any length up
+        to this cache's) into row ``slot`` of ``cache`` (donated): continuous batching."""
+        b, s = cache["mask"].shape
+        p = cache_len(prefix)
+        if p > s:
+            raise ValueError(f"prefix holds {p} positions; the cache only {s}")
+
+        def put(c, pre, slot):
+            def row(big, small, axis):
+                pad = [(0, 0)] * small.ndim
+                pad[axis + 1] = (0, s - p)
+                small = jnp.pad(small, pad)
+                return jax.lax.dynamic_update_slice_in_dim(big, small.astype(big.dtype), slot,
+                                                           axis=axis)
+            lax_axis = 1 if self.stacked else 0
+            out = {"mask": row(c["mask"], pre["mask"], 0),
+                   "index": jax.lax.dynamic_update_slice_in_dim(c["index"], pre["index"], slot, 0)}
+            for name in ("k", "v"):
+                if self.stacked:
+                    out[name] = row(c[name], pre[name], lax_axis)
+                else:
+                    out[name] = [row(x, y, 0) for x, y in zip(c[name], pre[name], strict=True)]
+            return out
+
+        fn = self._jit(("insert", b, s, p), put, donate_argnums=(0,),
+                       out_shardings=self.cache_shardings(b, s))
+        return fn(cache, prefix, jnp.int32(slot))
+
 
 def cache_len(cache) -> int:
     """Number of positions a cache holds."""

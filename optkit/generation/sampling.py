@@ -1,0 +1,61 @@
+"""Per-row sampling primitives (pure JAX, jittable): temperature, top-k, top-p, log-probs.
+
+Every parameter is an array with one entry per row, so one batch can mix greedy and sampled
+rows with different settings (the serving engine's slots) and each row draws from its own
+PRNG key (the same seed gives the same tokens whatever else is in the batch).
+Filtering follows HF transformers' warpers: temperature, then top-k, then top-p (a token is
+kept while the probability mass ranked strictly above it is below ``top_p``; at least one
+token always survives).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+NEG_INF = -jnp.inf
+
+
+def filter_logits(logits: jax.Array, temperature: jax.Array, top_k: jax.Array,
+                  top_p: jax.Array) -> jax.Array:
+    """Scaled and filtered logits (B,V) f32; filtered-out entries are -inf.
+
+    ``temperature`` <= 0 means greedy (no scaling here), ``top_k`` <= 0 or >= V means no
+    top-k, ``top_p`` >= 1 means no top-p.
+    """
+    x = logits.astype(jnp.float32)
+    v = x.shape[-1]
+    t = jnp.where(temperature > 0, temperature, 1.0).astype(jnp.float32)
+    x = x / t[:, None]
+    desc = -jnp.sort(-x, axis=-1)
+    k = jnp.where((top_k > 0) & (top_k < v), top_k, v).astype(jnp.int32)
+    kth = jnp.take_along_axis(desc, (k - 1)[:, None], axis=-1)
+    rank = jnp.arange(v)[None, :]
+    desc = jnp.where(rank < k[:, None], desc, NEG_INF)
+    probs = jax.nn.softmax(desc, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs  # mass ranked strictly above each entry
+    keep = (before < top_p[:, None]) | (rank == 0)
+    cutoff = jnp.min(jnp.where(keep, desc, jnp.inf), axis=-1, keepdims=True)
+    cutoff = jnp.maximum(cutoff, kth)
+    return jnp.where(x < cutoff, NEG_INF, x)
+
+
+def sample(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_k: jax.Array,
+           top_p: jax.Array) -> jax.Array:
+    """Next token per row (B,) int32: argmax where ``temperature`` <= 0, else a draw from
+    softmax(filtered logits) with that row's key (``keys``: (B,) PRNG keys)."""
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    filtered = filter_logits(logits, temperature, top_k, top_p)
+    drawn = jax.vmap(lambda k, x: jax.random.categorical(k, x))(keys, filtered).astype(jnp.int32)
+    return jnp.where(temperature > 0, drawn, greedy)
+
+
+def logprobs(logits: jax.Array, tokens: jax.Array, num_top: int = 0):
+    """Log-probability of ``tokens`` under softmax(logits), plus the ``num_top`` most likely
+    (ids, log-probs).  Shapes: logits (..., V), tokens (...)."""
+    lp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    chosen = jnp.take_along_axis(lp, tokens[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    if num_top <= 0:
+        return chosen, None, None
+    top_lp, top_ids = jax.lax.top_k(lp, num_top)
+    return chosen, top_ids, top_lp
