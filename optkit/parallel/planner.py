@@ -1,0 +1,516 @@
+"""The automatic planner: enumerate plans, compile each abstractly, estimate, choose.
+
+For a model, a workload (batch, prompt and generation lengths), a dtype and a cluster (real
+devices or a described one) the planner
+
+1. enumerates every ``dp x tp x pp`` whose device count divides the cluster's (and, for
+   pipelines, micro-batch counts 1, pp and 2 pp), refusing those that cannot run the model
+   (:meth:`Plan.validate`) or cannot split the batch;
+2. skips plans whose weights and KV cache alone exceed the memory budget;
+3. compiles every stage step (prefill and decode) abstractly -- no weights allocated -- and
+   reads XLA's per-device memory, FLOPs, bytes accessed and collectives.  Stages deeper than
+   ``max_layers_compiled`` are compiled with 1 and 2 layers and extrapolated linearly;
+4. applies a roofline (:class:`CostModel`): a step takes ``max(FLOPs / peak, bytes / HBM
+   bandwidth)`` plus ring-collective time over the link or network, and a pipeline adds
+   stage-to-stage transfers and the fill/drain bubble of its micro-batches;
+5. picks the fastest plan (prefill + (gen_len - 1) decode steps) whose compiled per-device
+   memory fits, and says for every candidate why it was chosen or rejected.
+
+With ``measure=True`` the best few are also run on the real devices (random weights) and
+re-ranked by measured time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import time
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from optkit.config import OPTConfig
+from optkit.parallel.analysis import (
+    Cost,
+    StageJob,
+    compile_jobs,
+    compile_jobs_on_fake_cpus,
+)
+from optkit.parallel.devices import Cluster, GiB
+from optkit.parallel.plan import Plan, PlanError, divisors, split_rows
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class CostModel:
+    """Roofline constants (fractions of datasheet peaks; latencies per ring step)."""
+
+    compute_efficiency: float = 0.6
+    bandwidth_efficiency: float = 0.85
+    link_latency: float = 2e-6
+    network_latency: float = 10e-6
+    dispatch: float = 30e-6  # host time per extra jitted call in a pipeline step
+
+    def step(self, cost: Cost, cluster: Cluster, first_device: int, devices: int) -> dict:
+        """Seconds for one compiled step on a sub-mesh starting at ``first_device``."""
+        d = cluster.device
+        compute = cost.flops / (d.flops * self.compute_efficiency)
+        memory = cost.bytes_accessed / (d.hbm_bandwidth * self.bandwidth_efficiency)
+        comm = 0.0
+        for key, (count, nbytes) in cost.collectives.items():
+            op, g = key.split(":")
+            g = int(g)
+            if g <= 1 or count <= 0:
+                continue
+            spans = any(cluster.spans_hosts(first_device + i, g)
+                        for i in range(0, max(devices, g), g))
+            bw = cluster.inter_host_bandwidth if spans else d.link_bandwidth
+            lat = self.network_latency if spans else self.link_latency
+            if op == "all-reduce":
+                comm += 2 * (g - 1) / g * nbytes / bw + count * 2 * (g - 1) * lat
+            elif op == "reduce-scatter":
+                comm += (g - 1) * nbytes / bw + count * (g - 1) * lat
+            elif op in ("all-gather", "all-to-all"):
+                comm += (g - 1) / g * nbytes / bw + count * (g - 1) * lat
+            else:  # point to point
+                comm += nbytes / bw + count * lat
+        return {"compute": compute, "memory": memory, "comm": comm,
+                "time": max(compute, memory) + comm}
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    batch: int = 1
+    prompt_len: int = 128
+    gen_len: int = 32
+
+    @property
+    def cache_len(self) -> int:
+        return self.prompt_len + self.gen_len
+
+
+@dataclasses.dataclass
+class Candidate:
+    """One plan's verdict.  Times in seconds, memory in bytes per device (worst stage)."""
+
+    plan: Plan
+    status: str = "invalid"  # chosen | fits | over budget | invalid
+    reason: str = ""
+    memory: float | None = None  # compiled (extrapolated) peak
+    analytic: float | None = None  # weights + KV cache from shapes
+    weights: float | None = None
+    kv_cache: float | None = None
+    prefill: float | None = None
+    decode: float | None = None
+    total: float | None = None
+    decode_parts: dict | None = None  # compute / memory / comm / pipeline of one token
+    extrapolated: bool = False
+    measured_prefill: float | None = None
+    measured_decode: float | None = None
+
+    @property
+    def fits(self) -> bool:
+        return self.status in ("chosen", "fits")
+
+
+@dataclasses.dataclass
+class PlanReport:
+    """Every candidate with its estimates; ``best`` is the chosen plan."""
+
+    cfg: OPTConfig
+    cluster: Cluster
+    workload: Workload
+    dtype: str
+    candidates: list[Candidate]
+    notes: list[str]
+
+    @property
+    def best(self) -> Plan | None:
+        return next((c.plan for c in self.candidates if c.status == "chosen"), None)
+
+    @property
+    def chosen(self) -> Candidate | None:
+        return next((c for c in self.candidates if c.status == "chosen"), None)
+
+    def to_frame(self):
+        """The candidates as a pandas DataFrame (one row per plan, best first)."""
+        import pandas as pd
+
+        def ms(x):
+            return None if x is None else x * 1e3
+
+        def gib(x):
+            return None if x is None else x / GiB
+
+        rows = []
+        for c in self.candidates:
+            p = c.plan
+            parts = c.decode_parts or {}
+            rows.append({
+                "plan": p.name, "dp": p.dp, "tp": p.tp, "pp": p.pp,
+                "micro_batches": p.micro_batches, "devices": p.num_devices,
+                "status": c.status, "memory_gib": gib(c.memory),
+                "analytic_gib": gib(c.analytic), "budget_gib": self.cluster.budget / GiB,
+                "prefill_ms": ms(c.prefill), "decode_ms": ms(c.decode),
+                "total_s": c.total,
+                "tokens_per_s": (self.workload.batch * self.workload.gen_len / c.total
+                                 if c.total else None),
+                "decode_compute_ms": ms(parts.get("compute")),
+                "decode_memory_ms": ms(parts.get("memory")),
+                "decode_comm_ms": ms(parts.get("comm")),
+                "measured_prefill_ms": ms(c.measured_prefill),
+                "measured_decode_ms": ms(c.measured_decode),
+                "extrapolated": c.extrapolated, "reason": c.reason})
+        return pd.DataFrame(rows)
+
+    def header(self) -> str:
+        w = self.workload
+        return (f"{self.cfg.name} ({self.cfg.num_params() / 1e9:.3g}B params, "
+                f"{self.cfg.num_hidden_layers} layers, {self.cfg.num_attention_heads} heads), "
+                f"{self.dtype}, batch {w.batch}, prompt {w.prompt_len} + {w.gen_len} new "
+                f"tokens\non {self.cluster.describe()}")
+
+    def table(self, limit: int | None = None) -> str:
+        head = ("plan", "dev", "mem/dev", "analytic", "prefill", "decode/tok", "total",
+                "status: reason")
+        rows = []
+        for c in self.candidates[:limit]:
+            def f(x, unit, scale):
+                return "-" if x is None else f"{x / scale:,.2f} {unit}"
+            rows.append((c.plan.name, str(c.plan.num_devices), f(c.memory, "GiB", GiB),
+                         f(c.analytic, "GiB", GiB), f(c.prefill, "ms", 1e-3),
+                         f(c.decode, "ms", 1e-3), f(c.total, "s", 1),
+                         f"{c.status}: {c.reason}"))
+        widths = [max(len(r[i]) for r in rows + [head]) for i in range(len(head) - 1)]
+        lines = ["  ".join(x.ljust(widths[i]) for i, x in enumerate(r[:-1])) + "  " + r[-1]
+                 for r in [head] + rows]
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        out = [self.header(), *[f"note: {n}" for n in self.notes], "", self.table()]
+        if self.best is not None:
+            out += ["", "chosen plan:", self.best.describe(self.cfg, batch=self.workload.batch,
+                                                           seq_len=self.workload.cache_len)]
+        return "\n".join(out)
+
+
+# --------------------------------------------------------------------------------------------
+# Enumeration
+# --------------------------------------------------------------------------------------------
+def enumerate_plans(cfg: OPTConfig, num_devices: int, batch: int, dtype: str = "auto",
+                    micro_batches: Sequence[int] | None = None) -> list[Plan]:
+    """Every dp x tp x pp whose device count divides ``num_devices`` (with micro-batch
+    counts 1, pp and 2 pp for pipelines, or the given ones)."""
+    ds = divisors(num_devices)
+    plans = []
+    for pp, tp, dp in itertools.product(ds, ds, ds):
+        if num_devices % (dp * tp * pp):
+            continue
+        ms = [1] if pp == 1 else sorted({m for m in (micro_batches or (1, pp, 2 * pp))
+                                         if m <= batch})
+        for m in ms:
+            plans.append(Plan(dp=dp, tp=tp, pp=pp, micro_batches=m, dtype=dtype))
+    return plans
+
+
+def _structural_check(cfg: OPTConfig, plan: Plan, w: Workload) -> str | None:
+    try:
+        plan.validate(cfg, w.batch)
+    except PlanError as e:
+        return str(e)
+    sizes = {hi - lo for lo, hi in split_rows(w.batch, plan.micro_batches)}
+    if plan.dp > 1 and any(s % plan.dp for s in sizes):
+        return (f"micro-batches of {sorted(sizes)} rows do not split over dp={plan.dp} "
+                f"(rows would be computed redundantly)")
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Jobs and their costs
+# --------------------------------------------------------------------------------------------
+def _stage_jobs(cfg, plan: Plan, w: Workload, dtype: str, max_layers: int) -> list[dict]:
+    """Per stage and step kind: {"exact": job} or {"base", "ref1", "ref2", "n"} jobs."""
+    rules = tuple(sorted(plan.rules.items(), key=lambda kv: kv[0]))
+    mb = max(hi - lo for lo, hi in split_rows(w.batch, plan.micro_batches))
+    out = []
+    for s, n in enumerate(plan.stage_layers(cfg)):
+        first, last = s == 0, s == plan.pp - 1
+        per_kind = {}
+        for kind in ("prefill", "decode"):
+            def job(first, last, layers, kind=kind):
+                return StageJob(kind, plan.dp, plan.tp, rules, mb,
+                                w.prompt_len if kind == "prefill" else 1, w.cache_len,
+                                first, last, layers, dtype)
+            if n <= max_layers:
+                per_kind[kind] = {"exact": job(first, last, n)}
+            else:
+                ref = (True, True) if plan.pp == 1 else (False, False)
+                per_kind[kind] = {"base": job(first, last, 1), "ref1": job(*ref, 1),
+                                  "ref2": job(*ref, 2), "n": n}
+        out.append(per_kind)
+    return out
+
+
+def _resolve(spec: dict, costs: dict) -> Cost:
+    if "exact" in spec:
+        return costs[spec["exact"]]
+    slope = costs[spec["ref2"]].combine(costs[spec["ref1"]], 1.0, -1.0)
+    return costs[spec["base"]].combine(slope, 1.0, spec["n"] - 1)
+
+
+_COSTS: dict = {}
+
+
+def _compile_all(cfg: OPTConfig, jobs: list[StageJob], cluster: Cluster,
+                 progress: bool) -> dict:
+    if cluster.devices is not None:
+        backend = f"{cluster.devices[0].platform}:{len(cluster.devices)}"
+    else:
+        backend = "fake-cpu"
+    todo = [j for j in dict.fromkeys(jobs) if (cfg, j, backend) not in _COSTS]
+    if todo:
+        if cluster.devices is not None:
+            costs = compile_jobs(cfg, todo, cluster.devices, progress)
+        else:
+            need = max(j.dp * j.tp for j in todo)
+            costs = compile_jobs_on_fake_cpus(cfg, todo, need, progress)
+        for j, c in zip(todo, costs, strict=True):
+            _COSTS[(cfg, j, backend)] = c
+    return {j: _COSTS[(cfg, j, backend)] for j in jobs}
+
+
+# --------------------------------------------------------------------------------------------
+# The planner
+# --------------------------------------------------------------------------------------------
+def resolve_dtype_name(dtype, platform: str) -> str:
+    if dtype in (None, "auto"):
+        return "float32" if platform == "cpu" else "float16"
+    return Plan(dtype=dtype).dtype
+
+
+def auto_plan(cfg: OPTConfig | str, batch: int = 1, prompt_len: int = 128, gen_len: int = 32,
+              dtype="auto", devices: Sequence[jax.Device] | None = None,
+              cluster: Cluster | None = None, plans: Sequence[Plan] | None = None,
+              micro_batches: Sequence[int] | None = None, max_layers_compiled: int = 2,
+              cost_model: CostModel | None = None, measure: bool = False,
+              measure_top: int = 3, progress: bool = True, strict: bool = True) -> PlanReport:
+    """Choose a plan for ``cfg`` (see the module docstring).
+
+    Args:
+      cfg: an :class:`OPTConfig` or a preset name (``opt-175b``).
+      batch, prompt_len, gen_len: the workload the plan is tuned for.
+      dtype: ``auto`` (fp16 on accelerators, fp32 on CPU) or a dtype name.
+      devices: real devices to plan for (default ``jax.devices()``), or
+      cluster: a described :class:`Cluster` (compiled on fake CPU devices).
+      plans: evaluate only these plans (default: enumerate all).
+      max_layers_compiled: stages with more layers are extrapolated from 1- and 2-layer
+        compiles.
+      measure: time the ``measure_top`` best on the real devices and re-rank.
+      strict: raise :class:`PlanError` (with ``.report``) when nothing fits.
+    """
+    if isinstance(cfg, str):
+        cfg = OPTConfig.from_name(cfg)
+    if cluster is None:
+        cluster = Cluster.from_devices(devices)
+    if measure and cluster.devices is None:
+        raise ValueError("measure=True needs real devices (devices=..., not a described "
+                         "cluster)")
+    cost_model = cost_model or CostModel()
+    w = Workload(batch, prompt_len, gen_len)
+    if min(batch, prompt_len, gen_len) < 1:
+        raise ValueError(f"batch, prompt_len and gen_len must be >= 1; got {w}")
+    if w.cache_len > cfg.max_position_embeddings:
+        raise ValueError(f"prompt_len + gen_len = {w.cache_len} exceeds {cfg.name}'s "
+                         f"{cfg.max_position_embeddings} positions")
+    name = resolve_dtype_name(dtype, cluster.device.platform)
+    itemsize = jnp.dtype(name).itemsize
+    compile_on_cpu = cluster.devices is None or cluster.devices[0].platform == "cpu"
+    compile_dtype, scale = name, 1.0
+    notes = []
+    if compile_on_cpu and itemsize == 2:
+        compile_dtype, scale = "float32", 0.5
+        notes.append("compiled on CPU in float32 with byte counts halved (XLA:CPU computes "
+                     "16-bit matmuls in f32)")
+    if cluster.devices is None:
+        notes.append(f"compiled on {cluster.count} fake CPU devices, no weights allocated")
+    if plans is None:
+        plans = enumerate_plans(cfg, cluster.count, batch, name, micro_batches)
+    else:
+        plans = [p if p.dtype != "auto" else p.replace(dtype=name) for p in plans]
+        for p in plans:
+            if p.num_devices > cluster.count:
+                raise PlanError(f"plan {p.name} needs {p.num_devices} devices; the cluster "
+                                f"has {cluster.count}")
+
+    cands, todo = [], []
+    for plan in plans:
+        c = Candidate(plan)
+        cands.append(c)
+        err = _structural_check(cfg, plan, w)
+        if err:
+            c.reason = err
+            continue
+        mem = plan.stage_memory(cfg, batch, w.cache_len, itemsize)
+        worst = max(range(plan.pp), key=lambda s: mem[s]["weights"] + mem[s]["kv_cache"])
+        c.weights, c.kv_cache = mem[worst]["weights"], mem[worst]["kv_cache"]
+        c.analytic = c.weights + c.kv_cache
+        if c.analytic > cluster.budget:
+            c.status = "over budget"
+            c.reason = (f"weights + KV cache alone need {c.analytic / GiB:.2f} GiB/device > "
+                        f"budget {cluster.budget / GiB:.2f} GiB (not compiled)")
+            continue
+        todo.append((c, _stage_jobs(cfg, plan, w, compile_dtype, max_layers_compiled), mem))
+
+    jobs = [j for _, stages, _ in todo for per in stages for spec in per.values()
+            for k, j in spec.items() if k != "n"]
+    costs = _compile_all(cfg, jobs, cluster, progress)
+    for c, stages, mem in todo:
+        _estimate(c, stages, mem, costs, scale, cfg, cluster, w, cost_model, itemsize)
+
+    _rank(cands, cluster)
+    report = PlanReport(cfg, cluster, w, name, cands, notes)
+    if measure and report.best is not None:
+        _measure(report, measure_top, progress)
+    if strict and report.best is None:
+        fitting = [c for c in cands if c.analytic is not None]
+        if fitting:
+            least = min(fitting, key=lambda c: c.memory or c.analytic)
+            need = (least.memory or least.analytic) / GiB
+            msg = (f"no plan for {cfg.name} ({name}, batch {batch}, {w.cache_len} positions) "
+                   f"fits {cluster.count} x {cluster.device.name} with a budget of "
+                   f"{cluster.budget / GiB:.2f} GiB/device: the smallest, {least.plan.name}, "
+                   f"needs {need:.2f} GiB/device; use more or larger devices, a 16-bit dtype, "
+                   f"or a smaller batch or sequence")
+        else:
+            msg = (f"no plan can run {cfg.name} on {cluster.count} devices: "
+                   + "; ".join(sorted({c.reason for c in cands}))[:2000])
+        err = PlanError(msg)
+        err.report = report
+        raise err
+    return report
+
+
+def _estimate(c: Candidate, stages, mem, costs, scale, cfg, cluster, w, model: CostModel,
+              itemsize):
+    plan = c.plan
+    k = plan.dp * plan.tp
+    rows = split_rows(w.batch, plan.micro_batches)
+    mb = max(hi - lo for lo, hi in rows)
+    m = len(rows)
+    peak, times = 0.0, {"prefill": [], "decode": []}
+    parts = {"compute": 0.0, "memory": 0.0, "comm": 0.0}
+    for s, per in enumerate(stages):
+        live = 0.0
+        for kind, spec in per.items():
+            cost = _resolve(spec, costs).scaled(scale) if scale != 1 else _resolve(spec, costs)
+            c.extrapolated |= "exact" not in spec
+            live = max(live, cost.live)
+            t = model.step(cost, cluster, s * k, k)
+            times[kind].append(t["time"])
+            if kind == "decode":
+                for key in parts:
+                    parts[key] += t[key]
+        # caches of the other micro-batches stay resident too
+        one_mb = mem[s]["kv_cache"] * mb / w.batch
+        peak = max(peak, live + mem[s]["kv_cache"] - one_mb)
+    c.memory = peak
+
+    def pipeline(kind: str, tokens: int) -> float:
+        ts = times[kind]
+        if plan.pp == 1:
+            return ts[0]
+        act = mb * tokens * cfg.hidden_size * itemsize / plan.dp
+        hops = [act / cluster.bandwidth(s * k, 2 * k) + (
+            model.network_latency if cluster.spans_hosts(s * k, 2 * k) else model.link_latency)
+            for s in range(plan.pp - 1)]
+        slowest = max(ts + hops)
+        return sum(ts) + sum(hops) + (m - 1) * slowest + model.dispatch * (plan.pp * m - 1)
+
+    c.prefill = pipeline("prefill", w.prompt_len)
+    c.decode = pipeline("decode", 1)
+    c.total = c.prefill + (w.gen_len - 1) * c.decode
+    parts["pipeline"] = c.decode - (sum(times["decode"]) if plan.pp > 1 else times["decode"][0])
+    c.decode_parts = parts
+    if c.memory > cluster.budget:
+        c.status = "over budget"
+        c.reason = (f"compiled peak {c.memory / GiB:.2f} GiB/device > budget "
+                    f"{cluster.budget / GiB:.2f} GiB")
+    else:
+        c.status = "fits"
+
+
+def _rank(cands: list[Candidate], cluster: Cluster, measured: bool = False) -> None:
+    """Mark the fastest fitting candidate (among the measured ones, after measuring) chosen
+    and sort: chosen, fitting (measured first), over budget, invalid."""
+    def done(c):
+        return c.measured_decode is not None
+
+    pool = sorted([c for c in cands if c.fits and (done(c) or not measured)],
+                  key=lambda c: (c.total, c.plan.num_devices))
+    for c in cands:
+        if c.status == "chosen":
+            c.status = "fits"
+    if pool:
+        best = pool[0]
+        best.status = "chosen"
+        how = "measured" if measured else "estimated"
+        runner = pool[1] if len(pool) > 1 else None
+        best.reason = (f"fastest that fits ({how}): {best.prefill * 1e3:,.2f} ms prefill + "
+                       f"{best.decode * 1e3:,.3f} ms/token, {best.memory / GiB:.2f} of "
+                       f"{cluster.budget / GiB:.2f} GiB/device"
+                       + (f"; next best {runner.plan.name} is {runner.total / best.total:.2f}x "
+                          f"slower" if runner else ""))
+        for c in pool[1:]:
+            c.reason = (f"fits ({c.memory / GiB:.2f} GiB/device) but {c.total / best.total:.2f}x "
+                        f"slower ({how}) than {best.plan.name}")
+        for c in cands:
+            if measured and c.fits and not done(c):
+                c.reason = (f"fits ({c.memory / GiB:.2f} GiB/device); estimated "
+                            f"{c.total:.3g} s, not among the measured best")
+    order = {"chosen": 0, "fits": 1, "over budget": 2, "invalid": 3}
+    cands.sort(key=lambda c: (order[c.status], not done(c),
+                              c.total if c.total is not None else np.inf, c.plan.num_devices))
+
+
+def _measure(report: PlanReport, top: int, progress: bool) -> None:
+    """Time the ``top`` best plans on the real devices (random weights) and re-rank."""
+    from optkit.parallel.build import build_executor
+
+    cfg, w = report.cfg, report.workload
+    devices = report.cluster.devices
+    rng = np.random.default_rng(0)
+    ids = rng.integers(3, cfg.vocab_size, (w.batch, w.prompt_len)).astype(np.int32)
+    mask = np.ones_like(ids)
+    steps = max(1, min(w.gen_len - 1, 8))
+    measured = [c for c in report.candidates if c.fits][:top]
+    for c in measured:
+        ex = build_executor(cfg, c.plan, None, devices, dtype=report.dtype, progress=False)
+        for _ in range(2):  # the first round compiles
+            t0 = time.perf_counter()
+            cache = ex.init_cache(w.batch, w.cache_len)
+            logits, cache = ex.prefill(ids, mask, cache)
+            tok = jnp.argmax(logits, -1).astype(jnp.int32)
+            jax.block_until_ready(tok)
+            t1 = time.perf_counter()
+            tok, cache, _, _ = ex.decode_loop(_greedy, tok, cache, (), steps)
+            jax.block_until_ready(tok)
+            t2 = time.perf_counter()
+        c.measured_prefill, c.measured_decode = t1 - t0, (t2 - t1) / steps
+        log.info("measured %s: prefill %.2f ms, decode %.3f ms/token", c.plan.name,
+                 c.measured_prefill * 1e3, c.measured_decode * 1e3)
+        del ex, cache
+    report.notes.append(f"measured the {len(measured)} best estimates on "
+                        f"{report.cluster.device.name} and re-ranked them by measured time")
+    for c in measured:
+        c.prefill, c.decode = c.measured_prefill, c.measured_decode
+        c.total = c.prefill + (w.gen_len - 1) * c.decode
+    _rank(report.candidates, report.cluster, measured=True)
+
+
+def _greedy(logits, state):
+    tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return tok, state, tok
