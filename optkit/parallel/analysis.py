@@ -234,8 +234,18 @@ def lower_job(cfg: OPTConfig, job: StageJob, devices: Sequence[jax.Device]):
     return fn.lower(params, x, cache)
 
 
+#: The CPU executables are only analysed, never run: skipping LLVM's optimisations leaves
+#: XLA's memory and cost analyses unchanged and compiles 2-3x faster.
+CPU_ANALYSIS_OPTIONS = {"xla_backend_optimization_level": 0}
+
+
 def compile_job(cfg: OPTConfig, job: StageJob, devices: Sequence[jax.Device]) -> Cost:
-    return cost_of(lower_job(cfg, job, devices).compile(), job.dp * job.tp)
+    lowered = lower_job(cfg, job, devices)
+    if devices[0].platform == "cpu":
+        compiled = lowered.compile(compiler_options=CPU_ANALYSIS_OPTIONS)
+    else:
+        compiled = lowered.compile()
+    return cost_of(compiled, job.dp * job.tp)
 
 
 def compile_jobs(cfg: OPTConfig, jobs: Sequence[StageJob], devices: Sequence[jax.Device],

@@ -12,13 +12,14 @@ import logging
 from collections.abc import Sequence
 
 import jax
+import jax.numpy as jnp
 
 from optkit.config import OPTConfig
 from optkit.parallel.executor import MeshExecutor
 from optkit.parallel.pipeline import PipelineExecutor
 from optkit.parallel.plan import Plan, PlanError, stage_of
 from optkit.parallel.stages import split_params
-from optkit.weights.layout import ParamSpec, param_specs
+from optkit.weights.layout import ParamSpec, param_specs, tree_from_specs
 from optkit.weights.load import load_params
 from optkit.weights.random import random_params
 
@@ -36,11 +37,21 @@ def resolve_plan_dtype(plan: Plan, dtype, platform: str):
     return resolve_dtype(plan.dtype if plan.dtype != "auto" else dtype, platform)
 
 
+def zero_params(cfg: OPTConfig, dtype, sharding_for) -> dict:
+    """All-zero params made on their devices by one jitted call (for timing plans)."""
+    specs = param_specs(cfg)
+    shardings = tree_from_specs(specs, sharding_for)
+    return jax.jit(lambda: tree_from_specs(specs, lambda s: jnp.zeros(s.shape, dtype)),
+                   out_shardings=shardings)()
+
+
 def build_executor(cfg: OPTConfig, plan: Plan, store=None, devices: Sequence | None = None,
                    dtype="auto", seed: int = 0, checksums: bool = False,
-                   progress: bool = True) -> MeshExecutor | PipelineExecutor:
+                   progress: bool = True, zeros: bool = False
+                   ) -> MeshExecutor | PipelineExecutor:
     """An executor of ``cfg`` under ``plan`` on the first ``plan.num_devices`` of ``devices``
-    (default ``jax.devices()``), with weights from ``store`` (random when ``None``)."""
+    (default ``jax.devices()``), with weights from ``store`` (random when ``None``, zeros
+    with ``zeros``)."""
     plan.validate(cfg)
     devices = list(jax.devices() if devices is None else devices)[:plan.num_devices]
     meshes = plan.stage_meshes(devices)
@@ -53,7 +64,9 @@ def build_executor(cfg: OPTConfig, plan: Plan, store=None, devices: Sequence | N
     def sharding_for(spec: ParamSpec):
         return probes[stage_of(spec.path, ranges)].param_sharding(spec)
 
-    if store is None:
+    if zeros:
+        params = zero_params(cfg, jdtype, sharding_for)
+    elif store is None:
         params = random_params(cfg, seed=seed, dtype=jdtype, sharding_for=sharding_for)
     else:
         params = load_params(store, cfg, dtype=jdtype, sharding_for=sharding_for,
@@ -72,8 +85,9 @@ def build_parallel(cfg: OPTConfig, store, dtype="auto", plan=None, seed: int = 0
                    checksums: bool = False, progress: bool = True, devices=None):
     """``get_model("alpa/...")``: (executor, plan) over all visible devices.
 
-    ``plan`` is a :class:`Plan`, ``None``/``"auto"`` (the planner's choice for batch 1) or a
-    dict of :func:`optkit.parallel.planner.auto_plan` options (``{"batch": 8, ...}``).
+    ``plan`` is a :class:`Plan`, ``None``/``"auto"`` (the planner's choice among plans using
+    every device, for batch 1) or a dict of :func:`optkit.parallel.planner.auto_plan` options
+    (``{"batch": 8, "all_devices": False, ...}``).
     """
     devices = list(jax.devices() if devices is None else devices)
     if plan is None or plan == "auto" or isinstance(plan, dict):
@@ -81,6 +95,10 @@ def build_parallel(cfg: OPTConfig, store, dtype="auto", plan=None, seed: int = 0
 
         opts = dict(plan) if isinstance(plan, dict) else {}
         opts.setdefault("dtype", dtype)
+        opts.setdefault("all_devices", True)
+        positions = cfg.max_position_embeddings
+        opts.setdefault("prompt_len", min(128, positions // 2))
+        opts.setdefault("gen_len", min(32, positions - opts["prompt_len"]))
         report = auto_plan(cfg, devices=devices, progress=progress, **opts)
         log.info("automatic plan for %s on %d devices:\n%s", cfg.name, len(devices),
                  report.best.describe(cfg, devices))

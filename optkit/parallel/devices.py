@@ -130,7 +130,7 @@ class Cluster:
             import psutil
 
             mem = psutil.virtual_memory().total // len(devices)
-            spec = DeviceSpec(f"cpu x{len(devices)}", int(mem), 10e9 / len(devices),
+            spec = DeviceSpec("cpu", int(mem), 10e9 / len(devices),
                               50e9 / len(devices), 5e9, platform="cpu")
             kw.setdefault("memory_fraction", 0.8)
         else:

@@ -108,6 +108,7 @@ class Candidate:
     decode: float | None = None
     total: float | None = None
     decode_parts: dict | None = None  # compute / memory / comm / pipeline of one token
+    prefill_parts: dict | None = None
     extrapolated: bool = False
     measured_prefill: float | None = None
     measured_decode: float | None = None
@@ -136,6 +137,21 @@ class PlanReport:
     def chosen(self) -> Candidate | None:
         return next((c for c in self.candidates if c.status == "chosen"), None)
 
+    def refusal(self) -> str:
+        """Why no plan was chosen (the message :func:`auto_plan` raises)."""
+        w, cluster = self.workload, self.cluster
+        sized = [c for c in self.candidates if c.analytic is not None]
+        if not sized:
+            return (f"no plan can run {self.cfg.name} on {cluster.count} devices: "
+                    + "; ".join(sorted({c.reason for c in self.candidates}))[:2000])
+        least = min(sized, key=lambda c: c.memory or c.analytic)
+        need = (least.memory or least.analytic) / GiB
+        return (f"no plan for {self.cfg.name} ({self.dtype}, batch {w.batch}, {w.cache_len} "
+                f"positions) fits {cluster.count} x {cluster.device.name} with a budget of "
+                f"{cluster.budget / GiB:.2f} GiB/device: the smallest, {least.plan.name}, needs "
+                f"{need:.2f} GiB/device; use more or larger devices, a 16-bit dtype, or a "
+                f"smaller batch or sequence")
+
     def to_frame(self):
         """The candidates as a pandas DataFrame (one row per plan, best first)."""
         import pandas as pd
@@ -150,6 +166,7 @@ class PlanReport:
         for c in self.candidates:
             p = c.plan
             parts = c.decode_parts or {}
+            pre = c.prefill_parts or {}
             rows.append({
                 "plan": p.name, "dp": p.dp, "tp": p.tp, "pp": p.pp,
                 "micro_batches": p.micro_batches, "devices": p.num_devices,
@@ -159,9 +176,13 @@ class PlanReport:
                 "total_s": c.total,
                 "tokens_per_s": (self.workload.batch * self.workload.gen_len / c.total
                                  if c.total else None),
+                "prefill_compute_ms": ms(pre.get("compute")),
+                "prefill_memory_ms": ms(pre.get("memory")),
+                "prefill_comm_ms": ms(pre.get("comm")),
                 "decode_compute_ms": ms(parts.get("compute")),
                 "decode_memory_ms": ms(parts.get("memory")),
                 "decode_comm_ms": ms(parts.get("comm")),
+                "decode_pipeline_ms": ms(parts.get("pipeline")),
                 "measured_prefill_ms": ms(c.measured_prefill),
                 "measured_decode_ms": ms(c.measured_decode),
                 "extrapolated": c.extrapolated, "reason": c.reason})
@@ -174,20 +195,31 @@ class PlanReport:
                 f"{self.dtype}, batch {w.batch}, prompt {w.prompt_len} + {w.gen_len} new "
                 f"tokens\non {self.cluster.describe()}")
 
-    def table(self, limit: int | None = None) -> str:
+    def table(self, limit: int | None = None, invalid: bool = False) -> str:
+        """One line per candidate (best first); invalid plans are counted unless
+        ``invalid``."""
         head = ("plan", "dev", "mem/dev", "analytic", "prefill", "decode/tok", "total",
                 "status: reason")
+        shown = [c for c in self.candidates if invalid or c.status != "invalid"][:limit]
+        hidden = sum(c.status == "invalid" for c in self.candidates) - sum(
+            c.status == "invalid" for c in shown)
         rows = []
-        for c in self.candidates[:limit]:
+        for c in shown:
             def f(x, unit, scale):
                 return "-" if x is None else f"{x / scale:,.2f} {unit}"
+            pre, dec = f(c.prefill, "ms", 1e-3), f(c.decode, "ms", 1e-3)
+            if c.measured_decode is not None:
+                pre = f"{f(c.measured_prefill, 'ms', 1e-3)} (est {c.prefill * 1e3:,.2f})"
+                dec = f"{f(c.measured_decode, 'ms', 1e-3)} (est {c.decode * 1e3:,.2f})"
             rows.append((c.plan.name, str(c.plan.num_devices), f(c.memory, "GiB", GiB),
-                         f(c.analytic, "GiB", GiB), f(c.prefill, "ms", 1e-3),
-                         f(c.decode, "ms", 1e-3), f(c.total, "s", 1),
+                         f(c.analytic, "GiB", GiB), pre, dec, f(c.total, "s", 1),
                          f"{c.status}: {c.reason}"))
         widths = [max(len(r[i]) for r in rows + [head]) for i in range(len(head) - 1)]
         lines = ["  ".join(x.ljust(widths[i]) for i, x in enumerate(r[:-1])) + "  " + r[-1]
                  for r in [head] + rows]
+        if hidden > 0:
+            lines.append(f"(+ {hidden} invalid plans not shown: the model's heads or layers or "
+                         f"the batch rows do not split over them)")
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -202,16 +234,17 @@ class PlanReport:
 # Enumeration
 # --------------------------------------------------------------------------------------------
 def enumerate_plans(cfg: OPTConfig, num_devices: int, batch: int, dtype: str = "auto",
-                    micro_batches: Sequence[int] | None = None) -> list[Plan]:
-    """Every dp x tp x pp whose device count divides ``num_devices`` (with micro-batch
-    counts 1, pp and 2 pp for pipelines, or the given ones)."""
+                    micro_batches: Sequence[int] | None = None,
+                    all_devices: bool = False) -> list[Plan]:
+    """Every dp x tp x pp whose device count divides ``num_devices`` (equals it with
+    ``all_devices``), with micro-batch counts 1 and pp for pipelines (or the given ones)."""
     ds = divisors(num_devices)
     plans = []
     for pp, tp, dp in itertools.product(ds, ds, ds):
-        if num_devices % (dp * tp * pp):
+        n = dp * tp * pp
+        if num_devices % n or (all_devices and n != num_devices):
             continue
-        ms = [1] if pp == 1 else sorted({m for m in (micro_batches or (1, pp, 2 * pp))
-                                         if m <= batch})
+        ms = [1] if pp == 1 else sorted({m for m in (micro_batches or (1, pp)) if m <= batch})
         for m in ms:
             plans.append(Plan(dp=dp, tp=tp, pp=pp, micro_batches=m, dtype=dtype))
     return plans
@@ -242,13 +275,15 @@ def _stage_jobs(cfg, plan: Plan, w: Workload, dtype: str, max_layers: int) -> li
         per_kind = {}
         for kind in ("prefill", "decode"):
             def job(first, last, layers, kind=kind):
-                return StageJob(kind, plan.dp, plan.tp, rules, mb,
+                # Inference is data-parallel without communication: each replica runs the
+                # dp=1 program on mb / dp rows, so that is what is compiled (and shared).
+                return StageJob(kind, 1, plan.tp, rules, mb // plan.dp,
                                 w.prompt_len if kind == "prefill" else 1, w.cache_len,
                                 first, last, layers, dtype)
             if n <= max_layers:
                 per_kind[kind] = {"exact": job(first, last, n)}
-            else:
-                ref = (True, True) if plan.pp == 1 else (False, False)
+            else:  # the per-layer slope comes from the first stage's 1- and 2-layer compiles
+                ref = (True, plan.pp == 1)
                 per_kind[kind] = {"base": job(first, last, 1), "ref1": job(*ref, 1),
                                   "ref2": job(*ref, 2), "n": n}
         out.append(per_kind)
@@ -295,7 +330,8 @@ def resolve_dtype_name(dtype, platform: str) -> str:
 def auto_plan(cfg: OPTConfig | str, batch: int = 1, prompt_len: int = 128, gen_len: int = 32,
               dtype="auto", devices: Sequence[jax.Device] | None = None,
               cluster: Cluster | None = None, plans: Sequence[Plan] | None = None,
-              micro_batches: Sequence[int] | None = None, max_layers_compiled: int = 2,
+              micro_batches: Sequence[int] | None = None, all_devices: bool = False,
+              max_layers_compiled: int = 2,
               cost_model: CostModel | None = None, measure: bool = False,
               measure_top: int = 3, progress: bool = True, strict: bool = True) -> PlanReport:
     """Choose a plan for ``cfg`` (see the module docstring).
@@ -307,6 +343,8 @@ def auto_plan(cfg: OPTConfig | str, batch: int = 1, prompt_len: int = 128, gen_l
       devices: real devices to plan for (default ``jax.devices()``), or
       cluster: a described :class:`Cluster` (compiled on fake CPU devices).
       plans: evaluate only these plans (default: enumerate all).
+      micro_batches: micro-batch counts tried for pipelines (default 1 and pp).
+      all_devices: only plans that use every device.
       max_layers_compiled: stages with more layers are extrapolated from 1- and 2-layer
         compiles.
       measure: time the ``measure_top`` best on the real devices and re-rank.
@@ -338,7 +376,7 @@ def auto_plan(cfg: OPTConfig | str, batch: int = 1, prompt_len: int = 128, gen_l
     if cluster.devices is None:
         notes.append(f"compiled on {cluster.count} fake CPU devices, no weights allocated")
     if plans is None:
-        plans = enumerate_plans(cfg, cluster.count, batch, name, micro_batches)
+        plans = enumerate_plans(cfg, cluster.count, batch, name, micro_batches, all_devices)
     else:
         plans = [p if p.dtype != "auto" else p.replace(dtype=name) for p in plans]
         for p in plans:
@@ -376,19 +414,7 @@ def auto_plan(cfg: OPTConfig | str, batch: int = 1, prompt_len: int = 128, gen_l
     if measure and report.best is not None:
         _measure(report, measure_top, progress)
     if strict and report.best is None:
-        fitting = [c for c in cands if c.analytic is not None]
-        if fitting:
-            least = min(fitting, key=lambda c: c.memory or c.analytic)
-            need = (least.memory or least.analytic) / GiB
-            msg = (f"no plan for {cfg.name} ({name}, batch {batch}, {w.cache_len} positions) "
-                   f"fits {cluster.count} x {cluster.device.name} with a budget of "
-                   f"{cluster.budget / GiB:.2f} GiB/device: the smallest, {least.plan.name}, "
-                   f"needs {need:.2f} GiB/device; use more or larger devices, a 16-bit dtype, "
-                   f"or a smaller batch or sequence")
-        else:
-            msg = (f"no plan can run {cfg.name} on {cluster.count} devices: "
-                   + "; ".join(sorted({c.reason for c in cands}))[:2000])
-        err = PlanError(msg)
+        err = PlanError(report.refusal())
         err.report = report
         raise err
     return report
@@ -402,7 +428,7 @@ def _estimate(c: Candidate, stages, mem, costs, scale, cfg, cluster, w, model: C
     mb = max(hi - lo for lo, hi in rows)
     m = len(rows)
     peak, times = 0.0, {"prefill": [], "decode": []}
-    parts = {"compute": 0.0, "memory": 0.0, "comm": 0.0}
+    parts = {kind: {"compute": 0.0, "memory": 0.0, "comm": 0.0} for kind in times}
     for s, per in enumerate(stages):
         live = 0.0
         for kind, spec in per.items():
@@ -411,9 +437,8 @@ def _estimate(c: Candidate, stages, mem, costs, scale, cfg, cluster, w, model: C
             live = max(live, cost.live)
             t = model.step(cost, cluster, s * k, k)
             times[kind].append(t["time"])
-            if kind == "decode":
-                for key in parts:
-                    parts[key] += t[key]
+            for key in parts[kind]:
+                parts[kind][key] += t[key]
         # caches of the other micro-batches stay resident too
         one_mb = mem[s]["kv_cache"] * mb / w.batch
         peak = max(peak, live + mem[s]["kv_cache"] - one_mb)
@@ -433,8 +458,9 @@ def _estimate(c: Candidate, stages, mem, costs, scale, cfg, cluster, w, model: C
     c.prefill = pipeline("prefill", w.prompt_len)
     c.decode = pipeline("decode", 1)
     c.total = c.prefill + (w.gen_len - 1) * c.decode
-    parts["pipeline"] = c.decode - (sum(times["decode"]) if plan.pp > 1 else times["decode"][0])
-    c.decode_parts = parts
+    for kind, total in (("prefill", c.prefill), ("decode", c.decode)):
+        parts[kind]["pipeline"] = total - sum(times[kind]) if plan.pp > 1 else 0.0
+    c.prefill_parts, c.decode_parts = parts["prefill"], parts["decode"]
     if c.memory > cluster.budget:
         c.status = "over budget"
         c.reason = (f"compiled peak {c.memory / GiB:.2f} GiB/device > budget "
@@ -459,8 +485,10 @@ def _rank(cands: list[Candidate], cluster: Cluster, measured: bool = False) -> N
         best.status = "chosen"
         how = "measured" if measured else "estimated"
         runner = pool[1] if len(pool) > 1 else None
-        best.reason = (f"fastest that fits ({how}): {best.prefill * 1e3:,.2f} ms prefill + "
-                       f"{best.decode * 1e3:,.3f} ms/token, {best.memory / GiB:.2f} of "
+        pre, dec = ((best.measured_prefill, best.measured_decode) if measured
+                    else (best.prefill, best.decode))
+        best.reason = (f"fastest that fits ({how}): {pre * 1e3:,.2f} ms prefill + "
+                       f"{dec * 1e3:,.3f} ms/token, {best.memory / GiB:.2f} of "
                        f"{cluster.budget / GiB:.2f} GiB/device"
                        + (f"; next best {runner.plan.name} is {runner.total / best.total:.2f}x "
                           f"slower" if runner else ""))
@@ -477,7 +505,8 @@ def _rank(cands: list[Candidate], cluster: Cluster, measured: bool = False) -> N
 
 
 def _measure(report: PlanReport, top: int, progress: bool) -> None:
-    """Time the ``top`` best plans on the real devices (random weights) and re-rank."""
+    """Time the ``top`` best plans on the real devices (zero weights: the same work) and
+    re-rank."""
     from optkit.parallel.build import build_executor
 
     cfg, w = report.cfg, report.workload
@@ -488,7 +517,8 @@ def _measure(report: PlanReport, top: int, progress: bool) -> None:
     steps = max(1, min(w.gen_len - 1, 8))
     measured = [c for c in report.candidates if c.fits][:top]
     for c in measured:
-        ex = build_executor(cfg, c.plan, None, devices, dtype=report.dtype, progress=False)
+        ex = build_executor(cfg, c.plan, None, devices, dtype=report.dtype, progress=False,
+                            zeros=True)
         for _ in range(2):  # the first round compiles
             t0 = time.perf_counter()
             cache = ex.init_cache(w.batch, w.cache_len)
@@ -506,8 +536,7 @@ def _measure(report: PlanReport, top: int, progress: bool) -> None:
     report.notes.append(f"measured the {len(measured)} best estimates on "
                         f"{report.cluster.device.name} and re-ranked them by measured time")
     for c in measured:
-        c.prefill, c.decode = c.measured_prefill, c.measured_decode
-        c.total = c.prefill + (w.gen_len - 1) * c.decode
+        c.total = c.measured_prefill + (w.gen_len - 1) * c.measured_decode
     _rank(report.candidates, report.cluster, measured=True)
 
 
