@@ -37,12 +37,31 @@ def resolve_plan_dtype(plan: Plan, dtype, platform: str):
     return resolve_dtype(plan.dtype if plan.dtype != "auto" else dtype, platform)
 
 
-def zero_params(cfg: OPTConfig, dtype, sharding_for) -> dict:
-    """All-zero params made on their devices by one jitted call (for timing plans)."""
+def param_shardings(cfg: OPTConfig, plan: Plan, devices: Sequence, dtype):
+    """``sharding_for(spec, stage=None)``: a parameter's sharding on the sub-mesh of the stage
+    that holds it (or of ``stage``), from the plan's rules."""
+    ranges = plan.stage_ranges(cfg)
+    probes = [MeshExecutor(cfg, {"layers": []}, m, plan.rules, dtype=dtype)
+              for m in plan.stage_meshes(devices)]
+
+    def sharding_for(spec: ParamSpec, stage: int | None = None):
+        s = stage_of(spec.path, ranges) if stage is None else stage
+        return probes[s].param_sharding(spec)
+
+    return sharding_for
+
+
+def zero_params(cfg: OPTConfig, plan: Plan, sharding_for, dtype) -> dict:
+    """All-zero params made on their devices, one jitted call per stage (for timing)."""
     specs = param_specs(cfg)
-    shardings = tree_from_specs(specs, sharding_for)
-    return jax.jit(lambda: tree_from_specs(specs, lambda s: jnp.zeros(s.shape, dtype)),
-                   out_shardings=shardings)()
+    ranges = plan.stage_ranges(cfg)
+    made = {}
+    for s in range(plan.pp):
+        mine = [p for p in specs if stage_of(p.path, ranges) == s]
+        arrays = jax.jit(lambda mine=mine: [jnp.zeros(p.shape, dtype) for p in mine],
+                         out_shardings=[sharding_for(p) for p in mine])()
+        made.update({p.path: a for p, a in zip(mine, arrays, strict=True)})
+    return tree_from_specs(specs, lambda p: made[p.path])
 
 
 def build_executor(cfg: OPTConfig, plan: Plan, store=None, devices: Sequence | None = None,
@@ -59,13 +78,10 @@ def build_executor(cfg: OPTConfig, plan: Plan, store=None, devices: Sequence | N
     for note in plan.notes(cfg):
         log.info("plan %s: %s", plan.name, note)
     ranges = plan.stage_ranges(cfg)
-    probes = [MeshExecutor(cfg, {"layers": []}, m, plan.rules, dtype=jdtype) for m in meshes]
-
-    def sharding_for(spec: ParamSpec):
-        return probes[stage_of(spec.path, ranges)].param_sharding(spec)
+    sharding_for = param_shardings(cfg, plan, devices, jdtype)
 
     if zeros:
-        params = zero_params(cfg, jdtype, sharding_for)
+        params = zero_params(cfg, plan, sharding_for, jdtype)
     elif store is None:
         params = random_params(cfg, seed=seed, dtype=jdtype, sharding_for=sharding_for)
     else:
@@ -77,7 +93,7 @@ def build_executor(cfg: OPTConfig, plan: Plan, store=None, devices: Sequence | N
     # The LM head is tied to the token embedding: the last stage gets its own copy.
     embed = next(s for s in param_specs(cfg) if s.path == ("embed_tokens",))
     stage_params[-1]["embed_tokens"] = jax.device_put(params["embed_tokens"],
-                                                      probes[-1].param_sharding(embed))
+                                                      sharding_for(embed, stage=plan.pp - 1))
     return PipelineExecutor(cfg, stage_params, plan, devices, dtype=jdtype)
 
 
