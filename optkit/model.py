@@ -178,20 +178,27 @@ def prefill_layers(layers, cfg: OPTConfig, x: jax.Array, attention_mask: jax.Arr
     return x, {"k": ks, "v": vs, "mask": cache_mask, "index": index}
 
 
-def decode_layers(layers, cfg: OPTConfig, x: jax.Array, cache: Cache) -> tuple[jax.Array, Cache]:
-    """Run one new position per row (x: (B,1,H)) through ``layers``, writing at ``index``."""
+def decode_layers(layers, cfg: OPTConfig, x: jax.Array, cache: Cache,
+                  live: int | None = None) -> tuple[jax.Array, Cache]:
+    """Run one new position per row (x: (B,1,H)) through ``layers``, writing at ``index``.
+
+    ``live`` (static) promises every row's index is below it: attention then reads only the
+    first ``live`` cache positions instead of the whole cache.
+    """
     b, s = cache["mask"].shape
+    live = s if live is None else min(int(live), s)
     index = cache["index"]
     rows = jnp.arange(b)
     mask = cache["mask"].at[rows, index].set(True)
-    allowed = mask[:, None, :]
+    allowed = mask[:, None, :live]
     scale = cfg.head_dim ** -0.5
 
     def make_attend(k_c, v_c):
         def attend(q, k, v):
             k_n = k_c.at[rows, index].set(k[:, 0].astype(k_c.dtype))
             v_n = v_c.at[rows, index].set(v[:, 0].astype(v_c.dtype))
-            return _attention(q, k_n, v_n, allowed, scale), (k_n, v_n)
+            k_l, v_l = (k_n, v_n) if live == s else (k_n[:, :live], v_n[:, :live])
+            return _attention(q, k_l, v_l, allowed, scale), (k_n, v_n)
         return attend
 
     x, ks, vs = _run_layers(layers, cfg, x, cache["k"], cache["v"], make_attend)
@@ -216,11 +223,11 @@ def decode_positions(cache: Cache) -> jax.Array:
     return (cache["mask"].sum(-1).astype(jnp.int32) + 2)[:, None]
 
 
-def decode_step(params: Params, cfg: OPTConfig, tokens: jax.Array,
-                cache: Cache) -> tuple[jax.Array, Cache]:
+def decode_step(params: Params, cfg: OPTConfig, tokens: jax.Array, cache: Cache,
+                live: int | None = None) -> tuple[jax.Array, Cache]:
     """Feed one token per row (B,) and return next-token logits (B,V) and the new cache."""
     x = embed(params, cfg, tokens[:, None], decode_positions(cache))
-    x, cache = decode_layers(params["layers"], cfg, x, cache)
+    x, cache = decode_layers(params["layers"], cfg, x, cache, live)
     return unembed(params, cfg, x[:, 0]), cache
 
 
