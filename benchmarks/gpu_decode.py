@@ -22,6 +22,18 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+_CB = "--xla_gpu_enable_command_buffer="
+#: Named XLA flag sets tried for optkit (recorded in every row).
+VARIANTS = {
+    "default": "",
+    "graphs_all": _CB + "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL "
+                  "--xla_gpu_graph_min_graph_size=1",
+    "no_graphs": _CB,
+    "default+sdpa": "",
+    "default+cudnn": "",
+    "graphs_all+cudnn": _CB + "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL "
+                        "--xla_gpu_graph_min_graph_size=1",
+}
 sys.path.insert(0, str(ROOT))
 
 
@@ -53,8 +65,13 @@ def ceilings() -> dict:
         return sorted(ts)[len(ts) // 2]
 
     n = 2 ** 31  # 4 GiB of fp16
-    x = jax.random.normal(jax.random.key(0), (n // 4096, 4096), jnp.float16)
-    read = bench(jax.jit(lambda a: jnp.sum(a, axis=0, dtype=jnp.float32)), x)
+    x = jax.random.normal(jax.random.key(0), (n // 8192, 8192), jnp.float16)
+    # the best of a few read-only reductions (layouts differ in how well XLA tiles them)
+    read = min(bench(jax.jit(lambda a: jnp.sum(a, dtype=jnp.float32)), x),
+               bench(jax.jit(lambda a: jnp.sum(a, axis=1, dtype=jnp.float32)), x),
+               bench(jax.jit(lambda a: jnp.max(a, axis=0)), x),
+               bench(jax.jit(lambda a: jnp.sum(a.reshape(-1, 64, 8192).astype(jnp.float32),
+                                               axis=(1, 2))), x))
     copy = bench(jax.jit(lambda a: a * jnp.float16(1.0001)), x)
     del x
     m = 8192
@@ -73,9 +90,30 @@ def ceilings() -> dict:
         tb.copy_(ta)
     torch.cuda.synchronize()
     tcopy = (time.perf_counter() - t) / 10
-    del ta, tb
+    del tb
+    tsum = []
+    for _ in range(10):  # torch's read-only reductions
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        ta.sum(dtype=torch.float32)
+        torch.cuda.synchronize()
+        tsum.append(time.perf_counter() - t)
+    tmm_a = torch.randn(m, m, device="cuda", dtype=torch.float16)
+    tmm_b = torch.randn(m, m, device="cuda", dtype=torch.float16)
+    for _ in range(3):
+        tmm_a @ tmm_b
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(10):
+        tmm_a @ tmm_b
+    torch.cuda.synchronize()
+    tmm = (time.perf_counter() - t) / 10
+    del ta, tmm_a, tmm_b
     return {
-        "read_GBps": n * 2 / read / 1e9,
+        "read_GBps": max(n * 2 / read, n / sorted(tsum)[5]) / 1e9,
+        "read_GBps_jax": n * 2 / read / 1e9,
+        "read_GBps_torch": n / sorted(tsum)[5] / 1e9,
+        "matmul_TFLOPs_fp16_torch": 2 * m ** 3 / tmm / 1e12,
         "copy_GBps_jax": 2 * n * 2 / copy / 1e9,
         "copy_GBps_torch": 2 * (n // 2) * 2 / tcopy / 1e9,
         "matmul_TFLOPs_fp16": 2 * m ** 3 / mm / 1e12,
@@ -93,21 +131,52 @@ def flops_per_token(cfg, context: int) -> float:
         4 * cfg.num_hidden_layers * context * cfg.hidden_size
 
 
+def use_sdpa_attention(implementation=None) -> None:
+    """Experiment: route the model's attention through ``jax.nn.dot_product_attention``."""
+    import jax
+
+    from optkit import model as M
+
+    def attention(q, k, v, allowed, scale):
+        return jax.nn.dot_product_attention(q, k, v, mask=allowed[:, None], scale=scale,
+                                            implementation=implementation)
+
+    M._attention = attention
+
+
 def optkit_worker(args) -> list[dict]:
     import jax
     import jax.numpy as jnp
     import numpy as np
 
+    if args.variant.endswith("+sdpa"):
+        use_sdpa_attention()
+    if args.variant.endswith("+cudnn"):
+        use_sdpa_attention("cudnn")
+
+    from jax.sharding import Mesh
+
     from optkit.config import OPTConfig
+    from optkit.parallel import TENSOR_RULES
     from optkit.parallel.executor import MeshExecutor
+    from optkit.quant import random_int8_params
     from optkit.weights.random import random_params
 
     cfg = OPTConfig.from_name("opt-" + args.size)
     t0 = time.perf_counter()
-    params = random_params(cfg, seed=0, dtype=jnp.float16)
+    mesh = Mesh(np.array(jax.devices()[:args.devices]).reshape(1, args.devices),
+                ("data", "tensor"))
+    probe = MeshExecutor(cfg, {"layers": []}, mesh, TENSOR_RULES, dtype=jnp.float16)
+    if args.int8:
+        params = random_int8_params(cfg, seed=0, dtype=jnp.float16,
+                                    sharding_for=probe.param_sharding)
+    else:
+        params = random_params(cfg, seed=0, dtype=jnp.float16, sharding_for=probe.param_sharding)
     jax.block_until_ready(params)
     init_s = time.perf_counter() - t0
-    ex = MeshExecutor(cfg, params)
+    ex = MeshExecutor(cfg, params, mesh, TENSOR_RULES, dtype=jnp.float16)
+    weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
+    framework = "optkit-int8" if args.int8 else "optkit"
     rows = []
 
     @jax.jit
@@ -145,10 +214,18 @@ def optkit_worker(args) -> list[dict]:
         t = time.perf_counter()
         run()
         compile_s = time.perf_counter() - t
+        if args.dump_hlo and b == args.batches[0]:
+            fn = next(f for k, f in ex._fns.items() if k[0] == "loop")
+            cache = ex.init_cache(b, s)
+            tok0 = jnp.zeros((b,), jnp.int32)
+            text = fn.lower(ex.params, tok0, cache, (), jnp.int32(1)).compile().as_text()
+            Path(args.dump_hlo).write_text(text)
+            del cache
         times = [run() for _ in range(args.reps)]
         prefill_s = sorted(x[0] for x in times)[len(times) // 2]
         decode_s = sorted(x[1] for x in times)[len(times) // 2]
-        rows.append({"framework": "optkit", "size": args.size, "batch": b,
+        rows.append({"framework": framework, "size": args.size, "batch": b,
+                     "devices": args.devices, "weight_bytes": weight_bytes,
                      "prompt": args.prompt, "new_tokens": args.new_tokens,
                      "prefill_ms": prefill_s * 1e3, "step_ms": decode_s / n_dec * 1e3,
                      "first_run_s": compile_s, "init_s": init_s,
@@ -171,11 +248,43 @@ def optkit_worker(args) -> list[dict]:
         pre()
         compile_s = time.perf_counter() - c0
         ts = sorted(pre() for _ in range(args.reps))
-        rows.append({"framework": "optkit", "size": args.size, "batch": 1, "prompt": t,
+        rows.append({"framework": framework, "size": args.size, "batch": 1, "prompt": t,
+                     "devices": args.devices, "weight_bytes": weight_bytes,
                      "new_tokens": 0, "prefill_ms": ts[len(ts) // 2] * 1e3,
                      "first_run_s": compile_s})
         print(json.dumps(rows[-1]), flush=True)
     return rows
+
+
+def int8_accuracy_worker(args) -> list[dict]:
+    """int8 weight-only vs fp16 logits of the same random model (batch 4, prompt 128)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from optkit import model as M
+    from optkit.config import OPTConfig
+    from optkit.quant import quantize_params
+    from optkit.weights.random import random_params
+
+    cfg = OPTConfig.from_name("opt-" + args.size)
+    params = random_params(cfg, seed=0, dtype=jnp.float16)
+    ids = jnp.asarray(np.random.default_rng(0).integers(4, 50000, (4, args.prompt)))
+    fwd = jax.jit(lambda p, x: M.forward(p, cfg, x).astype(jnp.float32))
+    ref = fwd(params, ids)
+    q = quantize_params(params)
+    del params
+    out = fwd(q, ids)
+    lp_ref = jax.nn.log_softmax(ref, -1)
+    lp_out = jax.nn.log_softmax(out, -1)
+    kl = jnp.sum(jnp.exp(lp_ref) * (lp_ref - lp_out), -1)
+    row = {"framework": "int8-accuracy", "size": args.size, "batch": 4, "prompt": args.prompt,
+           "max_abs_diff": float(jnp.abs(out - ref).max()),
+           "rel_l2": float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref)),
+           "top1_agree": float((out.argmax(-1) == ref.argmax(-1)).mean()),
+           "mean_kl": float(kl.mean()), "logit_std": float(ref.std())}
+    print(json.dumps(row), flush=True)
+    return [row]
 
 
 def hf_worker(args) -> list[dict]:
@@ -249,13 +358,17 @@ def hf_worker(args) -> list[dict]:
 def annotate(row: dict, ceil: dict) -> dict:
     from optkit.config import OPTConfig
 
+    if "prefill_ms" not in row:  # accuracy rows
+        return row
     cfg = OPTConfig.from_name("opt-" + row["size"])
-    weight_bytes = cfg.num_params() * 2
+    weight_bytes = row.get("weight_bytes", cfg.num_params() * 2)
+    devices = row.get("devices", 1)
     b = row["batch"]
     if row.get("new_tokens"):
         live = row["prompt"] + row["new_tokens"] / 2  # average live positions per step
         kv_bytes = 2 * cfg.num_hidden_layers * b * live * cfg.hidden_size * 2
-        floor_ms = (weight_bytes + kv_bytes) / (ceil["read_GBps"] * 1e9) * 1e3
+        # every device reads its share of the weights and cache (ideal split)
+        floor_ms = (weight_bytes + kv_bytes) / devices / (ceil["read_GBps"] * 1e9) * 1e3
         row["floor_ms"] = floor_ms
         row["frac_floor"] = floor_ms / row["step_ms"]
         row["tokens_per_s"] = b / row["step_ms"] * 1e3
@@ -264,7 +377,8 @@ def annotate(row: dict, ceil: dict) -> dict:
         flops = sum(flops_per_token(cfg, c) for c in range(1, t + 1)) - \
             2 * cfg.vocab_size * cfg.word_embed_proj_dim * (t - 1)
         row["prefill_TFLOPs"] = flops / (row["prefill_ms"] / 1e3) / 1e12
-        row["mfu_vs_measured"] = row["prefill_TFLOPs"] / ceil["matmul_TFLOPs_fp16"]
+        best = max(ceil["matmul_TFLOPs_fp16"], ceil.get("matmul_TFLOPs_fp16_torch", 0))
+        row["mfu_vs_measured"] = row["prefill_TFLOPs"] / best / devices
     return row
 
 
@@ -282,59 +396,89 @@ def main() -> None:
     p.add_argument("--steps-per-dispatch", type=int, default=32)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--out", default="gpu_decode.jsonl")
+    p.add_argument("--ceilings", help="reuse (or write) this run's ceilings JSON file")
+    p.add_argument("--variants", default="default", help=f"XLA flag sets: {list(VARIANTS)}")
+    p.add_argument("--dump-hlo", default="", help="write optimized HLO of the b=1 decode loop")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--framework", help=argparse.SUPPRESS)
     p.add_argument("--size", help=argparse.SUPPRESS)
+    p.add_argument("--variant", default="default", help=argparse.SUPPRESS)
+    p.add_argument("--devices", type=int, default=1,
+                   help="optkit: tensor-parallel over this many GPUs")
     args = p.parse_args()
     args.batches = [int(x) for x in str(args.batches).split(",")]
 
     if args.worker:
-        rows = optkit_worker(args) if args.framework == "optkit" else hf_worker(args)
+        if args.framework == "ceilings":
+            rows = [ceilings()]
+        elif args.framework in ("optkit", "optkit-int8"):
+            args.int8 = args.framework == "optkit-int8"
+            rows = optkit_worker(args)
+        elif args.framework == "int8-accuracy":
+            rows = int8_accuracy_worker(args)
+        else:
+            rows = hf_worker(args)
         Path(args.worker).write_text("\n".join(json.dumps(r) for r in rows) + "\n")
         return
 
     import torch
 
     card = torch.cuda.get_device_name(0)
-    ceil = ceilings()
+    tmp = Path(args.ceilings or Path(args.out).with_suffix(".ceilings.json"))
+    if not tmp.exists():
+        subprocess.run([sys.executable, __file__, "--worker", str(tmp), "--framework",
+                        "ceilings"], check=True)
+    ceil = json.loads(tmp.read_text())
     print(json.dumps({"card": card, **ceil, **versions()}), flush=True)
     out = Path(args.out)
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    for size in args.sizes.split(","):
-        for fw in args.frameworks.split(","):
-            tmp = out.with_suffix(f".{fw}.{size}.part")
-            batches = args.batches if fw == "optkit" or not args.hf_batches else \
-                [int(x) for x in args.hf_batches.split(",")]
-            long = args.long_prefill if size in args.long_prefill_sizes.split(",") else 0
-            cmd = [sys.executable, __file__, "--worker", str(tmp), "--framework", fw,
-                   "--size", size, "--batches", ",".join(map(str, batches)),
-                   "--prompt", str(args.prompt), "--new-tokens", str(args.new_tokens),
-                   "--long-prefill", str(long), "--reps", str(args.reps),
-                   "--steps-per-dispatch", str(args.steps_per_dispatch)]
-            env = dict(os.environ, XLA_PYTHON_CLIENT_MEM_FRACTION="0.92",
-                       TOKENIZERS_PARALLELISM="false")
-            t = time.perf_counter()
-            r = subprocess.run(cmd, env=env)
-            print(f"# {fw} {size}: rc={r.returncode} {time.perf_counter() - t:.0f}s", flush=True)
-            if r.returncode or not tmp.exists():
-                continue
-            with open(out, "a") as f:
-                for line in tmp.read_text().splitlines():
-                    row = annotate(json.loads(line), ceil)
-                    row.update({"card": card, "time": stamp, **versions(),
-                                "ceilings": ceil})
-                    f.write(json.dumps(row) + "\n")
-            tmp.unlink()
+    jobs = [(size, fw, v) for size in args.sizes.split(",") for fw in args.frameworks.split(",")
+            for v in (VARIANTS if fw.startswith("optkit") else ["default"])
+            if not fw.startswith("optkit") or v in args.variants.split(",")]
+    for size, fw, variant in jobs:
+        tmp = out.with_suffix(f".{fw}.{size}.{variant}.part")
+        batches = args.batches if fw == "optkit" or not args.hf_batches else \
+            [int(x) for x in args.hf_batches.split(",")]
+        long = args.long_prefill if size in args.long_prefill_sizes.split(",") else 0
+        cmd = [sys.executable, __file__, "--worker", str(tmp), "--framework", fw,
+               "--size", size, "--batches", ",".join(map(str, batches)),
+               "--prompt", str(args.prompt), "--new-tokens", str(args.new_tokens),
+               "--long-prefill", str(long), "--reps", str(args.reps),
+               "--steps-per-dispatch", str(args.steps_per_dispatch)]
+        if args.dump_hlo and fw == "optkit":
+            cmd += ["--dump-hlo", f"{args.dump_hlo}.{size}.{variant}.txt"]
+        env = dict(os.environ, XLA_PYTHON_CLIENT_MEM_FRACTION="0.92",
+                   TOKENIZERS_PARALLELISM="false")
+        flags = (env.get("XLA_FLAGS", "") + " " + VARIANTS[variant]).strip()
+        if flags:
+            env["XLA_FLAGS"] = flags
+        t = time.perf_counter()
+        r = subprocess.run(cmd, env=env)
+        print(f"# {fw} {size} {variant}: rc={r.returncode} {time.perf_counter() - t:.0f}s",
+              flush=True)
+        if r.returncode or not tmp.exists():
+            continue
+        with open(out, "a") as f:
+            for line in tmp.read_text().splitlines():
+                row = annotate(json.loads(line), ceil)
+                row.update({"card": card, "time": stamp, **versions(),
+                            "variant": variant, "xla_flags": VARIANTS[variant],
+                            "ceilings": ceil})
+                f.write(json.dumps(row) + "\n")
+        tmp.unlink()
     summarize(out)
 
 
 def summarize(path: Path) -> None:
     rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-    print(f"{'framework':<18}{'size':>6}{'batch':>6}{'prompt':>7}{'step ms':>9}{'tok/s':>9}"
-          f"{'floor%':>8}{'prefill ms':>11}{'MFU':>6}")
+    print(f"{'framework':<18}{'variant':>13}{'size':>6}{'batch':>6}{'prompt':>7}{'step ms':>9}"
+          f"{'tok/s':>9}{'floor%':>8}{'prefill ms':>11}{'MFU':>6}")
     for r in rows:
-        print(f"{r['framework']:<18}{r['size']:>6}{r['batch']:>6}{r['prompt']:>7}"
-              f"{r.get('step_ms', float('nan')):>9.2f}{r.get('tokens_per_s', float('nan')):>9.0f}"
+        if "prefill_ms" not in r:
+            print(json.dumps(r))
+            continue
+        print(f"{r['framework'] + 'x' + str(r.get('devices', 1)):<18}{r.get('variant', ''):>13}{r['size']:>6}{r['batch']:>6}"
+              f"{r['prompt']:>7}{r.get('step_ms', float('nan')):>9.2f}{r.get('tokens_per_s', float('nan')):>9.0f}"
               f"{100 * r.get('frac_floor', float('nan')):>8.1f}{r['prefill_ms']:>11.1f}"
               f"{100 * r.get('mfu_vs_measured', float('nan')):>6.1f}")
 
