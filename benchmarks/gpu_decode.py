@@ -423,7 +423,7 @@ def main() -> None:
 
     import torch
 
-    card = torch.cuda.get_device_name(0)
+    card = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     tmp = Path(args.ceilings or Path(args.out).with_suffix(".ceilings.json"))
     if not tmp.exists():
         subprocess.run([sys.executable, __file__, "--worker", str(tmp), "--framework",
@@ -436,16 +436,17 @@ def main() -> None:
             for v in (VARIANTS if fw.startswith("optkit") else ["default"])
             if not fw.startswith("optkit") or v in args.variants.split(",")]
     for size, fw, variant in jobs:
-        tmp = out.with_suffix(f".{fw}.{size}.{variant}.part")
-        batches = args.batches if fw == "optkit" or not args.hf_batches else \
+        tmp = out.with_suffix(f".{fw}.{size}.{variant}.{args.devices}.part")
+        batches = args.batches if fw.startswith("optkit") or not args.hf_batches else \
             [int(x) for x in args.hf_batches.split(",")]
         long = args.long_prefill if size in args.long_prefill_sizes.split(",") else 0
         cmd = [sys.executable, __file__, "--worker", str(tmp), "--framework", fw,
                "--size", size, "--batches", ",".join(map(str, batches)),
                "--prompt", str(args.prompt), "--new-tokens", str(args.new_tokens),
                "--long-prefill", str(long), "--reps", str(args.reps),
-               "--steps-per-dispatch", str(args.steps_per_dispatch)]
-        if args.dump_hlo and fw == "optkit":
+               "--steps-per-dispatch", str(args.steps_per_dispatch), "--variant", variant,
+               "--devices", str(args.devices)]
+        if args.dump_hlo and fw.startswith("optkit"):
             cmd += ["--dump-hlo", f"{args.dump_hlo}.{size}.{variant}.txt"]
         env = dict(os.environ, XLA_PYTHON_CLIENT_MEM_FRACTION="0.92",
                    TOKENIZERS_PARALLELISM="false")
