@@ -194,7 +194,7 @@ def optkit_worker(args) -> list[dict]:
         s = args.prompt + args.new_tokens
         n_dec = args.new_tokens - 1
 
-        def run():
+        def run(b=b, s=s, ids=ids, mask=mask, n_dec=n_dec):
             cache = ex.init_cache(b, s)
             jax.block_until_ready(cache)
             t0 = time.perf_counter()
@@ -310,7 +310,7 @@ def hf_worker(args) -> list[dict]:
         if static:
             kw["cache_implementation"] = "static"
 
-        def gen(n):
+        def gen(n, ids=ids, mask=mask, kw=kw):
             torch.cuda.synchronize()
             t = time.perf_counter()
             with torch.no_grad():
@@ -478,10 +478,12 @@ def summarize(path: Path) -> None:
         if "prefill_ms" not in r:
             print(json.dumps(r))
             continue
-        print(f"{r['framework'] + 'x' + str(r.get('devices', 1)):<18}{r.get('variant', ''):>13}{r['size']:>6}{r['batch']:>6}"
-              f"{r['prompt']:>7}{r.get('step_ms', float('nan')):>9.2f}{r.get('tokens_per_s', float('nan')):>9.0f}"
-              f"{100 * r.get('frac_floor', float('nan')):>8.1f}{r['prefill_ms']:>11.1f}"
-              f"{100 * r.get('mfu_vs_measured', float('nan')):>6.1f}")
+        nan = float("nan")
+        name = f"{r['framework']}x{r.get('devices', 1)}"
+        print(f"{name:<18}{r.get('variant', ''):>13}{r['size']:>6}{r['batch']:>6}"
+              f"{r['prompt']:>7}{r.get('step_ms', nan):>9.2f}{r.get('tokens_per_s', nan):>9.0f}"
+              f"{100 * r.get('frac_floor', nan):>8.1f}{r['prefill_ms']:>11.1f}"
+              f"{100 * r.get('mfu_vs_measured', nan):>6.1f}")
 
 
 if __name__ == "__main__":
