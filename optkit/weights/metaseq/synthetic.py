@@ -47,7 +47,6 @@ from optkit.weights.metaseq.format import (
     split_dim,
 )
 from optkit.weights.metaseq.md5 import write_md5_csv
-from optkit.weights.random import random_state_dict, write_random_folder
 
 SYNTHETIC_LAYOUTS = ("fsdp", "v1_20220502", "v1_20230405", "consolidated")
 MD5_FILE = "md5sum_shards.csv"
@@ -305,6 +304,8 @@ def write_synthetic_metaseq(dst: str | os.PathLike, cfg: OPTConfig, layout: str 
     tmp.mkdir(parents=True)
     try:
         if weights is None:
+            from optkit.weights.random import random_state_dict, write_random_folder
+
             if cfg.num_params() * dtype.itemsize <= IN_MEMORY_BYTES:
                 weights = dict(random_state_dict(cfg, seed, dtype))
             else:
