@@ -178,16 +178,18 @@ def plot(df: pd.DataFrame, path: Path) -> None:
     s = df[df.method == "streaming"].sort_values("checkpoint_bytes")
     n = df[(df.method == "naive") & df.peak_rss.notna()].sort_values("checkpoint_bytes")
     x = s.checkpoint_bytes / gb
-    ax1.plot(x, s.peak_rss / gb, "o-", label="streaming: peak RSS (VmHWM)")
-    ax1.plot(x, s.peak_rss_anon_polled / gb, "s--", label="streaming: peak anonymous RSS")
-    ax1.plot(n.checkpoint_bytes / gb, n.peak_rss / gb, "^-", label="naive: peak RSS (VmHWM)")
+    ax1.plot(x, s.peak_rss / gb, "o-", color="C0", label="streaming: peak RSS (VmHWM)")
+    ax1.plot(x, s.peak_rss_anon_polled / gb, "s--", color="C2",
+             label="streaming: peak anonymous RSS")
+    ax1.plot(n.checkpoint_bytes / gb, n.peak_rss / gb, "^-", color="C3",
+             label="naive: peak RSS (VmHWM)")
     ax1.plot(x, s.bound_bytes / gb, "k:", label="bound: 2 x largest tensor + 1 GiB")
     ax1.plot(x, x, color="0.7", lw=1, label="checkpoint size")
     ax1.set(xlabel="checkpoint on disk (GB)", ylabel="peak memory (GB)",
             title="Peak memory of the conversion")
     ax1.legend(fontsize=8)
-    ax2.plot(x, s.convert_s, "o-", label="streaming")
-    ax2.plot(n.checkpoint_bytes / gb, n.convert_s, "^-", label="naive")
+    ax2.plot(x, s.convert_s, "o-", color="C0", label="streaming")
+    ax2.plot(n.checkpoint_bytes / gb, n.convert_s, "^-", color="C3", label="naive")
     ax2.set(xlabel="checkpoint on disk (GB)", ylabel="wall time (s)",
             title="Conversion time (cold page cache)")
     ax2.legend(fontsize=8)
@@ -205,7 +207,8 @@ def report(df: pd.DataFrame, info: dict, path: Path) -> None:
     lines = [
         "# `optkit convert metaseq`: peak memory and time vs a naive consolidation", "",
         f"Machine: {info['machine']}; Python {info['python']}, numpy {info['numpy']}, "
-        f"torch {info['torch']}.  Command: `{df.command.iloc[0]}`.  Data: "
+        f"torch {info['torch']}, optkit commit {info.get('git_commit', '?')}.  "
+        f"Command: `{df.command.iloc[0]}`.  Data: "
         f"`{path.with_suffix('.csv').name}`, plot: `{path.with_suffix('.png').name}`.", "",
         "Synthetic fp16 checkpoints in OPT-175B's layout (P model-parallel parts x W FSDP "
         "shards of flat parameters, preset shapes, random weights); each conversion runs in a "
@@ -216,12 +219,13 @@ def report(df: pd.DataFrame, info: dict, path: Path) -> None:
     ]
     for r in df.itertuples():
         ran = not pd.isna(getattr(r, "peak_rss", float("nan")))
+        note = "" if pd.isna(r.note) else r.note
         lines.append(
             f"| {r.model} | {r.parts} x {r.shards} | {r.checkpoint_bytes / gb:.2f} | "
             f"{r.largest_tensor_bytes / 1e6:.0f} | {r.bound_bytes / gb:.2f} | {r.method} | "
             + (f"{r.convert_s:.1f} | {r.peak_rss / gb:.2f} | {r.peak_rss_anon_polled / gb:.2f}"
                f" / {r.peak_rss_file_polled / gb:.2f} | {r.within_bound} | " if ran else
-               "- | - | - | - | ") + f"{r.note} |")
+               "- | - | - | - | ") + f"{note} |")
     s = df[df.method == "streaming"].sort_values("checkpoint_bytes")
     n = df[(df.method == "naive") & df.peak_rss.notna()]
     lines += [
@@ -254,7 +258,9 @@ def machine() -> dict:
     return {"machine": f"CPU, {os.cpu_count()} cores ({platform.processor() or platform.machine()})"
             f", {psutil.virtual_memory().total / GiB:.0f} GiB RAM, shared with other jobs",
             "python": platform.python_version(), "numpy": np.__version__,
-            "torch": torch.__version__, "pandas": pd.__version__}
+            "torch": torch.__version__, "pandas": pd.__version__,
+            "git_commit": subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+                                         capture_output=True, text=True).stdout.strip()}
 
 
 def main(argv=None) -> None:
@@ -265,7 +271,17 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/metaseq_convert"))
     ap.add_argument("--naive-limit-gb", type=float, default=3.0,
                     help="largest checkpoint (GiB) the naive baseline is run on")
+    ap.add_argument("--replot", action="store_true",
+                    help="only redraw {out}.png and {out}.md from an existing {out}.csv")
     args = ap.parse_args(argv)
+    out = Path(args.out)
+    if args.replot:
+        df = pd.read_csv(out.with_suffix(".csv"))
+        info = {k: df[k].iloc[0] for k in ("machine", "python", "numpy", "torch", "pandas",
+                                           "git_commit") if k in df}
+        plot(df, out.with_suffix(".png"))
+        report(df, info, out)
+        return
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -279,8 +295,7 @@ def main(argv=None) -> None:
     df = pd.DataFrame(rows)
     for k, v in info.items():
         df[k] = v
-    df["command"] = "python benchmarks/metaseq_convert.py " + " ".join(argv or sys.argv[1:])
-    out = Path(args.out)
+    df["command"] = " ".join(["python benchmarks/metaseq_convert.py", *(argv or sys.argv[1:])])
     out.parent.mkdir(parents=True, exist_ok=True)
     df.to_csv(out.with_suffix(".csv"), index=False)
     plot(df, out.with_suffix(".png"))

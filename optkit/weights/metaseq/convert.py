@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 #: |x| above this in a weight is treated as corruption (fp16 max is 65504; OPT weights are
 #: O(1)); metaseq issue #122 found values ~5e4 in one 175B shard.
 EXTREME = 1e4
+PADDED_ROWS = ("decoder.embed_tokens.weight", "decoder.embed_positions.weight")
 
 
 def convert_metaseq(src: str | os.PathLike, dst: str | os.PathLike,
@@ -85,6 +86,8 @@ def convert_metaseq(src: str | os.PathLike, dst: str | os.PathLike,
                         _report(a, key, count, first, peak, threshold, clamp_extremes)
                         if clamp_extremes:
                             clamp(arr, threshold)
+                if key in PADDED_ROWS:
+                    _check_padding_row(ckpt, key, arr)
                 writer.write(key, arr.astype(out, copy=False))
                 del arr
             tensors.update(1)
@@ -96,6 +99,17 @@ def convert_metaseq(src: str | os.PathLike, dst: str | os.PathLike,
     clamped = f" (clamped to ±{threshold:g})" if flagged and clamp_extremes else ""
     return writer.commit(shapes, source=f"metaseq:{ckpt.src.resolve()} ({ckpt.layout}, "
                          f"{ckpt.num_parts}x{ckpt.num_shards} files){note}{clamped}")
+
+
+def _check_padding_row(ckpt: MetaseqCheckpoint, key: str, arr: np.ndarray) -> None:
+    """Metaseq keeps the padding row (id 1) of both embeddings at zero; anything else there
+    means the tensors were cut from the wrong place of a flat parameter."""
+    pad = ckpt.config.pad_token_id
+    if arr.shape[0] > pad and np.any(arr[pad]):
+        log.warning("%s: padding row %d is not zero, unlike every metaseq checkpoint — the "
+                    "flat-parameter order assumed for layout %s may not fit these files "
+                    "(350m's reshard.pt order is unconfirmed); check the converted model",
+                    key, pad, ckpt.layout)
 
 
 def _report(a, key, count, first, peak, threshold, clamped) -> None:

@@ -453,7 +453,9 @@ def open_metaseq(src: str | os.PathLike, model: str | OPTConfig | None = None
     ns = None
     kinds = set()
     cfg = given
-    source = f"given: {model}" if given is not None else ""
+    source = ""
+    if given is not None:
+        source = f"given: {model.name if isinstance(model, OPTConfig) else model}"
     for p, part_files in enumerate(files):
         objs = [torchfile.load(f) for f in part_files]
         models = [_model_dict(o, f) for o, f in zip(objs, part_files, strict=True)]
@@ -548,9 +550,9 @@ def _raise_if_missing_parts(ns, n_parts, files, model, cfg=None) -> None:
 
 
 def _check_parts_agree(parts: list[dict[str, PartTensor]], files: list[list[Path]]) -> None:
-    keys0 = {k: t.shape for k, t in parts[0].items()}
+    keys0 = {k: (t.shape, t.dtype) for k, t in parts[0].items()}
     for p in range(1, len(parts)):
-        keys = {k: t.shape for k, t in parts[p].items()}
+        keys = {k: (t.shape, t.dtype) for k, t in parts[p].items()}
         if keys != keys0:
             diff = sorted(set(keys) ^ set(keys0)) or sorted(k for k in keys if keys[k] != keys0[k])
             raise WeightError(f"part {p} ({files[p][0]}) does not match part 0 "

@@ -131,6 +131,22 @@ def test_extreme_values_are_flagged_and_clamped(synthetic, tmp_path, caplog):
     assert "clamped" in (out / "optkit-manifest.json").read_text()
 
 
+def test_nonzero_padding_row_and_disagreeing_parts_are_reported(synthetic, tmp_path, caplog):
+    """A wrong flat-parameter order would put other weights into metaseq's all-zero padding
+    rows; replicated tensors that differ between parts are reported too."""
+    src = synthetic("pre_ln", "v1_20230405", 2)
+    for p, value in ((0, 0.5), (1, 0.25)):
+        f = src / f"reshard-model_part-{p}.pt"
+        state = torch.load(f, weights_only=False)
+        state["model"]["decoder.embed_positions.weight"][1] = value
+        torch.save(state, f)
+    with caplog.at_level(logging.WARNING):
+        convert_metaseq(src, tmp_path / "o-np", progress=False)
+    text = caplog.text
+    assert "decoder.embed_positions.weight: padding row 1 is not zero" in text
+    assert "decoder.embed_positions.weight: model-parallel part(s) [1] differ" in text
+
+
 def test_existing_destination_is_kept(synthetic, tmp_path):
     src = synthetic("pre_ln", "consolidated")
     (tmp_path / "o-np").mkdir()
