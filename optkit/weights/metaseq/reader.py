@@ -482,7 +482,10 @@ def open_metaseq(src: str | os.PathLike, model: str | OPTConfig | None = None
                     raise WeightError(f"{part_files[0]}: flat parameters without shard_metadata "
                                       "fit neither the checkpoint's cfg nor a preset; pass "
                                       "--model")
-            layout = flat_layout(cfg, n_parts)
+            try:
+                layout = flat_layout(cfg, n_parts)
+            except ValueError as e:
+                raise WeightError(f"{part_files[0]}: {e}") from None
             try:
                 parts.append(_unflatten_from_layout(part_files[0], models[0], layout, cfg,
                                                     n_parts))
