@@ -68,16 +68,27 @@ def cache_spec(cfg: OPTConfig, batch: int, max_len: int, dtype=jnp.float32,
 # Building blocks
 # ---------------------------------------------------------------------------------------------
 def layer_norm(p: dict, x: jax.Array, eps: float) -> jax.Array:
+    # One pass over x for both moments (E[x], E[x^2]) in fp32: a single reduction kernel.
     xf = x.astype(jnp.float32)
     mean = xf.mean(-1, keepdims=True)
-    var = jnp.square(xf - mean).mean(-1, keepdims=True)
+    var = jnp.maximum(jnp.square(xf).mean(-1, keepdims=True) - jnp.square(mean), 0.0)
     y = (xf - mean) * jax.lax.rsqrt(var + eps)
     y = y * p["scale"].astype(jnp.float32) + p["bias"].astype(jnp.float32)
     return y.astype(x.dtype)
 
 
+def project(p: dict, x: jax.Array, eq: str) -> jax.Array:
+    """``einsum(eq, x, kernel) + bias``.  An int8 weight-only kernel (``kernel_q`` with one
+    scale per output channel, see ``optkit.quant``) is widened inside the matmul and
+    scaled after it, so only the int8 bytes are read."""
+    if "kernel_q" in p:
+        y = jnp.einsum(eq, x, p["kernel_q"].astype(x.dtype), preferred_element_type=jnp.float32)
+        return (y * p["kernel_scale"]).astype(x.dtype) + p["bias"]
+    return jnp.einsum(eq, x, p["kernel"]) + p["bias"]
+
+
 def dense(p: dict, x: jax.Array) -> jax.Array:
-    return jnp.matmul(x, p["kernel"]) + p["bias"]
+    return project(p, x, "...i,io->...o")
 
 
 def positions_from_mask(attention_mask: jax.Array, start: jax.Array | int = 0) -> jax.Array:
@@ -104,11 +115,29 @@ def unembed(params: Params, cfg: OPTConfig, x: jax.Array) -> jax.Array:
 
 
 def _attention(q, k, v, allowed, scale):
-    """q (B,T,A,D), k/v (B,S,A,D), allowed (B,T,S) bool -> (B,T,A,D)."""
+    """q (B,T,A,D), k/v (B,S,A,D), allowed (B,T,S) bool -> (B,T,A,D).
+
+    Softmax in fp32, normalized after the PV product: the exponentials feed the product
+    directly (XLA fuses them into its reduction instead of materializing a (B,S,A,D) temp).
+    """
     scores = jnp.einsum("btad,bsad->bats", q, k, preferred_element_type=jnp.float32) * scale
     scores = jnp.where(allowed[:, None, :, :], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    return jnp.einsum("bats,bsad->btad", probs, v)
+    e = jnp.exp(scores - jax.lax.stop_gradient(scores.max(-1, keepdims=True)))
+    total = e.sum(-1)  # (B,A,T)
+    out = jnp.einsum("bats,bsad->btad", e.astype(v.dtype), v,
+                     preferred_element_type=jnp.float32)
+    return (out / jnp.transpose(total, (0, 2, 1))[..., None]).astype(v.dtype)
+
+
+def _write_rows(cache: jax.Array, rows: jax.Array, index: jax.Array, new: jax.Array) -> jax.Array:
+    """cache[b, index[b]] = new[b] for every row (B,S,...) <- (B,...): one in-place scatter."""
+    dims = jax.lax.ScatterDimensionNumbers(
+        update_window_dims=tuple(range(1, new.ndim)), inserted_window_dims=(0, 1),
+        scatter_dims_to_operand_dims=(0, 1))
+    idx = jnp.stack([rows, index], axis=-1).astype(jnp.int32)
+    return jax.lax.scatter(cache, idx, new.astype(cache.dtype), dims, indices_are_sorted=True,
+                           unique_indices=True,
+                           mode=jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS)
 
 
 def _layer(lp: dict, cfg: OPTConfig, x: jax.Array, attend) -> tuple[jax.Array, tuple]:
@@ -116,10 +145,10 @@ def _layer(lp: dict, cfg: OPTConfig, x: jax.Array, attend) -> tuple[jax.Array, t
     eps = cfg.layer_norm_eps
     residual = x
     h = layer_norm(lp["attn_ln"], x, eps) if cfg.do_layer_norm_before else x
-    qkv = jnp.einsum("bth,hkad->btkad", h, lp["qkv"]["kernel"]) + lp["qkv"]["bias"]
+    qkv = project(lp["qkv"], h, "bth,hkad->btkad")
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     a, new_kv = attend(q, k, v)
-    h = jnp.einsum("btad,adh->bth", a, lp["out"]["kernel"]) + lp["out"]["bias"]
+    h = project(lp["out"], a, "btad,adh->bth")
     h = residual + h
     if not cfg.do_layer_norm_before:
         h = layer_norm(lp["attn_ln"], h, eps)
@@ -178,20 +207,28 @@ def prefill_layers(layers, cfg: OPTConfig, x: jax.Array, attention_mask: jax.Arr
     return x, {"k": ks, "v": vs, "mask": cache_mask, "index": index}
 
 
-def decode_layers(layers, cfg: OPTConfig, x: jax.Array, cache: Cache) -> tuple[jax.Array, Cache]:
-    """Run one new position per row (x: (B,1,H)) through ``layers``, writing at ``index``."""
+def decode_layers(layers, cfg: OPTConfig, x: jax.Array, cache: Cache,
+                  live: int | None = None) -> tuple[jax.Array, Cache]:
+    """Run one new position per row (x: (B,1,H)) through ``layers``, writing at ``index``.
+
+    ``live`` (static) promises every row's index is below it: attention then reads only the
+    first ``live`` cache positions instead of the whole cache.
+    """
     b, s = cache["mask"].shape
+    live = s if live is None else min(int(live), s)
     index = cache["index"]
     rows = jnp.arange(b)
-    mask = cache["mask"].at[rows, index].set(True)
-    allowed = mask[:, None, :]
+    mask = _write_rows(cache["mask"], rows, index, jnp.ones((b,), bool))
+    allowed = mask[:, None, :live]
     scale = cfg.head_dim ** -0.5
 
     def make_attend(k_c, v_c):
         def attend(q, k, v):
-            k_n = k_c.at[rows, index].set(k[:, 0].astype(k_c.dtype))
-            v_n = v_c.at[rows, index].set(v[:, 0].astype(v_c.dtype))
-            return _attention(q, k_n, v_n, allowed, scale), (k_n, v_n)
+            # callers keep index < cache length, so no out-of-bounds handling is needed
+            k_n = _write_rows(k_c, rows, index, k[:, 0])
+            v_n = _write_rows(v_c, rows, index, v[:, 0])
+            k_l, v_l = (k_n, v_n) if live == s else (k_n[:, :live], v_n[:, :live])
+            return _attention(q, k_l, v_l, allowed, scale), (k_n, v_n)
         return attend
 
     x, ks, vs = _run_layers(layers, cfg, x, cache["k"], cache["v"], make_attend)
@@ -216,11 +253,11 @@ def decode_positions(cache: Cache) -> jax.Array:
     return (cache["mask"].sum(-1).astype(jnp.int32) + 2)[:, None]
 
 
-def decode_step(params: Params, cfg: OPTConfig, tokens: jax.Array,
-                cache: Cache) -> tuple[jax.Array, Cache]:
+def decode_step(params: Params, cfg: OPTConfig, tokens: jax.Array, cache: Cache,
+                live: int | None = None) -> tuple[jax.Array, Cache]:
     """Feed one token per row (B,) and return next-token logits (B,V) and the new cache."""
     x = embed(params, cfg, tokens[:, None], decode_positions(cache))
-    x, cache = decode_layers(params["layers"], cfg, x, cache)
+    x, cache = decode_layers(params["layers"], cfg, x, cache, live)
     return unembed(params, cfg, x[:, 0]), cache
 
 

@@ -88,3 +88,21 @@ def test_alpa_folder_params_match_in_memory(tmp_path, cfg):
     b = params_of(cfg, seed=3)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_decode_reading_only_the_live_prefix_is_exact():
+    from tests.conftest import CONFIGS
+
+    cfg = CONFIGS["pre_ln"]
+    params = params_of(cfg)
+    ids, mask = left_padded_batch(cfg, [5, 3], total=5)
+    outs = []
+    for live in (None, 8):
+        cache = M.init_cache(cfg, 2, 40)
+        _, cache = M.prefill(params, cfg, jnp.asarray(ids), jnp.asarray(mask), cache)
+        logits = []
+        for t in range(3):
+            lg, cache = M.decode_step(params, cfg, jnp.asarray([7 + t, 9 + t]), cache, live)
+            logits.append(np.asarray(lg))
+        outs.append(np.stack(logits))
+    np.testing.assert_allclose(outs[0], outs[1], atol=1e-6)

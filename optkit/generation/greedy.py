@@ -34,7 +34,8 @@ def greedy(executor: MeshExecutor, input_ids: np.ndarray, attention_mask: np.nda
     cur = tok
     while remaining > 0 and not done.all():
         n = min(steps_per_dispatch, remaining)
-        cur, cache, _, toks = executor.decode_loop(_greedy_step, cur, cache, (), n)
+        cur, cache, _, toks = executor.decode_loop(_greedy_step, cur, cache, (), n,
+                                                    live=t + max_new_tokens - remaining + n)
         toks = np.asarray(toks)  # (n, B)
         for row in toks:
             row = np.where(done, pad_token_id, row)

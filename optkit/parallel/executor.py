@@ -25,6 +25,9 @@ from optkit.weights.layout import ParamSpec
 #: Logical axis name -> mesh axis name (or tuple of names, or None for replicated).
 Rules = Mapping[str, str | tuple[str, ...] | None]
 
+#: Attention over the KV cache reads positions in multiples of this many (see ``live``).
+LIVE_BUCKET = 128
+
 CACHE_AXES = {
     "kv": ("batch", "cache_seq", "heads", "head_dim"),
     "kv_stacked": ("layers", "batch", "cache_seq", "heads", "head_dim"),
@@ -126,39 +129,65 @@ class MeshExecutor:
                        out_shardings=(self.logits_sharding(shape), self.cache_shardings(b, s)))
         return fn(self.params, tokens, attention_mask, cache)
 
-    def decode(self, tokens, cache):
-        """One token per row (B,) -> (logits (B,V), cache); the old cache is donated."""
+    def live_bucket(self, live: int | None, cache) -> int:
+        """Static attention length for a dispatch: ``live`` rounded up to LIVE_BUCKET."""
+        s = cache_len(cache)
+        if live is None:
+            return s
+        return min(s, -(-int(live) // LIVE_BUCKET) * LIVE_BUCKET)
+
+    def decode(self, tokens, cache, live: int | None = None):
+        """One token per row (B,) -> (logits (B,V), cache); the old cache is donated.
+
+        ``live``: an upper bound on every row's position after this step (lets attention
+        read only that much of the cache)."""
         tokens = self.put_batch(tokens)
         b, s = tokens.shape[0], cache_len(cache)
-        fn = self._jit(("decode", b, s),
-                       lambda p, x, c: M.decode_step(p, self.cfg, x, c),
+        n = self.live_bucket(live, cache)
+        fn = self._jit(("decode", b, s, n),
+                       lambda p, x, c: M.decode_step(p, self.cfg, x, c, n),
                        donate_argnums=(2,),
                        out_shardings=(self.logits_sharding((b, self.cfg.vocab_size)),
                                       self.cache_shardings(b, s)))
         return fn(self.params, tokens, cache)
 
-    def decode_loop(self, step_fn: Callable, tokens, cache, state, num_steps: int):
+    def decode_loop(self, step_fn: Callable, tokens, cache, state, num_steps: int,
+                    live: int | None = None):
         """``num_steps`` decode steps in one dispatch.
 
         ``step_fn(logits, state) -> (next_tokens, state, out)`` is pure JAX (sampling, logits
-        processors); ``out`` leaves are stacked over steps.  Returns (tokens, cache, state, outs).
+        processors) and must be the same function object across calls (it keys the compile
+        cache).  ``out`` leaves are stacked over steps.  The trip count is dynamic, so one
+        compilation serves every ``num_steps`` up to the next power of two.
+        Returns (tokens, cache, state, outs).
         """
         tokens = self.put_batch(tokens)
-
-        def run(params, tokens, cache, state):
-            def body(carry, _):
-                tok, c, st = carry
-                logits, c = M.decode_step(params, self.cfg, tok, c)
-                tok, st, out = step_fn(logits, st)
-                return (tok, c, st), out
-            (tok, c, st), outs = jax.lax.scan(body, (tokens, cache, state), None,
-                                              length=num_steps)
-            return tok, c, st, outs
-
+        max_steps = 1 << max(0, int(num_steps) - 1).bit_length()
         b, s = tokens.shape[0], cache_len(cache)
-        fn = self._jit(("loop", step_fn, num_steps, b, s), run, donate_argnums=(2,),
+        n_live = self.live_bucket(live, cache)
+        cfg = self.cfg
+
+        def run(params, tokens, cache, state, n):
+            logits_shape = jax.ShapeDtypeStruct((b, cfg.vocab_size), jnp.float32)
+            _, _, out_shape = jax.eval_shape(step_fn, logits_shape, state)
+            outs = jax.tree.map(lambda o: jnp.zeros((max_steps, *o.shape), o.dtype), out_shape)
+
+            def body(i, carry):
+                tok, c, st, outs = carry
+                logits, c = M.decode_step(params, cfg, tok, c, n_live)
+                tok, st, out = step_fn(logits, st)
+                outs = jax.tree.map(
+                    lambda buf, o: jax.lax.dynamic_update_index_in_dim(buf, o, i, 0), outs, out)
+                return tok, c, st, outs
+
+            return jax.lax.fori_loop(0, n, body, (tokens, cache, state, outs))
+
+        fn = self._jit(("loop", step_fn, max_steps, b, s, n_live), run, donate_argnums=(2,),
                        out_shardings=(None, self.cache_shardings(b, s), None, None))
-        return fn(self.params, tokens, cache, state)
+        tok, cache, state, outs = fn(self.params, tokens, cache, state, jnp.int32(num_steps))
+        if num_steps != max_steps:
+            outs = jax.tree.map(lambda o: o[:num_steps], outs)
+        return tok, cache, state, outs
 
     def logits(self, tokens, attention_mask=None):
         """Full-sequence logits (B,T,V) without keeping a cache."""

@@ -94,6 +94,10 @@ def map_key(source: str, key: str) -> list[Target] | None:
             i = m.groupdict().get("i")
             folder = rule.folder.format(i=i) if i is not None else rule.folder
             targets.append(Target(folder, rule.part if source == "metaseq" else None))
+    if not targets and source == "metaseq":
+        # Consolidators that already split the fused qkv (Alpa's step 2) keep metaseq's
+        # other names, and metaseq's unfused names are the folder names.
+        targets = [Target(t.folder_key, None) for t in map_key("alpa", key) or []]
     return targets or None
 
 

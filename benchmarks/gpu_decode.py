@@ -1,0 +1,490 @@
+"""GPU decode/prefill benchmark: optkit (JAX) vs HF transformers eager and static-cache+compile.
+
+Runs on one card with only what the GPU machine has (jax, torch, transformers; no network).
+Each (framework, model size) runs in its own subprocess so allocators never compete; every
+row goes to a JSONL file with the card, software versions and the same run's ceilings
+(read bandwidth, copy bandwidth, matmul rate).
+
+    python benchmarks/gpu_decode.py --sizes 6.7b,13b --batches 1,16,64 --out results.jsonl
+
+Per-step decode time = (time of 128 new tokens - time of the prefill) / 127, greedy, EOS
+ignored.  Bandwidth floor of a step = (weight bytes + live KV bytes read) / read bandwidth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+_CB = "--xla_gpu_enable_command_buffer="
+#: Named XLA flag sets tried for optkit (recorded in every row).
+VARIANTS = {
+    "default": "",
+    "graphs_all": _CB + "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL "
+                  "--xla_gpu_graph_min_graph_size=1",
+    "no_graphs": _CB,
+    "default+sdpa": "",
+    "default+cudnn": "",
+    "graphs_all+cudnn": _CB + "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL "
+                        "--xla_gpu_graph_min_graph_size=1",
+}
+sys.path.insert(0, str(ROOT))
+
+
+def versions() -> dict:
+    out = {}
+    for mod in ("jax", "jaxlib", "torch", "transformers"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except Exception:
+            out[mod] = None
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Ceilings of this card
+# ---------------------------------------------------------------------------------------------
+def ceilings() -> dict:
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    def bench(fn, *args, reps=20):
+        fn(*args).block_until_ready()
+        ts = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            fn(*args).block_until_ready()
+            ts.append(time.perf_counter() - t)
+        return sorted(ts)[len(ts) // 2]
+
+    n = 2 ** 31  # 4 GiB of fp16
+    x = jax.random.normal(jax.random.key(0), (n // 8192, 8192), jnp.float16)
+    # the best of a few read-only reductions (layouts differ in how well XLA tiles them)
+    read = min(bench(jax.jit(lambda a: jnp.sum(a, dtype=jnp.float32)), x),
+               bench(jax.jit(lambda a: jnp.sum(a, axis=1, dtype=jnp.float32)), x),
+               bench(jax.jit(lambda a: jnp.max(a, axis=0)), x),
+               bench(jax.jit(lambda a: jnp.sum(a.reshape(-1, 64, 8192).astype(jnp.float32),
+                                               axis=(1, 2))), x))
+    copy = bench(jax.jit(lambda a: a * jnp.float16(1.0001)), x)
+    del x
+    m = 8192
+    a = jax.random.normal(jax.random.key(1), (m, m), jnp.float16)
+    b = jax.random.normal(jax.random.key(2), (m, m), jnp.float16)
+    mm = bench(jax.jit(lambda p, q: p @ q), a, b)
+    del a, b
+    ta = torch.randn(n // 2, device="cuda", dtype=torch.float16)
+    tb = torch.empty_like(ta)
+    torch.cuda.synchronize()
+    for _ in range(3):
+        tb.copy_(ta)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(10):
+        tb.copy_(ta)
+    torch.cuda.synchronize()
+    tcopy = (time.perf_counter() - t) / 10
+    del tb
+    tsum = []
+    for _ in range(10):  # torch's read-only reductions
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        ta.sum(dtype=torch.float32)
+        torch.cuda.synchronize()
+        tsum.append(time.perf_counter() - t)
+    tmm_a = torch.randn(m, m, device="cuda", dtype=torch.float16)
+    tmm_b = torch.randn(m, m, device="cuda", dtype=torch.float16)
+    for _ in range(3):
+        tmm_a @ tmm_b
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(10):
+        tmm_a @ tmm_b
+    torch.cuda.synchronize()
+    tmm = (time.perf_counter() - t) / 10
+    del ta, tmm_a, tmm_b
+    return {
+        "read_GBps": max(n * 2 / read, n / sorted(tsum)[5]) / 1e9,
+        "read_GBps_jax": n * 2 / read / 1e9,
+        "read_GBps_torch": n / sorted(tsum)[5] / 1e9,
+        "matmul_TFLOPs_fp16_torch": 2 * m ** 3 / tmm / 1e12,
+        "copy_GBps_jax": 2 * n * 2 / copy / 1e9,
+        "copy_GBps_torch": 2 * (n // 2) * 2 / tcopy / 1e9,
+        "matmul_TFLOPs_fp16": 2 * m ** 3 / mm / 1e12,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Workers
+# ---------------------------------------------------------------------------------------------
+def flops_per_token(cfg, context: int) -> float:
+    """2 x non-embedding params + LM head + attention (QK^T and PV over ``context``)."""
+    n = cfg.num_params() - cfg.vocab_size * cfg.word_embed_proj_dim - cfg.num_positions * \
+        cfg.hidden_size
+    return 2 * n + 2 * cfg.vocab_size * cfg.word_embed_proj_dim + \
+        4 * cfg.num_hidden_layers * context * cfg.hidden_size
+
+
+def use_sdpa_attention(implementation=None) -> None:
+    """Experiment: route the model's attention through ``jax.nn.dot_product_attention``."""
+    import jax
+
+    from optkit import model as M
+
+    def attention(q, k, v, allowed, scale):
+        return jax.nn.dot_product_attention(q, k, v, mask=allowed[:, None], scale=scale,
+                                            implementation=implementation)
+
+    M._attention = attention
+
+
+def optkit_worker(args) -> list[dict]:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    if args.variant.endswith("+sdpa"):
+        use_sdpa_attention()
+    if args.variant.endswith("+cudnn"):
+        use_sdpa_attention("cudnn")
+
+    from jax.sharding import Mesh
+
+    from optkit.config import OPTConfig
+    from optkit.parallel import TENSOR_RULES
+    from optkit.parallel.executor import MeshExecutor
+    from optkit.quant import random_int8_params
+    from optkit.weights.random import random_params
+
+    cfg = OPTConfig.from_name("opt-" + args.size)
+    t0 = time.perf_counter()
+    mesh = Mesh(np.array(jax.devices()[:args.devices]).reshape(1, args.devices),
+                ("data", "tensor"))
+    probe = MeshExecutor(cfg, {"layers": []}, mesh, TENSOR_RULES, dtype=jnp.float16)
+    if args.int8:
+        params = random_int8_params(cfg, seed=0, dtype=jnp.float16,
+                                    sharding_for=probe.param_sharding)
+    else:
+        params = random_params(cfg, seed=0, dtype=jnp.float16, sharding_for=probe.param_sharding)
+    jax.block_until_ready(params)
+    init_s = time.perf_counter() - t0
+    ex = MeshExecutor(cfg, params, mesh, TENSOR_RULES, dtype=jnp.float16)
+    weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
+    framework = "optkit-int8" if args.int8 else "optkit"
+    rows = []
+
+    @jax.jit
+    def first(logits):
+        return jnp.argmax(logits, -1).astype(jnp.int32)
+
+    def step(logits, state):
+        tok = jnp.argmax(logits, -1).astype(jnp.int32)
+        return tok, state, tok
+
+    for b in args.batches:
+        rng = np.random.default_rng(b)
+        ids = rng.integers(4, 50000, (b, args.prompt)).astype(np.int32)
+        mask = np.ones_like(ids)
+        s = args.prompt + args.new_tokens
+        n_dec = args.new_tokens - 1
+
+        def run(b=b, s=s, ids=ids, mask=mask, n_dec=n_dec):
+            cache = ex.init_cache(b, s)
+            jax.block_until_ready(cache)
+            t0 = time.perf_counter()
+            logits, cache = ex.prefill(ids, mask, cache)
+            tok = first(logits)
+            tok.block_until_ready()
+            t1 = time.perf_counter()
+            done = 0
+            while done < n_dec:
+                k = min(args.steps_per_dispatch, n_dec - done)
+                tok, cache, _, toks = ex.decode_loop(step, tok, cache, (), k)
+                done += k
+            toks.block_until_ready()
+            t2 = time.perf_counter()
+            return t1 - t0, t2 - t1
+
+        t = time.perf_counter()
+        run()
+        compile_s = time.perf_counter() - t
+        if args.dump_hlo and b == args.batches[0]:
+            fn = next(f for k, f in ex._fns.items() if k[0] == "loop")
+            cache = ex.init_cache(b, s)
+            tok0 = jnp.zeros((b,), jnp.int32)
+            text = fn.lower(ex.params, tok0, cache, (), jnp.int32(1)).compile().as_text()
+            Path(args.dump_hlo).write_text(text)
+            del cache
+        times = [run() for _ in range(args.reps)]
+        prefill_s = sorted(x[0] for x in times)[len(times) // 2]
+        decode_s = sorted(x[1] for x in times)[len(times) // 2]
+        rows.append({"framework": framework, "size": args.size, "batch": b,
+                     "devices": args.devices, "weight_bytes": weight_bytes,
+                     "prompt": args.prompt, "new_tokens": args.new_tokens,
+                     "prefill_ms": prefill_s * 1e3, "step_ms": decode_s / n_dec * 1e3,
+                     "first_run_s": compile_s, "init_s": init_s,
+                     "steps_per_dispatch": args.steps_per_dispatch})
+        print(json.dumps(rows[-1]), flush=True)
+
+    if args.long_prefill:
+        t = args.long_prefill
+        ids = np.random.default_rng(0).integers(4, 50000, (1, t)).astype(np.int32)
+        mask = np.ones_like(ids)
+
+        def pre():
+            cache = ex.init_cache(1, t)
+            t0 = time.perf_counter()
+            logits, cache = ex.prefill(ids, mask, cache)
+            logits.block_until_ready()
+            return time.perf_counter() - t0
+
+        c0 = time.perf_counter()
+        pre()
+        compile_s = time.perf_counter() - c0
+        ts = sorted(pre() for _ in range(args.reps))
+        rows.append({"framework": framework, "size": args.size, "batch": 1, "prompt": t,
+                     "devices": args.devices, "weight_bytes": weight_bytes,
+                     "new_tokens": 0, "prefill_ms": ts[len(ts) // 2] * 1e3,
+                     "first_run_s": compile_s})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def int8_accuracy_worker(args) -> list[dict]:
+    """int8 weight-only vs fp16 logits of the same random model (batch 4, prompt 128)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from optkit import model as M
+    from optkit.config import OPTConfig
+    from optkit.quant import quantize_params
+    from optkit.weights.random import random_params
+
+    cfg = OPTConfig.from_name("opt-" + args.size)
+    params = random_params(cfg, seed=0, dtype=jnp.float16)
+    ids = jnp.asarray(np.random.default_rng(0).integers(4, 50000, (4, args.prompt)))
+    fwd = jax.jit(lambda p, x: M.forward(p, cfg, x).astype(jnp.float32))
+    ref = fwd(params, ids)
+    q = quantize_params(params)
+    del params
+    out = fwd(q, ids)
+    lp_ref = jax.nn.log_softmax(ref, -1)
+    lp_out = jax.nn.log_softmax(out, -1)
+    kl = jnp.sum(jnp.exp(lp_ref) * (lp_ref - lp_out), -1)
+    row = {"framework": "int8-accuracy", "size": args.size, "batch": 4, "prompt": args.prompt,
+           "max_abs_diff": float(jnp.abs(out - ref).max()),
+           "rel_l2": float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref)),
+           "top1_agree": float((out.argmax(-1) == ref.argmax(-1)).mean()),
+           "mean_kl": float(kl.mean()), "logit_std": float(ref.std())}
+    print(json.dumps(row), flush=True)
+    return [row]
+
+
+def hf_worker(args) -> list[dict]:
+    import torch
+    from transformers import OPTConfig as HFConfig
+    from transformers import OPTForCausalLM
+
+    from optkit.config import OPTConfig
+
+    cfg = OPTConfig.from_name("opt-" + args.size)
+    torch.set_default_dtype(torch.float16)
+    t0 = time.perf_counter()
+    with torch.device("cuda"):
+        model = OPTForCausalLM(HFConfig(**cfg.to_hf_dict())).eval()
+    torch.cuda.synchronize()
+    init_s = time.perf_counter() - t0
+    static = args.framework == "hf-static-compile"
+    rows = []
+    for b in args.batches:
+        ids = torch.randint(4, 50000, (b, args.prompt), device="cuda")
+        mask = torch.ones_like(ids)
+        kw = dict(do_sample=False, pad_token_id=1)
+        if static:
+            kw["cache_implementation"] = "static"
+
+        def gen(n, ids=ids, mask=mask, kw=kw):
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            with torch.no_grad():
+                out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n,
+                                     min_new_tokens=n, **kw)
+            torch.cuda.synchronize()
+            assert out.shape[1] == args.prompt + n
+            return time.perf_counter() - t
+
+        t = time.perf_counter()
+        gen(args.new_tokens)
+        gen(1)
+        first = time.perf_counter() - t
+        full = sorted(gen(args.new_tokens) for _ in range(args.reps))[args.reps // 2]
+        one = sorted(gen(1) for _ in range(args.reps))[args.reps // 2]
+        rows.append({"framework": args.framework, "size": args.size, "batch": b,
+                     "prompt": args.prompt, "new_tokens": args.new_tokens,
+                     "prefill_ms": one * 1e3,
+                     "step_ms": (full - one) / (args.new_tokens - 1) * 1e3,
+                     "first_run_s": first, "init_s": init_s})
+        print(json.dumps(rows[-1]), flush=True)
+    if args.long_prefill and not static:
+        ids = torch.randint(4, 50000, (1, args.long_prefill), device="cuda")
+
+        def pre():
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            with torch.no_grad():
+                model(input_ids=ids, use_cache=False, logits_to_keep=1)
+            torch.cuda.synchronize()
+            return time.perf_counter() - t
+
+        pre()
+        ts = sorted(pre() for _ in range(args.reps))
+        rows.append({"framework": args.framework, "size": args.size, "batch": 1,
+                     "prompt": args.long_prefill, "new_tokens": 0,
+                     "prefill_ms": ts[len(ts) // 2] * 1e3})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Driver
+# ---------------------------------------------------------------------------------------------
+def annotate(row: dict, ceil: dict) -> dict:
+    from optkit.config import OPTConfig
+
+    if "prefill_ms" not in row:  # accuracy rows
+        return row
+    cfg = OPTConfig.from_name("opt-" + row["size"])
+    weight_bytes = row.get("weight_bytes", cfg.num_params() * 2)
+    devices = row.get("devices", 1)
+    b = row["batch"]
+    if row.get("new_tokens"):
+        live = row["prompt"] + row["new_tokens"] / 2  # average live positions per step
+        kv_bytes = 2 * cfg.num_hidden_layers * b * live * cfg.hidden_size * 2
+        # every device reads its share of the weights and cache (ideal split)
+        floor_ms = (weight_bytes + kv_bytes) / devices / (ceil["read_GBps"] * 1e9) * 1e3
+        row["floor_ms"] = floor_ms
+        row["frac_floor"] = floor_ms / row["step_ms"]
+        row["tokens_per_s"] = b / row["step_ms"] * 1e3
+    else:
+        t = row["prompt"]
+        flops = sum(flops_per_token(cfg, c) for c in range(1, t + 1)) - \
+            2 * cfg.vocab_size * cfg.word_embed_proj_dim * (t - 1)
+        row["prefill_TFLOPs"] = flops / (row["prefill_ms"] / 1e3) / 1e12
+        best = max(ceil["matmul_TFLOPs_fp16"], ceil.get("matmul_TFLOPs_fp16_torch", 0))
+        row["mfu_vs_measured"] = row["prefill_TFLOPs"] / best / devices
+    return row
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", default="1.3b,6.7b,13b")
+    p.add_argument("--batches", default="1,16,64")
+    p.add_argument("--frameworks", default="optkit,hf-eager,hf-static-compile")
+    p.add_argument("--hf-batches", default=None, help="batches for HF (default: --batches)")
+    p.add_argument("--prompt", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--long-prefill", type=int, default=0, help="also time one prefill of N")
+    p.add_argument("--long-prefill-sizes", default="13b")
+    p.add_argument("--steps-per-dispatch", type=int, default=32)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--out", default="gpu_decode.jsonl")
+    p.add_argument("--ceilings", help="reuse (or write) this run's ceilings JSON file")
+    p.add_argument("--variants", default="default", help=f"XLA flag sets: {list(VARIANTS)}")
+    p.add_argument("--dump-hlo", default="", help="write optimized HLO of the b=1 decode loop")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--framework", help=argparse.SUPPRESS)
+    p.add_argument("--size", help=argparse.SUPPRESS)
+    p.add_argument("--variant", default="default", help=argparse.SUPPRESS)
+    p.add_argument("--devices", type=int, default=1,
+                   help="optkit: tensor-parallel over this many GPUs")
+    args = p.parse_args()
+    args.batches = [int(x) for x in str(args.batches).split(",")]
+
+    if args.worker:
+        if args.framework == "ceilings":
+            rows = [ceilings()]
+        elif args.framework in ("optkit", "optkit-int8"):
+            args.int8 = args.framework == "optkit-int8"
+            rows = optkit_worker(args)
+        elif args.framework == "int8-accuracy":
+            rows = int8_accuracy_worker(args)
+        else:
+            rows = hf_worker(args)
+        Path(args.worker).write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+        return
+
+    import torch
+
+    card = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    tmp = Path(args.ceilings or Path(args.out).with_suffix(".ceilings.json"))
+    if not tmp.exists():
+        subprocess.run([sys.executable, __file__, "--worker", str(tmp), "--framework",
+                        "ceilings"], check=True)
+    ceil = json.loads(tmp.read_text())
+    print(json.dumps({"card": card, **ceil, **versions()}), flush=True)
+    out = Path(args.out)
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    jobs = [(size, fw, v) for size in args.sizes.split(",") for fw in args.frameworks.split(",")
+            for v in (VARIANTS if fw.startswith("optkit") else ["default"])
+            if not fw.startswith("optkit") or v in args.variants.split(",")]
+    for size, fw, variant in jobs:
+        tmp = out.with_suffix(f".{fw}.{size}.{variant}.{args.devices}.part")
+        batches = args.batches if fw.startswith("optkit") or not args.hf_batches else \
+            [int(x) for x in args.hf_batches.split(",")]
+        long = args.long_prefill if size in args.long_prefill_sizes.split(",") else 0
+        cmd = [sys.executable, __file__, "--worker", str(tmp), "--framework", fw,
+               "--size", size, "--batches", ",".join(map(str, batches)),
+               "--prompt", str(args.prompt), "--new-tokens", str(args.new_tokens),
+               "--long-prefill", str(long), "--reps", str(args.reps),
+               "--steps-per-dispatch", str(args.steps_per_dispatch), "--variant", variant,
+               "--devices", str(args.devices)]
+        if args.dump_hlo and fw.startswith("optkit"):
+            cmd += ["--dump-hlo", f"{args.dump_hlo}.{size}.{variant}.txt"]
+        env = dict(os.environ, XLA_PYTHON_CLIENT_MEM_FRACTION="0.92",
+                   TOKENIZERS_PARALLELISM="false")
+        flags = (env.get("XLA_FLAGS", "") + " " + VARIANTS[variant]).strip()
+        if flags:
+            env["XLA_FLAGS"] = flags
+        t = time.perf_counter()
+        r = subprocess.run(cmd, env=env)
+        print(f"# {fw} {size} {variant}: rc={r.returncode} {time.perf_counter() - t:.0f}s",
+              flush=True)
+        if r.returncode or not tmp.exists():
+            continue
+        with open(out, "a") as f:
+            for line in tmp.read_text().splitlines():
+                row = annotate(json.loads(line), ceil)
+                row.update({"card": card, "time": stamp, **versions(),
+                            "variant": variant, "xla_flags": VARIANTS[variant],
+                            "ceilings": ceil})
+                f.write(json.dumps(row) + "\n")
+        tmp.unlink()
+    summarize(out)
+
+
+def summarize(path: Path) -> None:
+    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    print(f"{'framework':<18}{'variant':>13}{'size':>6}{'batch':>6}{'prompt':>7}{'step ms':>9}"
+          f"{'tok/s':>9}{'floor%':>8}{'prefill ms':>11}{'MFU':>6}")
+    for r in rows:
+        if "prefill_ms" not in r:
+            print(json.dumps(r))
+            continue
+        nan = float("nan")
+        name = f"{r['framework']}x{r.get('devices', 1)}"
+        print(f"{name:<18}{r.get('variant', ''):>13}{r['size']:>6}{r['batch']:>6}"
+              f"{r['prompt']:>7}{r.get('step_ms', nan):>9.2f}{r.get('tokens_per_s', nan):>9.0f}"
+              f"{100 * r.get('frac_floor', nan):>8.1f}{r['prefill_ms']:>11.1f}"
+              f"{100 * r.get('mfu_vs_measured', nan):>6.1f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""int8 weight-only quantization: per-output-channel absmax scales, dequantized in the matmul.
+
+The four matmul kernels of every layer (qkv, out, fc1, fc2) become ``kernel_q`` (int8, same
+shape and logical axes as the kernel) plus ``kernel_scale`` (one fp32 scale per output
+channel); embeddings, LayerNorms and biases stay in the model dtype.  Weight bytes nearly
+halve, which is what bounds decoding.  ``optkit.model.project`` consumes either form.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from optkit.config import OPTConfig
+from optkit.weights.layout import ParamSpec, param_specs, tree_from_specs
+
+#: Kernel name -> number of leading input dims (the rest are output channels).
+KERNELS = {"qkv": 1, "out": 2, "fc1": 1, "fc2": 1}
+
+
+def _is_kernel(spec: ParamSpec) -> bool:
+    return len(spec.path) >= 2 and spec.path[-1] == "kernel" and spec.path[-2] in KERNELS
+
+
+def quantized_specs(cfg: OPTConfig) -> list[ParamSpec]:
+    """The param table of an int8 model: each matmul kernel split into q and scale (the
+    scale keeps the kernel's output axes, so sharding rules apply unchanged)."""
+    out = []
+    for spec in param_specs(cfg):
+        if not _is_kernel(spec):
+            out.append(spec)
+            continue
+        n_in = KERNELS[spec.path[-2]]
+        out.append(ParamSpec(spec.path[:-1] + ("kernel_q",), spec.shape, spec.axes, "int8",
+                             spec.sources, spec.read))
+        out.append(ParamSpec(spec.path[:-1] + ("kernel_scale",), spec.shape[n_in:],
+                             spec.axes[n_in:], "scale", spec.sources, spec.read))
+    return out
+
+
+def quantize_kernel(w: jax.Array, n_in: int) -> tuple[jax.Array, jax.Array]:
+    """(int8 q, fp32 scale) with w ~= q * scale, scale per output channel."""
+    wf = w.astype(jnp.float32)
+    amax = jnp.max(jnp.abs(wf), axis=tuple(range(n_in)))
+    scale = jnp.where(amax > 0, amax / 127.0, 1.0)
+    q = jnp.clip(jnp.round(wf / scale), -127, 127).astype(jnp.int8)
+    return q, scale
+
+
+def quantize_params(params: dict) -> dict:
+    """Quantize every layer's matmul kernels of an (unstacked) params tree."""
+    def layer(lp):
+        out = dict(lp)
+        for name, n_in in KERNELS.items():
+            q, scale = jax.jit(quantize_kernel, static_argnums=1)(lp[name]["kernel"], n_in)
+            out[name] = {"kernel_q": q, "kernel_scale": scale, "bias": lp[name]["bias"]}
+        return out
+
+    if isinstance(params["layers"], dict):
+        raise ValueError("quantize_params expects per-layer (unstacked) params")
+    return {**params, "layers": [layer(lp) for lp in params["layers"]]}
+
+
+@functools.cache
+def _random_leaf(shape, init, dtype, sharding):
+    def make(key):
+        if init == "int8":
+            return jax.random.randint(key, shape, -127, 128, jnp.int8)
+        if init == "scale":
+            return jnp.full(shape, 0.02 / 64, jnp.float32) * \
+                (1 + 0.1 * jax.random.uniform(key, shape, jnp.float32))
+        x = 0.02 * jax.random.normal(key, shape, dtype)
+        return x + 1 if init == "ones" else x
+    return jax.jit(make, out_shardings=sharding)
+
+
+def random_int8_params(cfg: OPTConfig, seed: int = 0, dtype=jnp.float16,
+                       sharding_for=None) -> dict:
+    """Random int8 model created on device (for shapes that do not fit in fp16)."""
+    base = jax.random.key(seed)
+    specs = quantized_specs(cfg)
+    index = {s.path: i for i, s in enumerate(specs)}
+
+    def leaf(spec):
+        sharding = sharding_for(spec) if sharding_for else None
+        return _random_leaf(spec.shape, spec.init, jnp.dtype(dtype).name, sharding)(
+            jax.random.fold_in(base, index[spec.path]))
+
+    return tree_from_specs(specs, leaf)
