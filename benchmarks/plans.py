@@ -43,6 +43,46 @@ CASES = [
 ]
 
 
+#: optkit's measured GPU decode rows (``benchmarks/gpu_decode.py``, jax 0.11.2, H200).
+MEASURED = ["benchmarks/results/gpu/gpu_decode_h200.jsonl",
+            "benchmarks/results/gpu/gpu_2card_h200x2.jsonl"]
+
+
+def calibration() -> tuple[list[str], pd.DataFrame]:
+    """The planner's estimates next to measured H200 rows (same model code, same shapes)."""
+    import json
+
+    from optkit.config import OPTConfig
+    from optkit.parallel import Cluster, Plan, auto_plan
+
+    rows = []
+    for name in MEASURED:
+        for line in (ROOT / name).read_text().splitlines():
+            r = json.loads(line)
+            if r.get("framework") != "optkit" or r.get("variant", "default") != "default":
+                continue
+            n = int(r.get("devices") or 1)
+            cfg = OPTConfig.from_name(f"opt-{r['size']}")
+            report = auto_plan(cfg, batch=r["batch"], prompt_len=r["prompt"],
+                               gen_len=r["new_tokens"], dtype="float16",
+                               cluster=Cluster.preset("H200-141GB", n), plans=[Plan(tp=n)],
+                               progress=False, strict=False)
+            c = report.candidates[0]
+            step = r.get("step_ms") if r["new_tokens"] else None
+            rows.append({"model": cfg.name, "GPUs": n, "plan": c.plan.name, "batch": r["batch"],
+                         "prompt": r["prompt"], "prefill_ms": r.get("prefill_ms"),
+                         "est_prefill_ms": c.prefill * 1e3, "decode_ms": step,
+                         "est_decode_ms": c.decode * 1e3 if step else None,
+                         "est/measured decode": c.decode * 1e3 / step if step else None})
+    df = pd.DataFrame(rows)
+    lines = ["| " + " | ".join(df.columns) + " |", "|" + "---|" * len(df.columns)]
+    for row in df.itertuples(index=False):
+        lines.append("| " + " | ".join("" if x is None or x != x else
+                                        f"{x:.2f}" if isinstance(x, float) else str(x)
+                                        for x in row) + " |")
+    return lines, df
+
+
 def machine() -> str:
     import jax
 
@@ -52,7 +92,8 @@ def machine() -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--only", help="run only cases whose name contains this text")
+    ap.add_argument("--only", help="run only cases whose name contains this text (and skip "
+                                   "the comparison with measured GPU rows)")
     ap.add_argument("--out", default=str(OUT / "plans"), help="output path without suffix")
     args = ap.parse_args()
     out = Path(args.out)
@@ -90,6 +131,14 @@ def main() -> int:
             df.insert(0, "case", name)
             frames.append(df)
             csv.unlink()
+    if not args.only:
+        table, _ = calibration()
+        md += ["## Estimates against measured GPU decode\n",
+               "The roofline's constants (`CostModel` in `optkit/parallel/planner.py`) against "
+               "optkit's own measurements on H200 (`" + "`, `".join(MEASURED) + "`, "
+               "`benchmarks/gpu_decode.py`, prompt 128 + 128 new tokens, fp16): the same plan "
+               "(one card, or tensor parallel over two) planned for a described H200 cluster. "
+               "Decode is per step; prefill is the whole prompt.\n", *table, ""]
     out.parent.mkdir(parents=True, exist_ok=True)
     Path(f"{out}.md").write_text("\n".join(md))
     if frames:

@@ -81,6 +81,13 @@ class Cost:
     collectives: dict = dataclasses.field(default_factory=dict)
 
     @property
+    def traffic(self) -> float:
+        """HBM bytes if every buffer is touched once: arguments read, non-aliased outputs
+        written, temporaries written and read.  (XLA:CPU's "bytes accessed" counts an
+        in-place cache update as a full copy, so it is not used for the roofline.)"""
+        return self.argument + max(0.0, self.output - self.alias) + 2 * self.temp
+
+    @property
     def live(self) -> float:
         """Bytes resident while the step runs: inputs, non-aliased outputs, temporaries."""
         return self.argument + self.output - self.alias + self.temp

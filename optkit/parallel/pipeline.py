@@ -93,7 +93,8 @@ class PipelineExecutor:
                            for st in self.stages]}
 
     # Model calls ---------------------------------------------------------------------------
-    def _stage_fn(self, kind: str, s: int, b: int, t: int, max_len: int, all_logits: bool):
+    def _stage_fn(self, kind: str, s: int, b: int, t: int, max_len: int, all_logits: bool,
+                  live: int | None = None):
         st = self.stages[s]
         first, last = s == 0, s == self.plan.pp - 1
         cfg, h, v = st.cfg, self.cfg.hidden_size, self.cfg.vocab_size
@@ -106,12 +107,14 @@ class PipelineExecutor:
                 donate = (3,)
             else:
                 out = (b, v) if last else (b, 1, h)
-                fn = (lambda p, x, c: stage_decode(p, cfg, x, c, first=first, last=last))
+                fn = (lambda p, x, c: stage_decode(p, cfg, x, c, first=first, last=last,
+                                                   live=live))
                 donate = (2,)
             out_sh = st.logits_sharding(out) if last else st.batch_sharding(out)
             return jax.jit(fn, donate_argnums=donate,
                            out_shardings=(out_sh, st.cache_shardings(b, max_len)))
-        return self._jit((kind, s, b, t, max_len, all_logits), make)
+        key = (kind, s, b, t, max_len, all_logits if last else None, live)
+        return self._jit(key, make)
 
     def prefill(self, tokens, attention_mask, cache, all_logits: bool = False):
         """Prompts (B,T) into an empty cache -> (logits (B,T,V) or (B,V), cache)."""
@@ -134,10 +137,12 @@ class PipelineExecutor:
                                         self._to_stage(s, masks[j]), cache["stages"][s][j])
         return self._concat(acts), {"stages": new}
 
-    def decode(self, tokens, cache):
-        """One token per row (B,) -> (logits (B,V), cache); the old cache is donated."""
+    def decode(self, tokens, cache, live: int | None = None):
+        """One token per row (B,) -> (logits (B,V), cache); the old cache is donated.
+        ``live``: an upper bound on every row's position after this step."""
         b = int(tokens.shape[0])
         s_len = cache_len(cache)
+        n_live = self.stages[0].live_bucket(live, cache["stages"][0][0])
         rows = self.rows(b)
         if b != self._batch_of(cache):
             raise ValueError(f"decode of {b} rows with a cache of {self._batch_of(cache)}")
@@ -149,14 +154,16 @@ class PipelineExecutor:
                 if not 0 <= j < len(rows):
                     continue
                 size = rows[j][1] - rows[j][0]
-                fn = self._stage_fn("decode", s, size, 1, s_len, False)
+                fn = self._stage_fn("decode", s, size, 1, s_len, False, n_live)
                 acts[j], new[s][j] = fn(self.params[s], self._to_stage(s, acts[j]),
                                         cache["stages"][s][j])
         return self._concat(acts), {"stages": new}
 
-    def decode_loop(self, step_fn: Callable, tokens, cache, state, num_steps: int):
+    def decode_loop(self, step_fn: Callable, tokens, cache, state, num_steps: int,
+                    live: int | None = None):
         """``num_steps`` decode steps; ``step_fn(logits, state) -> (tokens, state, out)`` is
-        jitted on the last stage.  Returns (tokens, cache, state, outs stacked over steps)."""
+        jitted on the last stage.  ``live`` bounds every row's position after the last step.
+        Returns (tokens, cache, state, outs stacked over steps)."""
         if num_steps < 1:
             raise ValueError(f"num_steps must be >= 1; got {num_steps}")
         last = self.stages[-1]
@@ -164,7 +171,7 @@ class PipelineExecutor:
         step = self._jit(("step", step_fn), lambda: jax.jit(step_fn))
         outs = []
         for _ in range(num_steps):
-            logits, cache = self.decode(tokens, cache)
+            logits, cache = self.decode(tokens, cache, live)
             tokens, state, out = step(logits, state)
             outs.append(out)
         stack = self._jit(("stack", num_steps), lambda: jax.jit(

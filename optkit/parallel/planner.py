@@ -47,19 +47,43 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class CostModel:
-    """Roofline constants (fractions of datasheet peaks; latencies per ring step)."""
+    """Roofline constants.
+
+    A compiled step takes ``max(FLOPs / (peak * compute_efficiency), traffic / (HBM
+    bandwidth * bandwidth_efficiency))`` (FLOPs from ``cost_analysis()``; traffic from
+    ``memory_analysis()``, see ``Cost.traffic``) plus ``layer_overhead`` per layer (kernel
+    launches and small ops that no roofline sees) plus its collectives: ring all-reduce moves
+    ``2 (g-1)/g`` of the bytes over the link (or the network between hosts), all-gather and
+    reduce-scatter ``(g-1)/g`` (of the larger side), and each collective costs
+    ``collective_latency + hop_latency * (g - 1)`` (network: ``network_latency + 5 *
+    hop_latency * (g - 1)``).  A pipeline step adds stage-to-stage transfers, the fill/drain
+    bubble of its micro-batches and ``dispatch`` per extra jitted call.
+
+    Defaults were set against optkit's own GPU decode measurements on H200
+    (``benchmarks/results/gpu/``: 6.7b/13b on one card, 13b/66b tensor-parallel on two) and
+    are compared with them in ``benchmarks/results/plans.md``.
+    """
 
     compute_efficiency: float = 0.6
     bandwidth_efficiency: float = 0.85
-    link_latency: float = 2e-6
-    network_latency: float = 10e-6
-    dispatch: float = 30e-6  # host time per extra jitted call in a pipeline step
+    layer_overhead: float = 25e-6
+    collective_latency: float = 30e-6
+    network_latency: float = 60e-6
+    hop_latency: float = 2e-6
+    dispatch: float = 30e-6
 
-    def step(self, cost: Cost, cluster: Cluster, first_device: int, devices: int) -> dict:
-        """Seconds for one compiled step on a sub-mesh starting at ``first_device``."""
+    def latency(self, spans_hosts: bool, g: int) -> float:
+        if spans_hosts:
+            return self.network_latency + 5 * self.hop_latency * (g - 1)
+        return self.collective_latency + self.hop_latency * (g - 1)
+
+    def step(self, cost: Cost, cluster: Cluster, first_device: int, devices: int,
+             layers: int) -> dict:
+        """Seconds for one compiled step of ``layers`` layers on a sub-mesh of ``devices``
+        devices starting at ``first_device``."""
         d = cluster.device
         compute = cost.flops / (d.flops * self.compute_efficiency)
-        memory = cost.bytes_accessed / (d.hbm_bandwidth * self.bandwidth_efficiency)
+        memory = cost.traffic / (d.hbm_bandwidth * self.bandwidth_efficiency)
         comm = 0.0
         for key, (count, nbytes) in cost.collectives.items():
             op, g = key.split(":")
@@ -69,17 +93,18 @@ class CostModel:
             spans = any(cluster.spans_hosts(first_device + i, g)
                         for i in range(0, max(devices, g), g))
             bw = cluster.inter_host_bandwidth if spans else d.link_bandwidth
-            lat = self.network_latency if spans else self.link_latency
             if op == "all-reduce":
-                comm += 2 * (g - 1) / g * nbytes / bw + count * 2 * (g - 1) * lat
+                moved = 2 * (g - 1) / g * nbytes
             elif op == "reduce-scatter":
-                comm += (g - 1) * nbytes / bw + count * (g - 1) * lat
+                moved = (g - 1) * nbytes
             elif op in ("all-gather", "all-to-all"):
-                comm += (g - 1) / g * nbytes / bw + count * (g - 1) * lat
+                moved = (g - 1) / g * nbytes
             else:  # point to point
-                comm += nbytes / bw + count * lat
-        return {"compute": compute, "memory": memory, "comm": comm,
-                "time": max(compute, memory) + comm}
+                moved = nbytes
+            comm += moved / bw + count * self.latency(spans, g)
+        overhead = layers * self.layer_overhead
+        return {"compute": compute, "memory": memory, "comm": comm, "overhead": overhead,
+                "time": max(compute, memory) + comm + overhead}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,13 +200,15 @@ class PlanReport:
                 "prefill_ms": ms(c.prefill), "decode_ms": ms(c.decode),
                 "total_s": c.total,
                 "tokens_per_s": (self.workload.batch * self.workload.gen_len / c.total
-                                 if c.total else None),
+                                 if c.total and self.workload.gen_len else None),
                 "prefill_compute_ms": ms(pre.get("compute")),
                 "prefill_memory_ms": ms(pre.get("memory")),
                 "prefill_comm_ms": ms(pre.get("comm")),
+                "prefill_overhead_ms": ms(pre.get("overhead")),
                 "decode_compute_ms": ms(parts.get("compute")),
                 "decode_memory_ms": ms(parts.get("memory")),
                 "decode_comm_ms": ms(parts.get("comm")),
+                "decode_overhead_ms": ms(parts.get("overhead")),
                 "decode_pipeline_ms": ms(parts.get("pipeline")),
                 "measured_prefill_ms": ms(c.measured_prefill),
                 "measured_decode_ms": ms(c.measured_decode),
@@ -359,8 +386,8 @@ def auto_plan(cfg: OPTConfig | str, batch: int = 1, prompt_len: int = 128, gen_l
                          "cluster)")
     cost_model = cost_model or CostModel()
     w = Workload(batch, prompt_len, gen_len)
-    if min(batch, prompt_len, gen_len) < 1:
-        raise ValueError(f"batch, prompt_len and gen_len must be >= 1; got {w}")
+    if min(batch, prompt_len) < 1 or gen_len < 0:
+        raise ValueError(f"batch and prompt_len must be >= 1 and gen_len >= 0; got {w}")
     if w.cache_len > cfg.max_position_embeddings:
         raise ValueError(f"prompt_len + gen_len = {w.cache_len} exceeds {cfg.name}'s "
                          f"{cfg.max_position_embeddings} positions")
@@ -428,14 +455,16 @@ def _estimate(c: Candidate, stages, mem, costs, scale, cfg, cluster, w, model: C
     mb = max(hi - lo for lo, hi in rows)
     m = len(rows)
     peak, times = 0.0, {"prefill": [], "decode": []}
-    parts = {kind: {"compute": 0.0, "memory": 0.0, "comm": 0.0} for kind in times}
+    parts = {kind: {"compute": 0.0, "memory": 0.0, "comm": 0.0, "overhead": 0.0}
+             for kind in times}
+    depth = plan.stage_layers(cfg)
     for s, per in enumerate(stages):
         live = 0.0
         for kind, spec in per.items():
             cost = _resolve(spec, costs).scaled(scale) if scale != 1 else _resolve(spec, costs)
             c.extrapolated |= "exact" not in spec
             live = max(live, cost.live)
-            t = model.step(cost, cluster, s * k, k)
+            t = model.step(cost, cluster, s * k, k, depth[s])
             times[kind].append(t["time"])
             for key in parts[kind]:
                 parts[kind][key] += t[key]
@@ -449,15 +478,15 @@ def _estimate(c: Candidate, stages, mem, costs, scale, cfg, cluster, w, model: C
         if plan.pp == 1:
             return ts[0]
         act = mb * tokens * cfg.hidden_size * itemsize / plan.dp
-        hops = [act / cluster.bandwidth(s * k, 2 * k) + (
-            model.network_latency if cluster.spans_hosts(s * k, 2 * k) else model.link_latency)
-            for s in range(plan.pp - 1)]
+        hops = [act / cluster.bandwidth(s * k, 2 * k)
+                + model.latency(cluster.spans_hosts(s * k, 2 * k), 2)
+                for s in range(plan.pp - 1)]
         slowest = max(ts + hops)
         return sum(ts) + sum(hops) + (m - 1) * slowest + model.dispatch * (plan.pp * m - 1)
 
     c.prefill = pipeline("prefill", w.prompt_len)
     c.decode = pipeline("decode", 1)
-    c.total = c.prefill + (w.gen_len - 1) * c.decode
+    c.total = c.prefill + max(0, w.gen_len - 1) * c.decode
     for kind, total in (("prefill", c.prefill), ("decode", c.decode)):
         parts[kind]["pipeline"] = total - sum(times[kind]) if plan.pp > 1 else 0.0
     c.prefill_parts, c.decode_parts = parts["prefill"], parts["decode"]
@@ -536,7 +565,7 @@ def _measure(report: PlanReport, top: int, progress: bool) -> None:
     report.notes.append(f"measured the {len(measured)} best estimates on "
                         f"{report.cluster.device.name} and re-ranked them by measured time")
     for c in measured:
-        c.total = c.measured_prefill + (w.gen_len - 1) * c.measured_decode
+        c.total = c.measured_prefill + max(0, w.gen_len - 1) * c.measured_decode
     _rank(report.candidates, report.cluster, measured=True)
 
 

@@ -28,12 +28,13 @@ def stage_prefill(params, cfg: OPTConfig, inputs: jax.Array, attention_mask: jax
 
 
 def stage_decode(params, cfg: OPTConfig, inputs: jax.Array, cache, *, first: bool,
-                 last: bool):
-    """tokens (B,) [first] or hidden (B,1,H) -> hidden (B,1,H) or logits (B,V) [last], cache."""
+                 last: bool, live: int | None = None):
+    """tokens (B,) [first] or hidden (B,1,H) -> hidden (B,1,H) or logits (B,V) [last], cache.
+    ``live`` (static) bounds every row's position: attention reads only that much cache."""
     x = inputs
     if first:
         x = M.embed(params, cfg, inputs[:, None], M.decode_positions(cache))
-    x, cache = M.decode_layers(params["layers"], cfg, x, cache)
+    x, cache = M.decode_layers(params["layers"], cfg, x, cache, live)
     if last:
         x = M.unembed(params, cfg, x[:, 0])
     return x, cache

@@ -45,7 +45,8 @@ def run_session(ex):
     cache = ex.insert(cache, prefix, 1)
     tok = np.asarray(jnp.argmax(l1, -1)).astype(np.int32)
     tok[1] = int(jnp.argmax(lp[0]))
-    tok, cache, state, (toks, top) = ex.decode_loop(_count_step, tok, cache, jnp.int32(0), 4)
+    tok, cache, state, (toks, top) = ex.decode_loop(_count_step, tok, cache, jnp.int32(0), 4,
+                                                    live=12)
     return [np.asarray(x) for x in (logits, l1, lp, tok, state, toks, top)]
 
 
