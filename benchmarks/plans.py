@@ -26,6 +26,7 @@ import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results"
+sys.path.insert(0, str(ROOT))
 
 #: (name, optkit plan arguments, extra environment)
 CASES = [
@@ -36,6 +37,9 @@ CASES = [
      {"XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}),
     ("opt-175b on 32 x V100-16GB, 4 hosts of 8 (the seed's cluster)",
      "--model opt-175b --devices 32 --device-memory 16GiB --per-host 8", {}),
+    ("opt-175b on 32 x V100-16GB, 4 hosts of 8, batch 16, prompt 512 + 128",
+     "--model opt-175b --devices 32 --device V100-16GB --per-host 8 --batch 16 "
+     "--prompt-len 512 --gen-len 128", {}),
     ("opt-175b on 8 x A100-80GB", "--model opt-175b --devices 8 --device A100-80GB", {}),
     ("opt-66b on 2 x A100-80GB", "--model opt-66b --devices 2 --device A100-80GB", {}),
     ("opt-175b on 8 x 16 GiB (nothing fits: the planner refuses)",

@@ -8,7 +8,8 @@ HLO into a :class:`Cost`.
 
 Described clusters are compiled on fake CPU devices.  XLA's CPU backend computes 16-bit
 matmuls in f32 (it adds f32 copies of the weights as temporaries), so 16-bit jobs on CPU are
-compiled in f32 and every byte count is halved (``Cost.scaled``).  Jobs that need more CPU
+compiled in f32 and the byte counts of arguments, outputs and collectives are halved
+(``Cost.scaled``; temporaries keep their f32 size, an upper bound).  Jobs that need more CPU
 devices than this process has run in a subprocess (``python -m optkit.parallel.analysis``)
 started with ``jax_num_cpu_devices`` set.
 """
@@ -105,10 +106,12 @@ class Cost:
         return out
 
     def scaled(self, factor: float) -> Cost:
-        """Byte counts times ``factor`` (f32 compiles standing in for 16-bit plans)."""
+        """Byte counts times ``factor`` (f32 compiles standing in for 16-bit plans).
+        Temporaries keep their f32 size: an upper bound, since attention scores and
+        LayerNorm statistics are f32 in 16-bit models too."""
         out = dataclasses.replace(self, collectives={k: [v[0], v[1] * factor]
                                                      for k, v in self.collectives.items()})
-        for f in ("bytes_accessed", "argument", "output", "alias", "temp"):
+        for f in ("bytes_accessed", "argument", "output", "alias"):
             setattr(out, f, getattr(self, f) * factor)
         return out
 

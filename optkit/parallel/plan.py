@@ -104,6 +104,8 @@ class Plan:
             rules = check_rules(DEFAULT_RULES if self.rules is None else self.rules)
         except ValueError as e:
             raise PlanError(str(e)) from None
+        if self.pp > 1 and rules.get("layers") != "stage":
+            raise PlanError(f"pp={self.pp} needs the rule layers -> stage; rules are {rules}")
         object.__setattr__(self, "rules", rules)
 
     # Shape ---------------------------------------------------------------------------------

@@ -44,6 +44,10 @@ from optkit.parallel.plan import Plan, PlanError, divisors, split_rows
 
 log = logging.getLogger(__name__)
 
+#: Plans whose estimated time is within this fraction of the fastest count as a tie; the
+#: tie goes to the plan with the fewest devices.
+TIE = 0.02
+
 
 @dataclasses.dataclass(frozen=True)
 class CostModel:
@@ -398,8 +402,8 @@ def auto_plan(cfg: OPTConfig | str, batch: int = 1, prompt_len: int = 128, gen_l
     notes = []
     if compile_on_cpu and itemsize == 2:
         compile_dtype, scale = "float32", 0.5
-        notes.append("compiled on CPU in float32 with byte counts halved (XLA:CPU computes "
-                     "16-bit matmuls in f32)")
+        notes.append("compiled on CPU in float32 (XLA:CPU computes 16-bit matmuls in f32): "
+                     "weight, cache and collective bytes halved, temporaries kept at f32 size")
     if cluster.devices is None:
         notes.append(f"compiled on {cluster.count} fake CPU devices, no weights allocated")
     if plans is None:
@@ -506,6 +510,11 @@ def _rank(cands: list[Candidate], cluster: Cluster, measured: bool = False) -> N
 
     pool = sorted([c for c in cands if c.fits and (done(c) or not measured)],
                   key=lambda c: (c.total, c.plan.num_devices))
+    if pool:  # near-ties (within TIE) go to the plan that needs the fewest devices
+        near = [c for c in pool if c.total <= pool[0].total * (1 + TIE)]
+        first = min(near, key=lambda c: (c.plan.num_devices, c.total))
+        pool.remove(first)
+        pool.insert(0, first)
     for c in cands:
         if c.status == "chosen":
             c.status = "fits"
@@ -519,11 +528,15 @@ def _rank(cands: list[Candidate], cluster: Cluster, measured: bool = False) -> N
         best.reason = (f"fastest that fits ({how}): {pre * 1e3:,.2f} ms prefill + "
                        f"{dec * 1e3:,.3f} ms/token, {best.memory / GiB:.2f} of "
                        f"{cluster.budget / GiB:.2f} GiB/device"
-                       + (f"; next best {runner.plan.name} is {runner.total / best.total:.2f}x "
-                          f"slower" if runner else ""))
+                       + (f"; next best {runner.plan.name} takes {runner.total / best.total:.2f}x "
+                          f"the time" if runner else ""))
         for c in pool[1:]:
-            c.reason = (f"fits ({c.memory / GiB:.2f} GiB/device) but {c.total / best.total:.2f}x "
-                        f"slower ({how}) than {best.plan.name}")
+            if c.total <= pool[0].total * (1 + TIE) or c.total < best.total:
+                c.reason = (f"fits ({c.memory / GiB:.2f} GiB/device), within {TIE:.0%} of "
+                            f"{best.plan.name} ({how}) but uses more devices")
+            else:
+                c.reason = (f"fits ({c.memory / GiB:.2f} GiB/device) but "
+                            f"{c.total / best.total:.2f}x slower ({how}) than {best.plan.name}")
         for c in cands:
             if measured and c.fits and not done(c):
                 c.reason = (f"fits ({c.memory / GiB:.2f} GiB/device); estimated "

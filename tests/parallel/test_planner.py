@@ -109,7 +109,8 @@ def test_candidates_as_dataframe():
             "decode_ms", "tokens_per_s", "reason"} <= set(df.columns)
     fits = df[df.status.isin(["chosen", "fits"])]
     assert len(fits) == 4 and (fits.memory_gib <= fits.budget_gib).all()
-    assert fits.total_s.is_monotonic_increasing
+    assert fits.total_s.iloc[1:].is_monotonic_increasing
+    assert fits.total_s.iloc[0] <= 1.02 * fits.total_s.min()  # near-ties go to fewer devices
     invalid = df.set_index("plan")[df.status.values == "invalid"]
     assert invalid.reason.to_dict() == {
         "dp1-tp8-pp1": "tp=8 does not divide the 4 attention heads of opt-tiny: tensor "

@@ -106,6 +106,23 @@ def test_refusals_are_clear(folders):
         Plan(tp=2, micro_batches=2)
     with pytest.raises(PlanError, match="stages=.* hold 4 layers; t-wide has 5"):
         Plan(pp=2, stages=(2, 2)).validate(WIDE)
+    with pytest.raises(PlanError, match="pp=2 needs the rule layers -> stage"):
+        Plan(pp=2, rules={"heads": "tensor"})
+    with pytest.raises(PlanError, match="unknown logical axis 'head'"):
+        Plan(tp=2, rules={"head": "tensor"})
+
+
+def test_plan_is_a_readable_table():
+    plan = Plan(dp=2, tp=2, pp=2, micro_batches=2, dtype="bf16")
+    assert Plan.parse("dp=2,tp=2,pp=2,mb=2").replace(dtype="bfloat16") == plan
+    assert plan.name == "dp2-tp2-pp2-mb2" and plan.num_devices == 8
+    text = plan.describe(WIDE, jax.devices(), batch=4, seq_len=32)
+    lines = text.splitlines()
+    assert lines[0] == lines[-1] and set(lines[0]) == {"-"}
+    assert "rules          batch->data  heads,mlp,vocab->tensor  layers->stage" in text
+    assert "stage 0        layers 0-2 (3 + embed), devices 0-3" in text
+    assert "stage 1        layers 3-4 (2 + lm-head), devices 4-7" in text
+    assert "dtype          bfloat16" in str(plan)
 
 
 def test_devices_are_taken_in_order_from_a_list():
