@@ -178,7 +178,8 @@ def main() -> int:
           f"See the script's docstring for the method. MiB per column; *overhead* = peak growth "
           f"of anonymous memory while loading - bytes the devices hold (fake CPU devices keep "
           f"their buffers in host memory); *peak_file* = mapped weight-file pages (page cache). "
-          f"The largest single tensor is {largest / MiB:,.0f} MiB.\n",
+          f"The largest single tensor is {largest / MiB:,.0f} MiB. *naive* places every "
+          f"parameter once (pipelines: no copy of the tied LM head on the last stage).\n",
           markdown(df.drop(columns=["model", "model_mib", "largest_tensor_mib"])), ""]
     Path(f"{out}.md").write_text("\n".join(md))
     print(f"wrote {out}.md", file=sys.stderr)

@@ -16,6 +16,8 @@ from optkit.parallel.executor import MeshExecutor
 from optkit.parallel.pipeline import PipelineExecutor
 from optkit.parallel.plan import Plan, PlanError
 from optkit.parallel.planner import PlanReport, auto_plan
+from optkit.parallel.rules import DEFAULT_RULES, TENSOR_RULES
 
-__all__ = ["DEVICE_PRESETS", "Cluster", "DeviceSpec", "MeshExecutor", "PipelineExecutor",
-           "Plan", "PlanError", "PlanReport", "auto_plan", "build_executor", "build_parallel"]
+__all__ = ["DEFAULT_RULES", "DEVICE_PRESETS", "TENSOR_RULES", "Cluster", "DeviceSpec",
+           "MeshExecutor", "PipelineExecutor", "Plan", "PlanError", "PlanReport", "auto_plan",
+           "build_executor", "build_parallel"]

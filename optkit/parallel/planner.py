@@ -528,8 +528,11 @@ def _rank(cands: list[Candidate], cluster: Cluster, measured: bool = False) -> N
         best.reason = (f"fastest that fits ({how}): {pre * 1e3:,.2f} ms prefill + "
                        f"{dec * 1e3:,.3f} ms/token, {best.memory / GiB:.2f} of "
                        f"{cluster.budget / GiB:.2f} GiB/device"
-                       + (f"; next best {runner.plan.name} takes {runner.total / best.total:.2f}x "
-                          f"the time" if runner else ""))
+                       + ("" if runner is None else
+                          f"; {runner.plan.name} is as fast within {TIE:.0%} but needs "
+                          f"{runner.plan.num_devices} devices" if runner.total < best.total else
+                          f"; next best {runner.plan.name} takes {runner.total / best.total:.2f}x "
+                          f"the time"))
         for c in pool[1:]:
             if c.total <= pool[0].total * (1 + TIE) or c.total < best.total:
                 c.reason = (f"fits ({c.memory / GiB:.2f} GiB/device), within {TIE:.0%} of "

@@ -27,8 +27,10 @@ MESH_AXES = ("stage", "data", "tensor")
 DATA_PARALLEL = {"batch": "data"}
 TENSOR_PARALLEL = {"heads": "tensor", "mlp": "tensor", "vocab": "tensor"}
 PIPELINE_PARALLEL = {"layers": "stage"}
+#: dp x tp on one mesh (a :class:`~optkit.parallel.executor.MeshExecutor`'s rules).
+TENSOR_RULES = {**DATA_PARALLEL, **TENSOR_PARALLEL}
 #: dp x tp x pp: the default rules of a :class:`~optkit.parallel.plan.Plan`.
-DEFAULT_RULES = {**DATA_PARALLEL, **TENSOR_PARALLEL, **PIPELINE_PARALLEL}
+DEFAULT_RULES = {**TENSOR_RULES, **PIPELINE_PARALLEL}
 
 
 def check_rules(rules: Mapping[str, str | tuple[str, ...] | None]) -> dict:
