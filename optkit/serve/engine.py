@@ -129,6 +129,13 @@ def sample_step(num_top: int, logits, state):
     return tok, (seeds, counts + 1, temperature, top_k, top_p), out
 
 
+@functools.cache
+def step_fn(num_top: int):
+    """One stable function object per ``num_top``: executors cache compiled decode loops
+    by the step function's identity, so every engine shares them."""
+    return functools.partial(sample_step, num_top)
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def _first_token(num_top, logits, state):
     return sample_step(num_top, logits, state)[2]
@@ -176,7 +183,6 @@ class ModelEngine:
         self.max_logprobs = int(max_logprobs)
         if self.max_slots < 1 or self.max_len < 2:
             raise ValueError("need max_slots >= 1 and max_len >= 2")
-        self._steps = {k: functools.partial(sample_step, k) for k in (0, self.max_logprobs)}
         self.cache = executor.init_cache(self.max_slots, self.max_len)
         b = self.max_slots
         self._last = np.full(b, self.pad_token_id, np.int32)
@@ -235,7 +241,7 @@ class ModelEngine:
         num_top = self.max_logprobs if self._num_top.any() else 0
         state = (self._seeds, self._counts, self._temp, self._top_k, self._top_p)
         _, self.cache, _, out = self.executor.decode_loop(
-            self._steps[num_top], self._last, self.cache, state, num_steps)
+            step_fn(num_top), self._last, self.cache, state, num_steps)
         toks = _tokens(out, num_top)
         self._last = toks.ids[-1].astype(np.int32)
         self._counts = self._counts + num_steps

@@ -261,8 +261,8 @@ class Scheduler:
                     if self._stopping:
                         break
                     cancels, self._cancels = self._cancels, []
-                for h in cancels:
-                    self._cancel_now(h)
+                self._cancel_now(cancels)
+                del cancels  # the thread sleeps in this frame: hold no finished handle
                 self._admit()
                 if self._live:
                     self._step()
@@ -280,14 +280,15 @@ class Scheduler:
         for h in list(self._live.values()) + waiting:
             self._finish(h, "cancelled", error="the server is shutting down")
 
-    def _cancel_now(self, h: Handle) -> None:
-        if h.state == "waiting":
-            with self._cond:
-                removed = self._queue.remove(h)
-            if removed:
+    def _cancel_now(self, handles: list[Handle]) -> None:
+        for h in handles:
+            if h.state == "waiting":
+                with self._cond:
+                    removed = self._queue.remove(h)
+                if removed:
+                    self._finish(h, "cancelled")
+            elif h.state == "running":
                 self._finish(h, "cancelled")
-        elif h.state == "running":
-            self._finish(h, "cancelled")
 
     def _admit(self) -> None:
         while True:
