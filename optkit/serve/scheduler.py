@@ -235,11 +235,12 @@ class Scheduler:
                 "steps": self.steps, "alive": self.alive}
 
     # Engine thread ----------------------------------------------------------------------------
-    def _ready(self) -> tuple[bool, float | None]:
-        """(may admit now, seconds until that may change) -- under the lock."""
+    def _ready(self, forming: bool = False) -> tuple[bool, float | None]:
+        """(may admit now, seconds until that may change) -- under the lock.  ``forming``:
+        a static batch is being filled."""
         if not self._queue or not self._free:
             return False, None
-        if self.policy == "static":
+        if self.policy == "static" and not forming:
             if self._live:
                 return False, None
             if len(self._queue) < self.engine.max_slots:
@@ -291,9 +292,10 @@ class Scheduler:
                 self._finish(h, "cancelled")
 
     def _admit(self) -> None:
+        forming = False
         while True:
             with self._cond:
-                ready, _ = self._ready()
+                ready, _ = self._ready(forming)
                 if not ready or self._stopping:
                     return
                 h = self._queue.peek()
@@ -301,6 +303,7 @@ class Scheduler:
                     return
                 self._queue.pop()
                 h.state = "running"
+            forming = self.policy == "static"  # fill the batch, then run it to the end
             if h.cancel_requested:
                 self._finish(h, "cancelled")
                 continue
