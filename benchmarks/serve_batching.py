@@ -205,7 +205,11 @@ def main(argv=None) -> int:
 def markdown(rows: list[dict]) -> str:
     r0 = rows[0]
     lines = [
-        "# Continuous batching vs static batch of 4 (same Poisson trace)", "",
+        "# Continuous batching vs static batch of 4 (same Poisson traces)", "",
+        "Modes: `static-4` is Alpa's design (wait for up to 4 requests, run them together to "
+        "completion, then take the next batch); `continuous-N` has N slots that requests join "
+        "and leave between decode steps (optkit's engine).  TTFT: arrival to first token; "
+        "TPOT: time per output token after the first; e2e: arrival to last token.", "",
         f"Command: `{r0['command']}`  ",
         f"Machine: {r0['machine']} ({r0['platform']}, {r0['device']}); other jobs shared "
         f"the cores: 1-minute load average {r0['load_avg_1m_before']:.1f} before the run, "
