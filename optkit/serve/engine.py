@@ -14,8 +14,9 @@ greedy and sampled requests; the i-th token of a request is drawn with the key
 ``fold_in(key(seed), i)`` whatever slot it sits in and whatever else runs beside it.
 
 :class:`ModelEngine` only calls the executor interface (``init_cache``, ``prefill``,
-``insert``, ``decode_loop``), so a single-device, SPMD-mesh, pipeline or Ray executor serves
-unchanged.  :class:`optkit.serve.fake.FakeEngine` is a hand-checkable stand-in.
+``insert``, and ``decode_loop`` -- or plain ``decode`` where an executor has no loop), so a
+single-device, SPMD-mesh, pipeline or Ray executor serves unchanged.
+:class:`optkit.serve.fake.FakeEngine` is a hand-checkable stand-in.
 """
 
 from __future__ import annotations
@@ -141,6 +142,9 @@ def _first_token(num_top, logits, state):
     return sample_step(num_top, logits, state)[2]
 
 
+_sample_jit = jax.jit(sample_step, static_argnums=0)
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def _score_prompt(num_top, logits, tokens):
     """Log-probs of tokens[1:] under logits[:-1] (one row)."""
@@ -240,8 +244,16 @@ class ModelEngine:
     def generate(self, num_steps: int = 1) -> Tokens:
         num_top = self.max_logprobs if self._num_top.any() else 0
         state = (self._seeds, self._counts, self._temp, self._top_k, self._top_p)
-        _, self.cache, _, out = self.executor.decode_loop(
-            step_fn(num_top), self._last, self.cache, state, num_steps)
+        if hasattr(self.executor, "decode_loop"):  # several steps in one dispatch
+            _, self.cache, _, out = self.executor.decode_loop(
+                step_fn(num_top), self._last, self.cache, state, num_steps)
+        else:  # an executor with only decode(): one dispatch per step
+            outs, tokens = [], self._last
+            for _ in range(num_steps):
+                logits, self.cache = self.executor.decode(tokens, self.cache)
+                tokens, state, o = _sample_jit(num_top, logits, state)
+                outs.append(o)
+            out = jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
         toks = _tokens(out, num_top)
         self._last = toks.ids[-1].astype(np.int32)
         self._counts = self._counts + num_steps
