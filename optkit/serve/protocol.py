@@ -4,6 +4,12 @@ Unknown fields, wrong JSON types and out-of-range values are refused (HTTP 400),
 client that misspells a parameter learns it instead of silently getting defaults.
 ``top_k`` is the one extension (as vLLM); OpenAI fields optkit cannot honour
 (penalties, ``logit_bias``, ``suffix``) are accepted only at their neutral values.
+
+Log-probs follow the legacy OpenAI shape: ``tokens`` (each token's own text),
+``token_logprobs`` (``None`` for the first prompt token under ``echo``), ``top_logprobs``
+(the ``logprobs`` most likely tokens plus the chosen one, text -> log-prob, from the model's
+unmodified distribution) and ``text_offset`` (where each token starts in the choice's
+``text``; the byte tokens of one split character share its offset).
 """
 
 from __future__ import annotations

@@ -310,6 +310,9 @@ class Scheduler:
             h.admitted = True
             self._reserved += h.cost
             r = h.request
+            if r.max_tokens == 0 and not (r.echo and r.logprobs is not None):
+                self._start(h, None)  # nothing for the model to do
+                continue
             try:
                 prefix = self.engine.prefill(EngineRequest(
                     r.prompt, r.max_tokens, r.sampling, r.logprobs or 0,
@@ -320,13 +323,13 @@ class Scheduler:
                 continue
             self._start(h, prefix)
 
-    def _start(self, h: Handle, prefix: Prefix) -> None:
+    def _start(self, h: Handle, prefix: Prefix | None) -> None:
         r = h.request
-        if self.metrics:
+        if self.metrics and prefix is not None:
             self.metrics.prompt_tokens.inc(len(r.prompt))
         if r.echo:
             lps, tops = None, None
-            if r.logprobs is not None:
+            if r.logprobs is not None and prefix is not None:
                 lps = prefix.prompt_logprobs
                 ids = prefix.prompt_top_ids
                 tops = [self._top(None if ids is None else ids[i],

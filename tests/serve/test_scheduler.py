@@ -67,6 +67,7 @@ def test_hand_checked_outputs_and_finish_reasons(sched):
     assert [col.text(h) for h in hs] == ["defgh", "Z", "pqrst", "ab", "yzabcd"]
     assert [h.finish_reason for h in hs] == ["length", "stop", "stop", "length", "length"]
     assert [h.generated for h in hs] == [5, 2, 7, 0, 4]  # EOS and stop tokens count
+    assert s.engine.calls["prefill"] == 4  # echo without logprobs and 0 tokens: no model work
     assert_clean(s)
 
 
