@@ -34,16 +34,16 @@ def set_slider(page, sel, value):
 
 
 def test_type_generate_watch_it_stream_then_stop(fake_server, page):
-    srv, sched, _ = fake_server(max_slots=2, step_delay=0.03, steps_per_dispatch=1)
+    srv, sched, _ = fake_server(max_slots=2, step_delay=0.05, steps_per_dispatch=1)
     bodies = []
     page.on("request", lambda r: bodies.append(r.post_data) if r.method == "POST" else None)
     page.goto(srv.url + "/")
     page.wait_for_function("document.getElementById('model').textContent.includes('fake')")
     page.fill("#prompt", "abc")
-    set_slider(page, "#max_tokens", 200)
+    set_slider(page, "#max_tokens", 240)
     set_slider(page, "#temperature", 0.3)
     set_slider(page, "#top_p", 0.8)
-    assert page.text_content("#max_tokens_v") == "200"
+    assert page.text_content("#max_tokens_v") == "240"
     page.click("#generate")
 
     out = page.locator("#generated")
@@ -62,13 +62,13 @@ def test_type_generate_watch_it_stream_then_stop(fake_server, page):
                                                    {"reason": "cancelled"}) == 1
     stopped = out.text_content()
     time.sleep(0.2)
-    assert out.text_content() == stopped and 3 <= len(stopped) < 200
+    assert out.text_content() == stopped and 3 <= len(stopped) < 240
     assert page.is_enabled("#generate") and page.is_disabled("#stop")
     assert page.locator("#output .prompt").text_content() == "abc"
 
     sent = json.loads(bodies[0])
     assert (sent["prompt"], sent["max_tokens"], sent["temperature"], sent["top_p"],
-            sent["stream"]) == ("abc", 200, 0.3, 0.8, True)
+            sent["stream"]) == ("abc", 240, 0.3, 0.8, True)
 
 
 def test_examples_full_run_and_visible_errors(fake_server, page):
