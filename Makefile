@@ -29,8 +29,9 @@ chromium:
 	  $$SUDO apt-get install -y chromium || { $$SUDO apt-get update && $$SUDO apt-get install -y chromium; }; }
 
 ## The whole test suite (exit code 5, "no tests collected", fails like any other error).
+## --dist loadgroup: tests marked xdist_group("name") share one worker (and its compiled model).
 test: $(STAMP) chromium
-	$(PY) -m pytest -n $(JOBS) -q
+	$(PY) -m pytest -n $(JOBS) --dist loadgroup -q
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check optkit tests benchmarks

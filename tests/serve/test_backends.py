@@ -13,6 +13,9 @@ from optkit.weights.load import load_params
 from optkit.weights.sources import open_weights
 from tests.serve.conftest import wait_until
 
+#: one xdist worker compiles the tiny model for all these modules (make test: --dist loadgroup)
+pytestmark = pytest.mark.xdist_group("serve-model")
+
 PROMPTS = [(2, 100, 200, 300), (2, 7), (2, 5000, 6000, 7000, 8000, 9000, 11, 12, 13)]
 
 

@@ -9,6 +9,9 @@ from optkit.serve import HFCodec, Limits, ModelEngine, SamplingParams, Scheduler
 from optkit.serve.engine import EngineRequest, bucket_length
 from tests.serve.conftest import wait_until
 
+#: one xdist worker compiles the tiny model for all these modules (make test: --dist loadgroup)
+pytestmark = pytest.mark.xdist_group("serve-model")
+
 SLOTS, MAX_LEN = 8, 128  # the same shapes in every model test: compiled once per session
 
 

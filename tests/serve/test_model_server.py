@@ -18,6 +18,9 @@ from optkit.serve import BackgroundServer, Limits, serve_app
 from optkit.serve.scheduler import Handle
 from tests.serve.conftest import wait_until
 
+#: one xdist worker compiles the tiny model for all these modules (make test: --dist loadgroup)
+pytestmark = pytest.mark.xdist_group("serve-model")
+
 NAME = "jax/opt-tiny"
 
 
