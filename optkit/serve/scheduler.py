@@ -96,8 +96,8 @@ class Handle:
     id: int
     request: SeqRequest
     key: str | None
-    on_output: OnOutput | None
-    scheduler: Scheduler
+    on_output: OnOutput | None = field(repr=False)
+    scheduler: Scheduler = field(repr=False)
     state: str = "waiting"          # waiting -> running -> done
     finish_reason: str | None = None
     t_submit: float = field(default_factory=time.perf_counter)
@@ -110,9 +110,9 @@ class Handle:
     length: int = 0                 # cache positions in use
     admitted: bool = False
     cancel_requested: bool = False
-    stream: TextStream | None = None
-    prompt_text: str | None = None
-    prompt_entries: list[TokenEntry] | None = None
+    stream: TextStream | None = field(default=None, repr=False)
+    prompt_text: str | None = field(default=None, repr=False)
+    prompt_entries: list[TokenEntry] | None = field(default=None, repr=False)
     prompt_sent: bool = False
 
     @property
