@@ -12,6 +12,7 @@ COMMANDS = (
     "optkit.commands.convert",
     "optkit.commands.random_weights",
     "optkit.commands.generate",
+    "optkit.commands.bench",
 )
 
 
