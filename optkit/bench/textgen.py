@@ -300,6 +300,8 @@ def summary_markdown(rows: list[dict], command: str = "", baseline: str | None =
     base = baseline or next((s["model"] for s in summary if s["model"].startswith("facebook/")),
                             summary[0]["model"])
 
+    loads = [r["load_avg_1m"] for r in rows if r.get("load_avg_1m") is not None]
+
     def fmt(x, spec):
         return "-" if x is None else format(x, spec)
 
@@ -309,7 +311,9 @@ def summary_markdown(rows: list[dict], command: str = "", baseline: str | None =
         f"Machine: {r0['cpu']} ({r0['cpu_count']} CPUs visible), JAX device "
         f"`{r0['jax_device']}`, torch device `{r0['torch_device']}`.  Versions: "
         f"python {r0['python']}, jax {r0['jax']}, torch {r0['torch']}, "
-        f"transformers {r0['transformers']}, optkit {r0['optkit']}.  Run at {r0['timestamp']}.",
+        f"transformers {r0['transformers']}, optkit {r0['optkit']}.  Run at {r0['timestamp']}"
+        + (f"; 1-minute load average {min(loads):.1f}-{max(loads):.1f} during the run "
+           "(other processes share these CPUs, so timings are noisy)." if loads else "."),
         "",
         f"dtype {r0['dtype']}, {r0['new_tokens']} new tokens per row, prompts left-padded to "
         f"{r0['prompt_len']} tokens, num_beams {r0['config']['num_beams']}, "

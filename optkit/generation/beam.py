@@ -42,7 +42,7 @@ from optkit.generation.config import GenerationConfig
 from optkit.generation.output import GenerateOutput
 from optkit.generation.processors import Processors, apply_processors, is_eos, processor_state
 from optkit.generation.sampling import filter_logits, sample_without_replacement
-from optkit.generation.search import processors_of, replicate_like, row_keys
+from optkit.generation.search import key_table, processors_of, replicate_like, step_keys
 
 SENTINEL = -1.0e9  # HF's "impossible" score
 
@@ -87,8 +87,7 @@ def beam_step(spec: BeamSpec):
                                  min_keep=c // k)
         acc = (logp.reshape(b, k, v) + st["run_scores"][:, :, None]).reshape(b, k * v)
         if spec.sample:
-            keys = jax.vmap(jax.random.fold_in, (0, None))(st["keys"], cur)
-            idx = sample_without_replacement(acc, keys, c)
+            idx = sample_without_replacement(acc, step_keys(st), c)
             vals = jnp.take_along_axis(acc, idx, axis=1)
             order = jnp.argsort(-vals, axis=1, stable=True)
             vals, idx = (jnp.take_along_axis(x, order, axis=1) for x in (vals, idx))
@@ -199,7 +198,7 @@ def beam_search(executor, input_ids: np.ndarray, attention_mask: np.ndarray,
     if gc.do_sample:
         state.update(temperature=np.full(n, gc.temperature, np.float32),
                      top_k=np.full(n, gc.top_k, np.int32), top_p=np.full(n, gc.top_p, np.float32),
-                     keys=row_keys(gc.seed, b))
+                     keys=key_table(gc.seed, b, new_max), start=np.int32(t))
     step = beam_step(spec)
 
     start = time.perf_counter()

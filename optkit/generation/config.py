@@ -228,6 +228,6 @@ def resolve(model_cfg: OPTConfig, prompt_length: int, **kw) -> GenerationConfig:
         raise ValueError("optkit always decodes with a KV cache; use_cache=False is not "
                          "supported")
     seed = kw.get("seed")
-    out["seed"] = secrets.randbits(31) if seed is None else _int("seed", seed)
+    out["seed"] = secrets.randbits(31) if seed is None else _int("seed", seed, 0)
     out["steps_per_dispatch"] = _int("steps_per_dispatch", kw.get("steps_per_dispatch", 8), 1)
     return GenerationConfig(**out)

@@ -5,8 +5,9 @@ token from the prefill logits, then call ``executor.decode_loop`` with a step fu
 runs the logits processors and picks the next token on the device, ``steps_per_dispatch``
 steps per call.  The host receives each dispatch's tokens at once, streams them to
 ``on_token`` in order, checks stop strings, and stops when every row has finished (a finished
-row is padded with ``pad_token_id``, as in HF).  The last dispatch may run past the end;
-the cache has room for that and the extra tokens are dropped.
+row is padded with ``pad_token_id``, as in HF).  The last dispatch may run past the end:
+those steps write past the cache and the token history (out-of-bounds updates are dropped),
+and their tokens are discarded, so shapes do not depend on ``steps_per_dispatch``.
 
 Step functions are built once per static setting (:class:`StepSpec`, ``functools.lru_cache``),
 and everything that may change between calls (temperature, top-k/p, penalties, seeds) is an
@@ -52,12 +53,11 @@ def search_step(spec: StepSpec):
         scores = apply_processors(spec.processors, raw, hist, cur, st["proc"])
         if spec.sample:
             scores = filter_logits(scores, st["temperature"], st["top_k"], st["top_p"])
-            keys = jax.vmap(jax.random.fold_in, (0, None))(st["keys"], cur)
-            tok = jax.vmap(jax.random.categorical)(keys, scores)
+            tok = jax.vmap(jax.random.categorical)(step_keys(st), scores)
         else:
             tok = jnp.argmax(scores, axis=-1)
         tok = jnp.where(st["done"], spec.pad, tok).astype(jnp.int32)
-        hist = jax.lax.dynamic_update_slice_in_dim(hist, tok[:, None], cur, axis=1)
+        hist = hist.at[:, cur].set(tok, mode="drop")  # steps past the end write nothing
         done = st["done"] | is_eos(tok, st["proc"]["eos"])
         out = {"tokens": tok}
         if spec.scores:
@@ -95,10 +95,23 @@ def replicate_like(tree, reference):
     return jax.device_put(tree, NamedSharding(sharding.mesh, PartitionSpec()))
 
 
-def row_keys(seed: int, n: int):
-    """One PRNG key per row; each step folds in its position, so a row's draws depend only on
-    the seed, its row number and the position, not on how steps are grouped in dispatches."""
-    return jax.random.split(jax.random.key(seed), n)
+def key_table(seed: int, rows: int, steps: int):
+    """(steps, rows) PRNG keys; key ``[i, r]`` depends only on (seed, r, i), so a row's draws
+    do not depend on the batch or on how steps are grouped into dispatches.
+
+    The keys are drawn on the host (numpy) for XLA's RngBitGenerator (``impl="rbg"``): the
+    decode step then contains no threefry hash, which compiles in seconds on CPU.  Streams
+    are reproducible on one backend, not across CPU and GPU.
+    """
+    data = np.stack([np.random.default_rng([seed, r]).integers(0, 2**32, size=(steps, 4),
+                                                                dtype=np.uint32)
+                     for r in range(rows)], axis=1)
+    return jax.random.wrap_key_data(data, impl="rbg")
+
+
+def step_keys(st):
+    """This step's key per row from the loop state's table."""
+    return jax.lax.dynamic_index_in_dim(st["keys"], st["cur"] - st["start"], 0, keepdims=False)
 
 
 def processors_of(gc: GenerationConfig) -> Processors:
@@ -182,7 +195,7 @@ def search(executor, input_ids: np.ndarray, attention_mask: np.ndarray,
     step = search_step(spec)
     rows = np.repeat(np.arange(b), r)
     ids, mask = input_ids[rows], attention_mask[rows]
-    hist = np.full((n, t + gc.max_new_tokens + spd - 1), gc.pad_token_id, np.int32)
+    hist = np.full((n, t + gc.max_new_tokens), gc.pad_token_id, np.int32)
     hist[:, :t] = ids
     state = {"hist": hist, "cur": np.int32(t), "done": np.zeros(n, bool),
              "proc": processor_state(mask, gc.repetition_penalty, gc.min_length,
@@ -190,11 +203,10 @@ def search(executor, input_ids: np.ndarray, attention_mask: np.ndarray,
     if gc.do_sample:
         state.update(temperature=np.full(n, gc.temperature, np.float32),
                      top_k=np.full(n, gc.top_k, np.int32), top_p=np.full(n, gc.top_p, np.float32),
-                     keys=row_keys(gc.seed, n))
+                     keys=key_table(gc.seed, n, hist.shape[1] - t), start=np.int32(t))
     host = _Host(gc, n)
 
     start = time.perf_counter()
-    # The cache holds the prompt, the new tokens and the last dispatch's overrun.
     cache = executor.init_cache(b, hist.shape[1])
     logits, cache = executor.prefill(input_ids, attention_mask, cache)
     if r > 1:

@@ -138,3 +138,12 @@ def test_beam_cases_exercise_early_finishing():
     ref, t = check("pre_ln", "padded", eos, seed=seed, **kw)
     ended = (ref[:, t:] == model_pair("pre_ln")[0].generation_config.pad_token_id).any(axis=1)
     assert ended.any() and not ended.all()
+
+
+def test_last_dispatch_may_run_past_the_cache():
+    """5 new tokens in dispatches of 3 steps: the last dispatch computes two steps beyond the
+    cache (their writes are dropped, their tokens discarded); the result is unchanged."""
+    hf, ex = model_pair("pre_ln")
+    ids, mask = left_padded_batch(CONFIGS["pre_ln"], BATCHES["padded"], seed=3)
+    np.testing.assert_array_equal(generate(ex, ids, mask, max_new_tokens=5, steps_per_dispatch=3),
+                                  hf_generate(hf, ids, mask, max_new_tokens=5))
