@@ -172,12 +172,12 @@ class _Host:
         reasons = [r or "length" for r in self.reasons]
         out = GenerateOutput(sequences=seqs, lengths=self.lengths, finish_reasons=reasons,
                              timings=timings)
-        if gc.output_scores:
+        if "scores" in self.steps[0]:
             out.scores = tuple(np.asarray(s["scores"], np.float32) for s in self.steps)
-        if gc.output_logprobs:
+        if "logprob" in self.steps[0]:
             out.logprobs = np.stack([np.where(s["live"], s["logprob"], 0.0)
                                      for s in self.steps], axis=1).astype(np.float32)
-            if gc.top_logprobs:
+            if "top_ids" in self.steps[0]:
                 out.top_logprobs = (np.stack([s["top_ids"] for s in self.steps], axis=1),
                                     np.stack([s["top_lp"] for s in self.steps], axis=1))
         return out
