@@ -166,6 +166,7 @@ def length_penalties(max_new: int, length_penalty: float) -> np.ndarray:
 
 def beam_search(executor, input_ids: np.ndarray, attention_mask: np.ndarray,
                 gc: GenerationConfig) -> GenerateOutput:
+    """Beam search (or beam sampling) of left-padded prompts (B, T)."""
     b, t = input_ids.shape
     k, new_max = gc.num_beams, gc.max_new_tokens
     n, total = b * k, t + new_max

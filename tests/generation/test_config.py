@@ -48,7 +48,8 @@ def test_hf_defaults():
     ({"stop": [""]}, ValueError, "non-empty strings"),
     ({"num_beams": 2, "stop": "x"}, ValueError, "need num_beams=1"),
     ({"num_beams": 2, "on_token": print}, ValueError, "need num_beams=1"),
-    ({"num_beams": 2, "top_logprobs": 2}, ValueError, "top_logprobs needs num_beams=1"),
+    ({"num_beams": 2, "top_logprobs": 2, "return_dict_in_generate": True}, ValueError,
+     "top_logprobs needs num_beams=1"),
     ({"on_token": 3}, TypeError, "on_token must be callable"),
     ({"use_cache": False}, ValueError, "use_cache=False"),
 ])

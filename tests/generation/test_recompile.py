@@ -30,8 +30,9 @@ def count_compiles():
 
 @pytest.mark.parametrize("first,again", [
     ({}, {}),
-    ({"repetition_penalty": 1.2, "eos_token_id": 5},
-     {"repetition_penalty": 1.7, "eos_token_id": 9, "min_new_tokens": 3}),
+    ({"repetition_penalty": 1.2, "no_repeat_ngram_size": 2, "eos_token_id": 5},
+     {"repetition_penalty": 1.7, "no_repeat_ngram_size": 2, "eos_token_id": 9,
+      "min_new_tokens": 3}),
     ({"do_sample": True, "seed": 1}, {"do_sample": True, "seed": 2, "temperature": 0.5,
                                       "top_k": 7, "top_p": 0.8}),
     ({"num_beams": 4}, {"num_beams": 4, "num_return_sequences": 2, "length_penalty": 0.3,
