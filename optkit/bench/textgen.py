@@ -3,7 +3,8 @@
 For every model (``facebook/``, ``jax/``, ``alpa/``) and batch size, the same built-in
 prompts are tokenized with left padding to one common length (so a JAX model compiles
 once), ``warmup`` batches are run and timed separately (their extra time over a measured
-batch is the compile / warm-up cost), then ``num_batches`` batches are measured.  Each run
+batch is the compile / warm-up cost), then ``num_batches`` batches are measured, by default
+round-robin over the models so that load changes on a shared machine hit all alike.  Each run
 becomes one row: the full configuration, input and output lengths, latency, generated
 tokens/s, TFLOPS, time to the first token, time per decode step, the device, software
 versions and a timestamp.  By default EOS is ignored (``min_new_tokens = max_new_tokens``)
@@ -68,6 +69,7 @@ class TextgenConfig:
     prompts: list[str] | None = None
     seed: int = 0
     debug: bool = False
+    interleave: bool = True
 
 
 def generation_flops(cfg: OPTConfig, rows: int, prompt_len: int, new_tokens: int) -> float:
@@ -168,12 +170,79 @@ def timed_generate(model, ids: np.ndarray, mask: np.ndarray, kwargs: dict) -> di
             "decode_step_s": step}
 
 
+class _Runner:
+    """Times batches of one model and turns them into rows."""
+
+    def __init__(self, name: str, cfg: TextgenConfig, common: dict, log, tok):
+        from optkit import get_model
+
+        t0 = time.perf_counter()
+        self.model = get_model(name, path=cfg.path, dummy=cfg.dummy, dtype=cfg.dtype,
+                               seed=cfg.seed, progress=False)
+        self.load_s = time.perf_counter() - t0
+        self.name, self.cfg, self.common, self.log, self.tok = name, cfg, common, log, tok
+        self.dtype = str(getattr(self.model.dtype, "name", self.model.dtype)).replace("torch.",
+                                                                                       "")
+
+    def run(self, bs: int, i: int, batch) -> dict:
+        cfg, name, mcfg = self.cfg, self.name, self.model.config
+        texts, ids, mask = batch
+        t = ids.shape[1]
+        new = cfg.max_new_tokens if cfg.max_new_tokens is not None else cfg.max_length - t
+        kwargs = {"max_new_tokens": new, "num_beams": cfg.num_beams, "do_sample": cfg.do_sample}
+        if cfg.ignore_eos:
+            kwargs["min_new_tokens"] = new
+        if cfg.do_sample and name.startswith("facebook/"):
+            import torch
+
+            torch.manual_seed(cfg.seed + i)
+        elif cfg.do_sample:
+            kwargs["seed"] = cfg.seed + i
+        r = timed_generate(self.model, ids, mask, kwargs)
+        phase = "warmup" if i < cfg.warmup else "measure"
+        flops = generation_flops(mcfg, bs * cfg.num_beams, t, r["new_tokens"])
+        row = {
+            "model": name, "backend": name.split("/")[0], "phase": phase, "batch_index": i,
+            "batch_size": bs, "prompt_len": t, "real_prompt_tokens": float(mask.sum(1).mean()),
+            "new_tokens": r["new_tokens"], "latency_s": r["latency_s"],
+            "tokens_per_s": bs * r["new_tokens"] / r["latency_s"], "ttft_s": r["ttft_s"],
+            "decode_step_ms": None if r["decode_step_s"] is None else 1e3 * r["decode_step_s"],
+            "tflops": flops / r["latency_s"] / 1e12, "gflop": flops / 1e9,
+            "load_s": self.load_s, "dtype": self.dtype, "params": mcfg.num_params(),
+            "load_avg_1m": os.getloadavg()[0], **self.common,
+        }
+        if phase == "measure":
+            self.log(f"{name:>18} bs={bs:<3d} in={t:<4d} out={r['new_tokens']:<4d} "
+                     f"latency={r['latency_s']:.3f}s tok/s={row['tokens_per_s']:.1f} "
+                     f"TFLOPS={row['tflops']:.4f}")
+        if cfg.debug:
+            for text, seq in zip(texts, r["sequences"][::cfg.num_beams], strict=False):
+                self.log(f"  {text!r} -> {self.tok.decode(seq[t:], skip_special_tokens=True)!r}")
+        return row
+
+
+def _with_compile_times(runs: list[dict]) -> list[dict]:
+    """Add the warm-up latency and compile estimate (warm-up minus the median batch)."""
+    measured = [x["latency_s"] for x in runs if x["phase"] == "measure"]
+    warm = [x["latency_s"] for x in runs if x["phase"] == "warmup"]
+    steady = statistics.median(measured)
+    for x in runs:
+        x["warmup_s"] = warm[0] if warm else None
+        x["compile_s"] = (warm[0] - steady) if warm else None
+    return runs
+
+
 def run_textgen(cfg: TextgenConfig, progress: bool = True,
                 log: Callable[[str], None] = print, command: str = "") -> list[dict]:
-    """Benchmark every model at every batch size; returns one dict per timed batch."""
+    """Benchmark every model at every batch size; returns one dict per timed batch.
+
+    With ``cfg.interleave`` (default) all models are loaded at once and, after each model's
+    warm-up, the measured batches go round-robin over the models, so a change in machine
+    load hits every backend alike; otherwise models run one after another (one in memory).
+    """
     from tqdm.auto import tqdm
 
-    from optkit import get_model, get_tokenizer
+    from optkit import get_tokenizer
 
     if (cfg.max_new_tokens is None) == (cfg.max_length is None):
         raise ValueError("set exactly one of max_new_tokens and max_length")
@@ -181,68 +250,39 @@ def run_textgen(cfg: TextgenConfig, progress: bool = True,
         raise ValueError("need models, batch sizes, num_batches >= 1 and warmup >= 0")
     tok = get_tokenizer(cfg.tokenizer)
     prompts = cfg.prompts or PROMPTS
-    env = environment()
-    stamp = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
-    rows: list[dict] = []
+    common = {"timestamp": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+              "config": {k: v for k, v in dataclasses.asdict(cfg).items()
+                         if k not in ("prompts", "models", "batch_sizes")},
+              "command": command, **environment()}
     total = len(cfg.models) * len(cfg.batch_sizes) * (cfg.num_batches + cfg.warmup)
     bar = tqdm(total=total, desc="textgen", unit="batch", disable=not progress)
-    for name in cfg.models:
-        t0 = time.perf_counter()
-        model = get_model(name, path=cfg.path, dummy=cfg.dummy, dtype=cfg.dtype, seed=cfg.seed,
-                          progress=False)
-        load_s = time.perf_counter() - t0
-        mcfg = model.config
-        dtype = str(getattr(model.dtype, "name", model.dtype)).replace("torch.", "")
-        for bs in cfg.batch_sizes:
-            batches = make_batches(tok, prompts, bs, cfg.warmup + cfg.num_batches)
-            t = batches[0][1].shape[1]
-            new = cfg.max_new_tokens if cfg.max_new_tokens is not None else cfg.max_length - t
-            kwargs = {"max_new_tokens": new, "num_beams": cfg.num_beams,
-                      "do_sample": cfg.do_sample}
-            if cfg.do_sample and name.startswith(("jax/", "alpa/")):
-                kwargs["seed"] = cfg.seed
-            if cfg.ignore_eos:
-                kwargs["min_new_tokens"] = new
-            runs = []
-            for i, (texts, ids, mask) in enumerate(batches):
-                if cfg.do_sample and name.startswith("facebook/"):
-                    import torch
+    batches = {bs: make_batches(tok, prompts, bs, cfg.warmup + cfg.num_batches)
+               for bs in cfg.batch_sizes}
+    rows: list[dict] = []
 
-                    torch.manual_seed(cfg.seed + i)
-                r = timed_generate(model, ids, mask, kwargs)
+    def measure(runners: list[_Runner], bs: int) -> None:
+        runs = {r.name: [] for r in runners}
+        for runner in runners:
+            for i in range(cfg.warmup):
+                runs[runner.name].append(runner.run(bs, i, batches[bs][i]))
                 bar.update()
-                phase = "warmup" if i < cfg.warmup else "measure"
-                flops = generation_flops(mcfg, bs * cfg.num_beams, t, r["new_tokens"])
-                row = {
-                    "timestamp": stamp, "model": name, "backend": name.split("/")[0],
-                    "phase": phase, "batch_index": i, "batch_size": bs, "prompt_len": t,
-                    "real_prompt_tokens": float(mask.sum(1).mean()),
-                    "new_tokens": r["new_tokens"], "latency_s": r["latency_s"],
-                    "tokens_per_s": bs * r["new_tokens"] / r["latency_s"],
-                    "ttft_s": r["ttft_s"], "decode_step_ms": None if r["decode_step_s"] is None
-                    else 1e3 * r["decode_step_s"],
-                    "tflops": flops / r["latency_s"] / 1e12, "gflop": flops / 1e9,
-                    "load_s": load_s, "dtype": dtype, "params": mcfg.num_params(),
-                    "config": {k: v for k, v in dataclasses.asdict(cfg).items()
-                               if k not in ("prompts", "models", "batch_sizes")},
-                    "load_avg_1m": os.getloadavg()[0], "command": command, **env,
-                }
-                runs.append(row)
-                if phase == "measure":
-                    log(f"{name:>18} bs={bs:<3d} in={t:<4d} out={r['new_tokens']:<4d} "
-                        f"latency={r['latency_s']:.3f}s tok/s={row['tokens_per_s']:.1f} "
-                        f"TFLOPS={row['tflops']:.4f}")
-                if cfg.debug:
-                    for text, seq in zip(texts, r["sequences"][::cfg.num_beams], strict=False):
-                        log(f"  {text!r} -> {tok.decode(seq[t:], skip_special_tokens=True)!r}")
-            measured = [x["latency_s"] for x in runs if x["phase"] == "measure"]
-            warm = [x["latency_s"] for x in runs if x["phase"] == "warmup"]
-            steady = statistics.median(measured)
-            for x in runs:
-                x["warmup_s"] = warm[0] if warm else None
-                x["compile_s"] = (warm[0] - steady) if warm else None
-            rows.extend(runs)
-        del model
+        for i in range(cfg.warmup, cfg.warmup + cfg.num_batches):
+            for runner in runners:
+                runs[runner.name].append(runner.run(bs, i, batches[bs][i]))
+                bar.update()
+        for runner in runners:
+            rows.extend(_with_compile_times(runs[runner.name]))
+
+    if cfg.interleave:
+        runners = [_Runner(name, cfg, common, log, tok) for name in cfg.models]
+        for bs in cfg.batch_sizes:
+            measure(runners, bs)
+    else:
+        for name in cfg.models:
+            runner = _Runner(name, cfg, common, log, tok)
+            for bs in cfg.batch_sizes:
+                measure([runner], bs)
+            del runner
     bar.close()
     return rows
 
@@ -318,8 +358,9 @@ def summary_markdown(rows: list[dict], command: str = "", baseline: str | None =
         f"dtype {r0['dtype']}, {r0['new_tokens']} new tokens per row, prompts left-padded to "
         f"{r0['prompt_len']} tokens, num_beams {r0['config']['num_beams']}, "
         f"do_sample {r0['config']['do_sample']}, EOS ignored: {r0['config']['ignore_eos']}. "
-        f"Medians over {summary[0]['batches']} measured batches after "
-        f"{r0['config']['warmup']} warm-up batch(es).  `vs {base}` is the ratio of "
+        f"Medians over {summary[0]['batches']} measured batches"
+        + (" (round-robin over the models)" if r0["config"].get("interleave") else "")
+        + f" after {r0['config']['warmup']} warm-up batch(es).  `vs {base}` is the ratio of "
         "generated tokens/s.  Compile = first (warm-up) batch minus the median batch.", "",
         f"| model | batch | latency s | tokens/s | first token s | decode ms/step | "
         f"TFLOPS | warm-up s | compile s | vs {base} |",

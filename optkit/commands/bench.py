@@ -37,6 +37,9 @@ def add_textgen(sub) -> None:
                         "compilation)")
     p.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True,
                    help="always generate the full length (same work for every backend)")
+    p.add_argument("--interleave", action=argparse.BooleanOptionalAction, default=True,
+                   help="load all models at once and alternate between them batch by batch "
+                        "(--no-interleave: one model in memory at a time)")
     p.add_argument("--tokenizer", help="tokenizer folder (default: optkit's embedded one)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", default="benchmarks/results/textgen.jsonl",
@@ -79,7 +82,7 @@ def run_textgen_command(args) -> int:
                         do_sample=args.do_sample, dtype=args.dtype,
                         num_batches=args.num_batches, warmup=args.warmup,
                         ignore_eos=args.ignore_eos, tokenizer=args.tokenizer, seed=args.seed,
-                        debug=args.debug)
+                        debug=args.debug, interleave=args.interleave)
     rows = run_textgen(cfg, command=command)
     path = write_rows(rows, args.output)
     report = summary_markdown(rows, command)

@@ -166,7 +166,6 @@ class _Host:
                 self.finished = True
 
     def output(self, prompts: np.ndarray, timings: dict) -> GenerateOutput:
-        gc = self.gc
         new = np.stack([s["tokens"] for s in self.steps], axis=1)
         seqs = np.concatenate([prompts.astype(np.int64), new], axis=1)
         reasons = [r or "length" for r in self.reasons]
