@@ -70,6 +70,7 @@ class TextgenConfig:
     seed: int = 0
     debug: bool = False
     interleave: bool = True
+    torch_threads: int | None = None
 
 
 def generation_flops(cfg: OPTConfig, rows: int, prompt_len: int, new_tokens: int) -> float:
@@ -84,6 +85,11 @@ def generation_flops(cfg: OPTConfig, rows: int, prompt_len: int, new_tokens: int
     head = 2 * e * v * n
     proj = 2 * e * h * (fed + n) if cfg.has_projections else 0
     return float(rows * (per_token * fed + 4 * h * n_layers * pairs + head + proj))
+
+
+#: Environment variables that change CPU timings (recorded, and shown in the command).
+ENV_VARS = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "XLA_FLAGS", "JAX_PLATFORMS",
+            "CUDA_VISIBLE_DEVICES")
 
 
 def environment() -> dict:
@@ -104,6 +110,8 @@ def environment() -> dict:
         pass
     dev = jax.devices()[0]
     return {
+        **{var.lower(): os.environ.get(var) for var in ENV_VARS},
+        "torch_threads": torch.get_num_threads(),
         "jax_device": f"{dev.platform}:{dev.device_kind}", "jax_device_count": jax.device_count(),
         "torch_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
         "cpu": cpu, "cpu_count": os.cpu_count(), "python": platform.python_version(),
@@ -248,6 +256,10 @@ def run_textgen(cfg: TextgenConfig, progress: bool = True,
         raise ValueError("set exactly one of max_new_tokens and max_length")
     if cfg.num_batches < 1 or cfg.warmup < 0 or not cfg.models or not cfg.batch_sizes:
         raise ValueError("need models, batch sizes, num_batches >= 1 and warmup >= 0")
+    if cfg.torch_threads:
+        import torch
+
+        torch.set_num_threads(cfg.torch_threads)
     tok = get_tokenizer(cfg.tokenizer)
     prompts = cfg.prompts or PROMPTS
     common = {"timestamp": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -351,7 +363,9 @@ def summary_markdown(rows: list[dict], command: str = "", baseline: str | None =
         f"Machine: {r0['cpu']} ({r0['cpu_count']} CPUs visible), JAX device "
         f"`{r0['jax_device']}`, torch device `{r0['torch_device']}`.  Versions: "
         f"python {r0['python']}, jax {r0['jax']}, torch {r0['torch']}, "
-        f"transformers {r0['transformers']}, optkit {r0['optkit']}.  Run at {r0['timestamp']}"
+        f"transformers {r0['transformers']}, optkit {r0['optkit']}; torch threads "
+        f"{r0.get('torch_threads')}, OMP_WAIT_POLICY {r0.get('omp_wait_policy')}.  "
+        f"Run at {r0['timestamp']}"
         + (f"; 1-minute load average {min(loads):.1f}-{max(loads):.1f} during the run "
            "(other processes share these CPUs, so timings are noisy)." if loads else "."),
         "",

@@ -40,6 +40,10 @@ def add_textgen(sub) -> None:
     p.add_argument("--interleave", action=argparse.BooleanOptionalAction, default=True,
                    help="load all models at once and alternate between them batch by batch "
                         "(--no-interleave: one model in memory at a time)")
+    p.add_argument("--torch-threads", type=int, help="torch.set_num_threads for facebook/ "
+                   "models (default: torch's choice).  On a CPU shared with other work, also "
+                   "set OMP_WAIT_POLICY=PASSIVE: spinning OpenMP threads slow torch down "
+                   "several times")
     p.add_argument("--tokenizer", help="tokenizer folder (default: optkit's embedded one)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", default="benchmarks/results/textgen.jsonl",
@@ -50,8 +54,13 @@ def add_textgen(sub) -> None:
 
 
 def command_of(args, prog: str = "optkit bench textgen") -> str:
-    """The command line, rebuilt from the parsed arguments (non-default options only)."""
-    parts = [prog]
+    """The command line, rebuilt from the parsed arguments (non-default options only), after
+    the timing-relevant environment variables that are set."""
+    import os
+
+    from optkit.bench.textgen import ENV_VARS
+
+    parts = [f"{var}={os.environ[var]}" for var in ENV_VARS if var in os.environ] + [prog]
     for action in args.parser._actions:
         if not action.option_strings or action.dest == "help":
             continue
@@ -82,7 +91,8 @@ def run_textgen_command(args) -> int:
                         do_sample=args.do_sample, dtype=args.dtype,
                         num_batches=args.num_batches, warmup=args.warmup,
                         ignore_eos=args.ignore_eos, tokenizer=args.tokenizer, seed=args.seed,
-                        debug=args.debug, interleave=args.interleave)
+                        debug=args.debug, interleave=args.interleave,
+                        torch_threads=args.torch_threads)
     rows = run_textgen(cfg, command=command)
     path = write_rows(rows, args.output)
     report = summary_markdown(rows, command)

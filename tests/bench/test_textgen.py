@@ -73,7 +73,7 @@ def test_cli_runs_backends_side_by_side(tmp_path, capsys):
     assert all(r["new_tokens"] == 4 and r["batch_size"] == 2 for r in rows)
     assert all(r["decode_step_ms"] > 0 and r["ttft_s"] > 0 for r in jax_rows)
     assert all(r["compile_s"] is not None and r["jax"] and r["transformers"] for r in rows)
-    assert rows[0]["command"].startswith("optkit bench textgen")
+    assert "optkit bench textgen --model facebook/opt-tiny jax/opt-tiny" in rows[0]["command"]
     md = summary.read_text()
     assert "vs facebook/opt-tiny" in md and "| jax/opt-tiny | 2 |" in md
 
