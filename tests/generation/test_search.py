@@ -24,11 +24,13 @@ def run(rows, runner_up=None, prompt_len=2, **kw):
 
 
 def test_eos_ends_one_row_while_others_continue():
-    _, out = run([[5, EOS, 9, 9, 9, 9], [5, 6, 7, 8, 9, 10]], max_new_tokens=6)
+    ex, out = run([[5, EOS, 9, 9, 9, 9], [5, 6, 7, 8, 9, 10]], max_new_tokens=6)
     np.testing.assert_array_equal(out.sequences[:, 2:], [[5, EOS, PAD, PAD, PAD, PAD],
                                                          [5, 6, 7, 8, 9, 10]])
     assert out.finish_reasons == ["stop", "length"]
     np.testing.assert_array_equal(out.lengths, [2, 6])
+    fed = np.concatenate(ex.fed, axis=0)[:5].T  # tokens fed back to the model
+    np.testing.assert_array_equal(fed, [[5, EOS, PAD, PAD, PAD], [5, 6, 7, 8, 9]])
 
 
 def test_all_rows_ended_stops_early():
