@@ -2,7 +2,6 @@
 (built once per config and process), and a hand-checkable scripted executor."""
 
 import numpy as np
-import pytest
 import torch
 
 from optkit.parallel.executor import MeshExecutor
@@ -27,8 +26,3 @@ def hf_generate(hf, ids, mask, **kw) -> np.ndarray:
         out = hf.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
                           do_sample=False, **kw)
     return out.numpy()
-
-
-@pytest.fixture
-def pair():
-    return model_pair
