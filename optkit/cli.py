@@ -13,6 +13,7 @@ COMMANDS = (
     "optkit.commands.random_weights",
     "optkit.commands.generate",
     "optkit.commands.serve",
+    "optkit.commands.bench",
 )
 
 
