@@ -21,6 +21,7 @@ class ScriptedExecutor:
                              max_position_embeddings=max_positions, name="scripted")
         self._fns: dict = {}
         self.fed: list[np.ndarray] = []  # tokens fed to decode, per dispatch (num_steps, B)
+        self.lives: list = []  # the live bound passed with each dispatch
 
     def _logits(self, cache):
         step = jnp.minimum(cache["step"], self.steps - 1)
@@ -35,7 +36,10 @@ class ScriptedExecutor:
         cache = {**cache, "mask": cache["mask"].at[:, :t].set(np.asarray(attention_mask) != 0)}
         return self._logits(cache), cache
 
-    def decode_loop(self, step_fn, tokens, cache, state, num_steps: int):
+    def decode_loop(self, step_fn, tokens, cache, state, num_steps: int, live=None,
+                    max_steps=None):
+        assert max_steps is None or num_steps <= max_steps
+        self.lives.append(live)
         key = ("loop", step_fn, num_steps)
         if key not in self._fns:
             def run(tokens, cache, state):
