@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 WEIGHTS ?= build/weights
 JOBS ?= auto
 
-.PHONY: install demo test lint format clean
+.PHONY: install demo test lint format clean chromium
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,9 +22,16 @@ demo: $(STAMP)
 	$(VENV)/bin/optkit generate --model jax/opt-125m --path $(WEIGHTS) \
 		--prompt "Paris is the capital city of" --prompt "The best way to serve a language model is"
 
+## Debian's chromium, which the web-page tests drive through Playwright (installed if missing).
+chromium:
+	@test -x /usr/bin/chromium || ! command -v apt-get >/dev/null || { \
+	  SUDO=$$(test "$$(id -u)" = 0 || echo sudo); \
+	  $$SUDO apt-get install -y chromium || { $$SUDO apt-get update && $$SUDO apt-get install -y chromium; }; }
+
 ## The whole test suite (exit code 5, "no tests collected", fails like any other error).
-test: $(STAMP)
-	$(PY) -m pytest -n $(JOBS) -q
+## --dist loadgroup: tests marked xdist_group("name") share one worker (and its compiled model).
+test: $(STAMP) chromium
+	$(PY) -m pytest -n $(JOBS) --dist loadgroup -q
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check optkit tests benchmarks

@@ -12,6 +12,8 @@ COMMANDS = (
     "optkit.commands.convert",
     "optkit.commands.random_weights",
     "optkit.commands.generate",
+    "optkit.commands.serve",
+    "optkit.commands.bench",
     "optkit.commands.plan",
 )
 

@@ -216,7 +216,9 @@ def decode_layers(layers, cfg: OPTConfig, x: jax.Array, cache: Cache,
     """
     b, s = cache["mask"].shape
     live = s if live is None else min(int(live), s)
-    index = cache["index"]
+    # A row whose index ran past the cache (an idle serving slot that keeps stepping) keeps
+    # overwriting its last position instead of writing out of bounds.
+    index = jnp.minimum(cache["index"], s - 1)
     rows = jnp.arange(b)
     mask = _write_rows(cache["mask"], rows, index, jnp.ones((b,), bool))
     allowed = mask[:, None, :live]
@@ -232,7 +234,7 @@ def decode_layers(layers, cfg: OPTConfig, x: jax.Array, cache: Cache,
         return attend
 
     x, ks, vs = _run_layers(layers, cfg, x, cache["k"], cache["v"], make_attend)
-    return x, {"k": ks, "v": vs, "mask": mask, "index": index + 1}
+    return x, {"k": ks, "v": vs, "mask": mask, "index": cache["index"] + 1}
 
 
 def prefill(params: Params, cfg: OPTConfig, tokens: jax.Array, attention_mask: jax.Array,

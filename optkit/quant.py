@@ -9,6 +9,7 @@ halve, which is what bounds decoding.  ``optkit.model.project`` consumes either 
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -66,12 +67,13 @@ def quantize_params(params: dict) -> dict:
 @functools.cache
 def _random_leaf(shape, init, dtype, sharding):
     def make(key):
+        n = (math.prod(shape),)  # flat draws compile much faster than N-d ones
         if init == "int8":
-            return jax.random.randint(key, shape, -127, 128, jnp.int8)
+            return jax.random.randint(key, n, -127, 128, jnp.int8).reshape(shape)
         if init == "scale":
             return jnp.full(shape, 0.02 / 64, jnp.float32) * \
-                (1 + 0.1 * jax.random.uniform(key, shape, jnp.float32))
-        x = 0.02 * jax.random.normal(key, shape, dtype)
+                (1 + 0.1 * jax.random.uniform(key, n, jnp.float32).reshape(shape))
+        x = 0.02 * jax.random.normal(key, n, dtype).reshape(shape)
         return x + 1 if init == "ones" else x
     return jax.jit(make, out_shardings=sharding)
 

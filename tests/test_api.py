@@ -106,3 +106,17 @@ def test_bad_ids_are_refused(weights):
         m(np.array([[0.5]]))
     with pytest.raises(TypeError, match="unsupported"):
         m.generate(input_ids=np.array([[2]]), max_new_tokens=2, temprature=0.5)
+
+
+def test_greedy_equals_hf_across_the_live_cache_bucket(hf_dir):
+    """Prompt 122 + 14 new tokens crosses the 128-position attention bucket mid-dispatch."""
+    cfg = CONFIGS["pre_ln"].replace(max_position_embeddings=256)
+    src, hf = hf_dir(cfg)
+    m = get_model("jax/x", path=src, progress=False)
+    ids, mask = left_padded_batch(cfg, [122, 100], seed=5)
+    ours = m.generate(input_ids=ids, attention_mask=mask, max_new_tokens=14,
+                      steps_per_dispatch=4)
+    with torch.no_grad():
+        ref = hf.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                          max_new_tokens=14, do_sample=False).numpy()
+    np.testing.assert_array_equal(ours, ref)

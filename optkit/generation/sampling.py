@@ -17,24 +17,25 @@ NEG_INF = -jnp.inf
 
 
 def filter_logits(logits: jax.Array, temperature: jax.Array, top_k: jax.Array,
-                  top_p: jax.Array) -> jax.Array:
+                  top_p: jax.Array, min_keep: int = 1) -> jax.Array:
     """Scaled and filtered logits (B,V) f32; filtered-out entries are -inf.
 
     ``temperature`` <= 0 means greedy (no scaling here), ``top_k`` <= 0 or >= V means no
-    top-k, ``top_p`` >= 1 means no top-p.
+    top-k, ``top_p`` >= 1 means no top-p.  ``min_keep`` (static) tokens always survive both
+    filters (HF's ``min_tokens_to_keep``; beam sampling keeps one more than the EOS count).
     """
     x = logits.astype(jnp.float32)
     v = x.shape[-1]
     t = jnp.where(temperature > 0, temperature, 1.0).astype(jnp.float32)
     x = x / t[:, None]
     desc = -jnp.sort(-x, axis=-1)
-    k = jnp.where((top_k > 0) & (top_k < v), top_k, v).astype(jnp.int32)
+    k = jnp.where((top_k > 0) & (top_k < v), jnp.maximum(top_k, min_keep), v).astype(jnp.int32)
     kth = jnp.take_along_axis(desc, (k - 1)[:, None], axis=-1)
     rank = jnp.arange(v)[None, :]
     desc = jnp.where(rank < k[:, None], desc, NEG_INF)
     probs = jax.nn.softmax(desc, axis=-1)
     before = jnp.cumsum(probs, axis=-1) - probs  # mass ranked strictly above each entry
-    keep = (before < top_p[:, None]) | (rank == 0)
+    keep = (before < top_p[:, None]) | (rank < min_keep)
     cutoff = jnp.min(jnp.where(keep, desc, jnp.inf), axis=-1, keepdims=True)
     cutoff = jnp.maximum(cutoff, kth)
     return jnp.where(x < cutoff, NEG_INF, x)
@@ -59,3 +60,11 @@ def logprobs(logits: jax.Array, tokens: jax.Array, num_top: int = 0):
         return chosen, None, None
     top_lp, top_ids = jax.lax.top_k(lp, num_top)
     return chosen, top_ids, top_lp
+
+
+def sample_without_replacement(logits: jax.Array, keys: jax.Array, num: int) -> jax.Array:
+    """``num`` distinct indices per row (B, num), drawn one after another from softmax(logits)
+    without replacement (the Gumbel-top-k trick; ``torch.multinomial(replacement=False)``'s
+    distribution).  ``keys``: (B,) PRNG keys."""
+    gumbel = jax.vmap(lambda k, x: jax.random.gumbel(k, x.shape, jnp.float32))(keys, logits)
+    return jax.lax.top_k(logits.astype(jnp.float32) + gumbel, num)[1].astype(jnp.int32)

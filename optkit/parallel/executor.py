@@ -152,17 +152,20 @@ class MeshExecutor:
         return fn(self.params, tokens, cache)
 
     def decode_loop(self, step_fn: Callable, tokens, cache, state, num_steps: int,
-                    live: int | None = None):
+                    live: int | None = None, max_steps: int | None = None):
         """``num_steps`` decode steps in one dispatch.
 
         ``step_fn(logits, state) -> (next_tokens, state, out)`` is pure JAX (sampling, logits
         processors) and must be the same function object across calls (it keys the compile
-        cache).  ``out`` leaves are stacked over steps.  The trip count is dynamic, so one
-        compilation serves every ``num_steps`` up to the next power of two.
-        Returns (tokens, cache, state, outs).
+        cache).  ``out`` leaves are stacked over steps.  The trip count is dynamic: one
+        compilation serves every ``num_steps`` up to ``max_steps`` (default: the next power
+        of two).  ``live`` bounds every row's position after the dispatch (attention then
+        reads only that much of the cache).  Returns (tokens, cache, state, outs).
         """
         tokens = self.put_batch(tokens)
-        max_steps = 1 << max(0, int(num_steps) - 1).bit_length()
+        max_steps = max_steps or 1 << max(0, int(num_steps) - 1).bit_length()
+        if not 0 < num_steps <= max_steps:
+            raise ValueError(f"num_steps={num_steps} must be in [1, max_steps={max_steps}]")
         b, s = tokens.shape[0], cache_len(cache)
         n_live = self.live_bucket(live, cache)
         cfg = self.cfg

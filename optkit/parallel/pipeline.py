@@ -160,12 +160,13 @@ class PipelineExecutor:
         return self._concat(acts), {"stages": new}
 
     def decode_loop(self, step_fn: Callable, tokens, cache, state, num_steps: int,
-                    live: int | None = None):
+                    live: int | None = None, max_steps: int | None = None):
         """``num_steps`` decode steps; ``step_fn(logits, state) -> (tokens, state, out)`` is
         jitted on the last stage.  ``live`` bounds every row's position after the last step.
-        Returns (tokens, cache, state, outs stacked over steps)."""
-        if num_steps < 1:
-            raise ValueError(f"num_steps must be >= 1; got {num_steps}")
+        The steps are a host loop, so ``max_steps`` (the MeshExecutor's compile bucket) only
+        bounds ``num_steps``.  Returns (tokens, cache, state, outs stacked over steps)."""
+        if not 0 < num_steps <= (max_steps or num_steps):
+            raise ValueError(f"num_steps={num_steps} must be in [1, max_steps={max_steps}]")
         last = self.stages[-1]
         state = jax.device_put(state, NamedSharding(last.mesh, PartitionSpec()))
         step = self._jit(("step", step_fn), lambda: jax.jit(step_fn))

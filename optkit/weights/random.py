@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,18 +23,26 @@ from tqdm.auto import tqdm
 
 from optkit.config import OPTConfig
 from optkit.weights.folder import FolderWriter
-from optkit.weights.layout import ParamSpec, folder_shapes, param_specs, tree_from_specs
+from optkit.weights.layout import folder_shapes, param_specs, tree_from_specs
 
 STD = 0.02
 
 
 @functools.cache
-def _init_fn(shape: tuple[int, ...], init: str, dtype: str, sharding):
+def _group_fn(leaves: tuple, dtype: str, shardings: tuple):
+    """One jitted function creating a group of leaves ((shape, init) each) from one key:
+    a whole layer compiles once and is reused for every layer of that shape."""
     def make(key):
-        if init == "ones":
-            return jnp.ones(shape, dtype) + STD * jax.random.normal(key, shape, dtype)
-        return STD * jax.random.normal(key, shape, dtype)
-    return jax.jit(make, out_shardings=sharding)
+        # one flat draw for the whole group, then split: RNG ops dominate CPU compile time
+        sizes = [math.prod(shape) for shape, _ in leaves]
+        flat = STD * jax.random.normal(key, (sum(sizes),), dtype)
+        out, start = [], 0
+        for (shape, init), n in zip(leaves, sizes, strict=True):
+            x = flat[start:start + n].reshape(shape)
+            out.append(x + 1 if init == "ones" else x)
+            start += n
+        return tuple(out)
+    return jax.jit(make, out_shardings=shardings)
 
 
 def random_params(cfg: OPTConfig, seed: int = 0, dtype=jnp.float32, sharding_for=None,
@@ -42,14 +51,17 @@ def random_params(cfg: OPTConfig, seed: int = 0, dtype=jnp.float32, sharding_for
     base = jax.random.key(seed)
     specs = param_specs(cfg, stacked=stacked)
     dtype = jnp.dtype(dtype).name
-    index = {s.path: i for i, s in enumerate(specs)}
-
-    def leaf(spec: ParamSpec):
-        sharding = sharding_for(spec) if sharding_for else None
-        key = jax.random.fold_in(base, index[spec.path])
-        return _init_fn(spec.shape, spec.init, dtype, sharding)(key)
-
-    return tree_from_specs(specs, leaf)
+    groups: dict = {}
+    for spec in specs:
+        group = spec.path[:2] if spec.path[0] == "layers" and not stacked else ("top",)
+        groups.setdefault(group, []).append(spec)
+    values = {}
+    for i, members in enumerate(groups.values()):
+        shardings = tuple(sharding_for(s) if sharding_for else None for s in members)
+        fn = _group_fn(tuple((s.shape, s.init) for s in members), dtype, shardings)
+        for spec, value in zip(members, fn(jax.random.fold_in(base, i)), strict=True):
+            values[spec.path] = value
+    return tree_from_specs(specs, lambda spec: values[spec.path])
 
 
 def _key_seed(seed: int, key: str) -> int:

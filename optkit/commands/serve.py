@@ -1,0 +1,113 @@
+"""``optkit serve``: the OpenAI-compatible HTTP server and web page for one model."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+log = logging.getLogger(__name__)
+
+EPILOG = """\
+examples:
+  optkit serve --model alpa/opt-125m --path ~/opt_weights --port 10001
+  optkit serve --model jax/opt-1.3b --dummy --max-slots 32      # random weights, any size
+  optkit serve --fake                                           # no model: UI and API work
+
+then open http://127.0.0.1:10001/ or point any OpenAI client at http://127.0.0.1:10001/v1
+(curl http://127.0.0.1:10001/v1/completions -H 'Content-Type: application/json' \\
+   -d '{"model": "alpa/opt-125m", "prompt": "Paris is", "max_tokens": 16}')"""
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "serve", help="serve a model over HTTP (OpenAI API + web page)",
+        description="Serve an OPT model with continuous batching behind an OpenAI-compatible "
+                    "/v1/completions API, a web page at /, /health and Prometheus /metrics.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="alpa/opt-125m",
+                   help="jax/opt-* (one device) or alpa/opt-* (all devices) "
+                        "(default: %(default)s)")
+    g.add_argument("--path", help="folder holding {name}-np/ (or the folder / an HF dir)")
+    g.add_argument("--dummy", action="store_true", help="random weights of the named size")
+    g.add_argument("--fake", action="store_true",
+                   help="no model: the hand-checkable fake engine (each character is "
+                        "followed by the next letter)")
+    g.add_argument("--tokenizer", help="tokenizer folder (default: optkit's embedded one)")
+    g.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16")
+    g = p.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default %(default)s; 0.0.0.0 exposes it to the "
+                        "network)")
+    g.add_argument("--port", type=int, default=10001, help="(default: %(default)s)")
+    g.add_argument("--api-keys", metavar="FILE",
+                   help="require API keys: one 'KEY [WEIGHT]' per line; heavier keys get a "
+                        "larger share of the slots while requests wait")
+    g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    g = p.add_argument_group("limits")
+    g.add_argument("--max-slots", type=int, default=16,
+                   help="sequences decoded together (default: %(default)s)")
+    g.add_argument("--max-len", type=int,
+                   help="tokens (prompt + completion) per sequence; sizes the KV cache "
+                        "(default: the model's context)")
+    g.add_argument("--max-prompt-len", type=int, help="longest prompt accepted (tokens)")
+    g.add_argument("--max-queue", type=int, default=256,
+                   help="sequences waiting for a slot before requests get 429 "
+                        "(default: %(default)s)")
+    g.add_argument("--max-tokens-in-flight", type=int,
+                   help="cap on prompt + max_tokens summed over running sequences")
+    g.add_argument("--max-n", type=int, default=16, help="largest n / best_of (default: 16)")
+    g.add_argument("--steps-per-dispatch", type=int, default=4,
+                   help="decode steps per device call while no request waits (default: 4)")
+    g.add_argument("--no-warmup", action="store_true", help="compile on the first request")
+    p.set_defaults(func=run)
+
+
+def build_app(args):
+    from optkit.serve import (
+        CharCodec,
+        FakeEngine,
+        Limits,
+        Metrics,
+        Scheduler,
+        create_app,
+        read_api_keys,
+        serve_app,
+    )
+
+    keys = read_api_keys(args.api_keys) if args.api_keys else None
+    limits = Limits(max_queue=args.max_queue, max_prompt_len=args.max_prompt_len,
+                    max_tokens_in_flight=args.max_tokens_in_flight)
+    if args.fake:
+        engine = FakeEngine(max_slots=args.max_slots, max_len=args.max_len or 2048,
+                            step_delay=0.02)
+        scheduler = Scheduler(engine, CharCodec(), limits, weights=keys,
+                              steps_per_dispatch=args.steps_per_dispatch, metrics=Metrics())
+        return create_app(scheduler, scheduler.codec, "fake", api_keys=keys, max_n=args.max_n)
+
+    from optkit import get_model, get_tokenizer
+    from optkit.serve.engine import describe
+
+    if args.model.startswith("facebook/"):
+        raise ValueError("serving runs on JAX: use jax/opt-* or alpa/opt-* (the same weights)")
+    if not args.dummy and not args.path:
+        raise ValueError("pass --path DIR (the folder holding {name}-np/) or --dummy")
+    model = get_model(args.model, path=args.path, dummy=args.dummy, dtype=args.dtype)
+    log.info("loaded %r", model)
+    app = serve_app(model, get_tokenizer(args.tokenizer), name=args.model,
+                    max_slots=args.max_slots, max_len=args.max_len, limits=limits,
+                    api_keys=keys, steps_per_dispatch=args.steps_per_dispatch,
+                    max_n=args.max_n, warmup=not args.no_warmup)
+    log.info("%s", describe(app.state.scheduler.engine))
+    return app
+
+
+def run(args) -> int:
+    from optkit.serve.server import run as run_server
+
+    app = build_app(args)
+    where = f"http://{args.host}:{args.port}"
+    print(f"optkit serve: {where}/ (web page), {where}/v1 (OpenAI API); Ctrl-C stops",
+          flush=True)
+    run_server(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0

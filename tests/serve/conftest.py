@@ -1,0 +1,68 @@
+"""Serving fixtures: fake-engine servers (fast, hand-checkable) and one tiny random model."""
+
+import pytest
+
+from optkit.serve import (
+    BackgroundServer,
+    CharCodec,
+    FakeEngine,
+    Limits,
+    Metrics,
+    Scheduler,
+    create_app,
+)
+
+
+@pytest.fixture
+def fake_server():
+    """Factory: start a fake-engine server -> (server, scheduler, engine); stopped after."""
+    servers = []
+
+    def make(max_slots=4, step_delay=0.0, prefill_delay=0.0, limits=None, api_keys=None,
+             steps_per_dispatch=4, max_len=256, max_n=16):
+        engine = FakeEngine(max_slots=max_slots, max_len=max_len, step_delay=step_delay,
+                            prefill_delay=prefill_delay)
+        sched = Scheduler(engine, CharCodec(), limits or Limits(max_queue=64),
+                          weights=api_keys, steps_per_dispatch=steps_per_dispatch,
+                          metrics=Metrics())
+        srv = BackgroundServer(create_app(sched, sched.codec, "fake", api_keys=api_keys,
+                                          max_n=max_n)).start()
+        servers.append(srv)
+        return srv, sched, engine
+
+    yield make
+    for s in servers:
+        s.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(tmp_path_factory):
+    """A folder holding random ``opt-tiny-np/`` (vocab 50272, so optkit's tokenizer fits)."""
+    import numpy as np
+
+    from optkit.config import OPTConfig
+    from optkit.weights.random import write_random_folder
+
+    root = tmp_path_factory.mktemp("serve-weights")
+    write_random_folder(root / "opt-tiny-np", OPTConfig.from_name("opt-tiny"), seed=0,
+                        dtype=np.float32, progress=False)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_weights):
+    """OPT-tiny on one device, loaded from the folder (much faster here than
+    ``dummy=True``, which compiles once per tensor shape)."""
+    from optkit import get_model
+
+    return get_model("jax/opt-tiny", path=tiny_weights, progress=False)
+
+
+def wait_until(cond, timeout=10.0, interval=0.01):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(interval)

@@ -1,0 +1,76 @@
+"""The engine drives any executor: a sharded SPMD mesh, and one that only has ``decode``."""
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import Mesh
+
+from optkit.parallel import TENSOR_RULES
+from optkit.parallel.executor import MeshExecutor
+from optkit.serve import Limits, ModelEngine, SamplingParams, Scheduler, SeqRequest
+from optkit.serve.text import CharCodec
+from optkit.weights.load import load_params
+from optkit.weights.sources import open_weights
+from tests.serve.conftest import wait_until
+
+#: one xdist worker compiles the tiny model for all these modules (make test: --dist loadgroup)
+pytestmark = pytest.mark.xdist_group("serve-model")
+
+PROMPTS = [(2, 100, 200, 300), (2, 7), (2, 5000, 6000, 7000, 8000, 9000, 11, 12, 13)]
+
+
+class DecodeOnly:
+    """The smallest executor the engine accepts: no ``decode_loop``."""
+
+    def __init__(self, inner):
+        self.inner, self.cfg = inner, inner.cfg
+
+    def init_cache(self, batch, max_len):
+        return self.inner.init_cache(batch, max_len)
+
+    def prefill(self, tokens, mask, cache, all_logits=False):
+        return self.inner.prefill(tokens, mask, cache, all_logits)
+
+    def decode(self, tokens, cache):
+        return self.inner.decode(tokens, cache)
+
+    def insert(self, cache, prefix, slot):
+        return self.inner.insert(cache, prefix, slot)
+
+
+def outputs(executor):
+    # CharCodec only decodes text here; the token ids are what gets compared
+    s = Scheduler(ModelEngine(executor, 8, 128), CharCodec(), Limits()).start()
+    try:
+        hs = s.submit([SeqRequest(p, 7, SamplingParams(temperature=0.8 * (i % 2), seed=i),
+                                  ignore_eos=True, logprobs=2 * (i % 2) or None)
+                       for i, p in enumerate(PROMPTS)])
+        wait_until(lambda: all(h.done for h in hs), timeout=300)
+        return [h.stream.ids for h in hs], [h.cum_logprob for h in hs]
+    finally:
+        s.stop()
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model):
+    return outputs(tiny_model.executor)
+
+
+def test_tensor_and_data_parallel_mesh(tiny_model, tiny_weights, reference):
+    cfg = tiny_model.config
+    mesh = Mesh(np.array(jax.devices()[:4]).reshape(2, 2), ("data", "tensor"))
+    probe = MeshExecutor(cfg, {"layers": []}, mesh, TENSOR_RULES, dtype=np.float32)
+    store = open_weights(tiny_weights / "opt-tiny-np")[1]
+    params = load_params(store, cfg, dtype=np.float32, sharding_for=probe.param_sharding,
+                         progress=False)
+    sharded = MeshExecutor(cfg, params, mesh, TENSOR_RULES)
+    assert len(params["embed_tokens"].sharding.device_set) == 4
+    ids, lps = outputs(sharded)
+    assert ids == reference[0]
+    np.testing.assert_allclose(lps, reference[1], atol=1e-3)
+
+
+def test_executor_without_decode_loop(tiny_model, reference):
+    ids, lps = outputs(DecodeOnly(tiny_model.executor))
+    assert ids == reference[0]
+    np.testing.assert_allclose(lps, reference[1], atol=1e-4)

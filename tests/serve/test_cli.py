@@ -1,0 +1,105 @@
+"""``optkit serve``: help, argument wiring, API-key files, and a clean Ctrl-C shutdown."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import numpy as np
+import pytest
+
+from optkit.cli import build_parser, main
+from optkit.commands.serve import build_app
+from optkit.serve import ModelEngine, read_api_keys
+
+
+def test_help_explains_the_options(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["serve", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ("--model", "--path", "--port", "--host", "--dummy", "--max-slots",
+                 "--max-prompt-len", "--max-queue", "--api-keys", "--tokenizer"):
+        assert flag in out
+
+
+def test_arguments_build_the_server(tmp_path):
+    from optkit.config import OPTConfig
+    from optkit.weights.random import write_random_folder
+
+    write_random_folder(tmp_path / "opt-tiny-np", OPTConfig.from_name("opt-tiny"),
+                        dtype=np.float32, progress=False)
+    keys = tmp_path / "keys"
+    keys.write_text("# team keys\nalpha 3\nbeta\n")
+    args = build_parser().parse_args([
+        "serve", "--model", "jax/opt-tiny", "--path", str(tmp_path), "--max-slots", "3",
+        "--max-len", "64", "--max-queue", "5", "--max-prompt-len", "40", "--api-keys",
+        str(keys), "--no-warmup"])
+    app = build_app(args)
+    s = app.state.scheduler
+    assert isinstance(s.engine, ModelEngine)
+    assert (s.engine.max_slots, s.engine.max_len, s.limits.max_queue, s.max_prompt_len) == \
+        (3, 64, 5, 40)
+    assert s._queue.weights == {"alpha": 3.0, "beta": 1.0}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "facebook/opt-125m", "--dummy"], "JAX"),
+    (["--model", "jax/opt-125m"], "--path"),
+])
+def test_argument_errors(argv, message, capsys):
+    assert main(["serve", *argv]) == 1
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text, message", [
+    ("", "no API keys"), ("a 1 2\n", r"KEY \[WEIGHT\]"), ("a x\n", "not a number"),
+    ("a 0\n", "positive")])
+def test_bad_key_files(tmp_path, text, message):
+    f = tmp_path / "keys"
+    f.write_text(text)
+    with pytest.raises(ValueError, match=message):
+        read_api_keys(f)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serves_then_stops_cleanly_on_ctrl_c():
+    port = free_port()
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.Popen([sys.executable, "-m", "optkit.cli", "serve", "--fake", "--port",
+                             str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=env)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
+            time.sleep(0.2)
+        r = httpx.post(url + "/v1/completions", timeout=10,
+                       json={"model": "fake", "prompt": "Hi", "max_tokens": 3})
+        assert r.json()["choices"][0]["text"] == "jkl"
+        with httpx.stream("POST", url + "/v1/completions", timeout=10, json={
+                "model": "fake", "prompt": "a", "max_tokens": 2000, "stream": True}) as r:
+            next(r.iter_lines())  # a stream is open while we press Ctrl-C
+            proc.send_signal(signal.SIGINT)
+            code = proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    out = proc.stdout.read()
+    assert code == 0, out
+    assert "Application shutdown complete" in out and "Traceback" not in out
+    assert f"http://127.0.0.1:{port}/" in out

@@ -1,0 +1,94 @@
+"""ModelEngine on a tiny random OPT: greedy parity, per-slot sampling, prompt scoring."""
+
+import jax
+import numpy as np
+import pytest
+
+from optkit.generation.greedy import greedy
+from optkit.serve import HFCodec, Limits, ModelEngine, SamplingParams, Scheduler, SeqRequest
+from optkit.serve.engine import EngineRequest, bucket_length
+from tests.serve.conftest import wait_until
+
+#: one xdist worker compiles the tiny model for all these modules (make test: --dist loadgroup)
+pytestmark = pytest.mark.xdist_group("serve-model")
+
+SLOTS, MAX_LEN = 8, 128  # the same shapes in every model test: compiled once per session
+
+
+@pytest.fixture(scope="module")
+def codec():
+    from optkit import get_tokenizer
+
+    return HFCodec(get_tokenizer())
+
+
+@pytest.fixture
+def scheduler(tiny_model, codec):
+    s = Scheduler(ModelEngine(tiny_model.executor, SLOTS, MAX_LEN), codec,
+                  Limits(max_queue=64)).start()
+    yield s
+    s.stop()
+
+
+def run(s, requests):
+    hs = s.submit(requests)
+    wait_until(lambda: all(h.done for h in hs), timeout=120)
+    return [h.stream.ids for h in hs]
+
+
+def test_bucket_length():
+    assert [bucket_length(n, 100) for n in (1, 16, 17, 33, 64, 65)] == [16, 16, 32, 64, 64, 100]
+    assert bucket_length(40, 50) == 50 and bucket_length(60, 50) == 60
+
+
+def test_batched_greedy_equals_generate_alone(tiny_model, codec, scheduler):
+    prompts = ["Paris is the capital city of", "Hello", "def f(x):\n    return",
+               "The best way to serve a language model is"]
+    reqs = [SeqRequest(tuple(codec.encode(p)), max_tokens=6 + 3 * i, ignore_eos=True)
+            for i, p in enumerate(prompts)]
+    got = run(scheduler, reqs)
+    # reference: optkit's plain greedy loop over the left-padded batch (one compile)
+    t = max(len(r.prompt) for r in reqs)
+    ids = np.full((len(reqs), t), 1, np.int32)
+    mask = np.zeros_like(ids)
+    for i, r in enumerate(reqs):
+        ids[i, t - len(r.prompt):], mask[i, t - len(r.prompt):] = r.prompt, 1
+    want = greedy(tiny_model.executor, ids, mask, max(r.max_tokens for r in reqs))[:, t:]
+    for i, (r, row) in enumerate(zip(reqs, got, strict=True)):
+        assert row == want[i, :r.max_tokens].tolist()
+
+
+def test_seeded_sampling_ignores_batch_companions_and_slot(codec, scheduler):
+    sp = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, seed=1234)
+    target = SeqRequest(tuple(codec.encode("Once upon a time")), 12, sp, ignore_eos=True)
+    (alone,) = run(scheduler, [target])
+    others = [SeqRequest(tuple(codec.encode(f"noise {i}")), 20,
+                         SamplingParams(temperature=0.7, seed=i), ignore_eos=True)
+              for i in range(3)]
+    crowd = run(scheduler, others + [target] + others)
+    assert crowd[3] == alone
+    other_seed = run(scheduler, [SeqRequest(target.prompt, 12, SamplingParams(
+        temperature=1.0, top_p=0.9, top_k=50, seed=99), ignore_eos=True)])[0]
+    assert other_seed != alone
+
+
+def test_top_k_one_is_greedy(codec, scheduler):
+    prompt = tuple(codec.encode("Paris is the capital city of"))
+    greedy_ids, top1 = run(scheduler, [
+        SeqRequest(prompt, 10, ignore_eos=True),
+        SeqRequest(prompt, 10, SamplingParams(temperature=1.5, top_k=1, seed=5),
+                   ignore_eos=True)])
+    assert greedy_ids == top1
+
+
+def test_prompt_logprobs_match_the_model(tiny_model, codec):
+    engine = ModelEngine(tiny_model.executor, SLOTS, MAX_LEN)
+    ids = codec.encode("The quick brown fox jumps over the lazy dog")
+    prefix = engine.prefill(EngineRequest(tuple(ids), 1, num_top=5, prompt_logprobs=True))
+    logits = np.asarray(tiny_model(np.array([ids])).logits[0], np.float32)
+    lp = np.asarray(jax.nn.log_softmax(logits, -1))
+    want = lp[np.arange(len(ids) - 1), ids[1:]]
+    np.testing.assert_allclose(prefix.prompt_logprobs, want, atol=1e-4)
+    np.testing.assert_array_equal(prefix.prompt_top_ids[:, 0], lp[:-1].argmax(-1))
+    assert prefix.first.ids[0] == lp[-1].argmax()
+    np.testing.assert_allclose(prefix.first.logprobs[0], lp[-1].max(), atol=1e-4)

@@ -1,0 +1,210 @@
+"""The engine thread over the fake engine: slots, limits, cancellation, policies, priorities."""
+
+import math
+import threading
+
+import pytest
+
+from optkit.serve import CharCodec, FakeEngine, Limits, Scheduler, SeqRequest
+from optkit.serve.scheduler import QueueFull, RequestError
+from tests.serve.conftest import wait_until
+
+C = CharCodec()
+
+
+def req(prompt, max_tokens=8, **kw):
+    return SeqRequest(tuple(C.encode(prompt)), max_tokens=max_tokens, **kw)
+
+
+class Collector:
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.outputs = {}
+
+    def __call__(self, h, out):
+        with self.lock:
+            self.outputs.setdefault(h.id, []).append(out)
+
+    def text(self, h):
+        return "".join((o.prompt_text or "") + o.text for o in self.outputs.get(h.id, []))
+
+
+@pytest.fixture
+def sched():
+    made = []
+
+    def make(limits=None, **kw):
+        engine = FakeEngine(max_slots=kw.pop("max_slots", 2), max_len=kw.pop("max_len", 256),
+                            step_delay=kw.pop("step_delay", 0.0),
+                            prefill_delay=kw.pop("prefill_delay", 0.0))
+        s = Scheduler(engine, C, limits or Limits(max_queue=32), **kw).start()
+        made.append(s)
+        return s
+
+    yield make
+    for s in made:
+        s.stop()
+
+
+def run_all(s, requests, **kw):
+    col = Collector()
+    hs = s.submit(requests, on_output=col, **kw)
+    wait_until(lambda: all(h.done for h in hs))
+    return hs, col
+
+
+def assert_clean(s):
+    wait_until(lambda: s.stats()["active"] == 0)
+    st = s.stats()
+    assert (st["waiting"], st["running"], st["free_slots"], st["cache_tokens"],
+            st["tokens_in_flight"]) == (0, 0, st["slots"], 0, 0)
+
+
+def test_hand_checked_outputs_and_finish_reasons(sched):
+    s = sched()
+    hs, col = run_all(s, [req("abc", 5), req("XY", 5), req("hello", 30, stop=("uv",)),
+                          req("ab", 0, echo=True), req("yz", 4, echo=True)])
+    assert [col.text(h) for h in hs] == ["defgh", "Z", "pqrst", "ab", "yzabcd"]
+    assert [h.finish_reason for h in hs] == ["length", "stop", "stop", "length", "length"]
+    assert [h.generated for h in hs] == [5, 2, 7, 0, 4]  # EOS and stop tokens count
+    assert s.engine.calls["prefill"] == 4  # echo without logprobs and 0 tokens: no model work
+    assert_clean(s)
+
+
+def test_logprobs_entries_and_prompt_scores(sched):
+    s = sched()
+    (h,), col = run_all(s, [req("XY", 3, logprobs=2, echo=True)])
+    entries = [e for o in col.outputs[h.id] for e in (o.prompt_entries or []) + o.entries]
+    half, quarter = math.log(0.5), math.log(0.25)
+    assert [(e.token, e.logprob, e.offset) for e in entries] == [
+        ("X", None, 0), ("Y", half, 1), ("Z", half, 2)]
+    assert entries[1].top == {"Y": half, "Z": quarter}
+    assert entries[2].top == {"Z": half, "<eot>": quarter}
+    assert h.cum_logprob == pytest.approx(2 * half)  # "Z" and the end-of-text token
+
+
+def test_finished_sequences_free_their_slot_at_once(sched):
+    s = sched(max_slots=2, step_delay=0.01, steps_per_dispatch=1)
+    short, long_, waiting = s.submit([req("a", 2), req("b", 40), req("c", 3)])
+    wait_until(lambda: waiting.done)
+    # the third request ran while the long one still decoded
+    assert waiting.t_first > short.t_done and not long_.done
+    wait_until(lambda: long_.done)
+    assert_clean(s)
+
+
+def test_static_policy_runs_whole_batches(sched):
+    s = sched(max_slots=2, step_delay=0.01, steps_per_dispatch=1, policy="static")
+    short, long_, waiting = s.submit([req("a", 2), req("b", 20), req("c", 3)])
+    wait_until(lambda: waiting.done)
+    assert long_.t_first < short.t_done  # the first two ran as one batch
+    assert waiting.t_first > long_.t_done  # the third waited for the whole batch
+
+
+def test_static_policy_batch_window(sched):
+    s = sched(max_slots=4, policy="static", static_wait=0.3)
+    (h,) = s.submit([req("a", 1)])
+    wait_until(lambda: h.done)
+    assert h.t_first - h.t_submit >= 0.29  # waited for companions that never came
+
+
+def test_several_steps_per_dispatch_only_while_nobody_waits(sched):
+    s = sched(max_slots=1, steps_per_dispatch=4)
+    run_all(s, [req("a", 9)])
+    assert s.engine.calls["generate"] == 2  # 1 token from prefill + 2 x 4
+    s2 = sched(max_slots=1, steps_per_dispatch=4, step_delay=0.005)
+    hs, col = run_all(s2, [req("a", 9), req("b", 9)])
+    # while "b" waited, "a" went one token per dispatch: 8 + 2 calls instead of 4
+    assert s2.engine.calls["generate"] == 10
+    assert [col.text(h) for h in hs] == ["bcdefghij", "cdefghijk"]
+
+
+def test_token_budget_holds_requests_back(sched):
+    s = sched(max_slots=4, step_delay=0.005, steps_per_dispatch=1,
+              limits=Limits(max_queue=8, max_tokens_in_flight=30))
+    a, b = s.submit([req("aaaa", 20), req("bbbb", 20)])
+    wait_until(lambda: b.done)
+    assert b.t_first > a.t_done
+    with pytest.raises(RequestError, match="in flight"):
+        s.submit([req("a", 40)])
+
+
+@pytest.mark.parametrize("request_, match", [
+    (req("", 1), "empty"),
+    (req("a" * 30, 240), "context length"),
+    (req("a" * 40, 1), "at most 32"),
+    (SeqRequest((5, 500), 1), "outside the vocabulary"),
+    (req("a", 1, logprobs=9), "logprobs"),
+])
+def test_requests_that_can_never_run(sched, request_, match):
+    s = sched(limits=Limits(max_queue=4, max_prompt_len=32))
+    with pytest.raises(RequestError, match=match):
+        s.submit([request_])
+
+
+def test_queue_limit_is_all_or_nothing(sched):
+    s = sched(max_slots=1, step_delay=0.01, limits=Limits(max_queue=3))
+    running = s.submit([req("a", 50)])
+    wait_until(lambda: s.stats()["running"] == 1)
+    waiting = s.submit([req("b", 5), req("c", 5)])
+    with pytest.raises(QueueFull):
+        s.submit([req("d", 5), req("e", 5)])
+    assert s.stats()["waiting"] == 2
+    for h in running + waiting:
+        h.cancel()
+    wait_until(lambda: all(h.done for h in running + waiting))
+    assert {h.finish_reason for h in running + waiting} == {"cancelled"}
+    assert_clean(s)
+
+
+def test_cancel_running_and_waiting(sched):
+    s = sched(max_slots=1, step_delay=0.01, steps_per_dispatch=1)
+    col = Collector()
+    run, wait = s.submit([req("a", 200), req("b", 200)], on_output=col)
+    wait_until(lambda: len(col.text(run)) >= 3)
+    wait.cancel()
+    wait_until(lambda: wait.done)
+    assert wait.finish_reason == "cancelled" and wait.t_first is None
+    run.cancel()
+    wait_until(lambda: run.done)
+    assert run.finish_reason == "cancelled" and run.generated < 200
+    assert col.outputs[run.id][-1].finish_reason == "cancelled"
+    assert s.engine.calls["free"] == 1
+    assert_clean(s)
+
+
+def test_prefill_failure_fails_one_request_only(sched):
+    s = sched()
+
+    def broken(request):
+        raise RuntimeError("device on fire")
+
+    ok_prefill = s.engine.prefill
+    s.engine.prefill = broken
+    (h,), col = run_all(s, [req("a", 3)])
+    assert h.finish_reason == "error" and "device on fire" in col.outputs[h.id][-1].error
+    s.engine.prefill = ok_prefill
+    (h,), col = run_all(s, [req("a", 3)])
+    assert col.text(h) == "bcd"
+    assert_clean(s)
+
+
+def test_stop_cancels_everything_left(sched):
+    s = sched(max_slots=1, step_delay=0.01)
+    hs = s.submit([req("a", 200), req("b", 200)])
+    wait_until(lambda: s.stats()["running"] == 1)
+    s.stop()
+    assert all(h.finish_reason == "cancelled" for h in hs)
+    assert not s.stats()["alive"]
+    with pytest.raises(RuntimeError):
+        s.submit([req("a", 1)])
+
+
+def test_weighted_keys_share_the_slot(sched):
+    s = sched(max_slots=1, step_delay=0.002, steps_per_dispatch=1, weights={"a": 3, "b": 1})
+    blocker = s.submit([req("z", 20)], key="a")
+    a = s.submit([req("a", 1) for _ in range(8)], key="a")
+    b = s.submit([req("b", 1) for _ in range(8)], key="b")
+    wait_until(lambda: all(h.done for h in blocker + a + b))
+    order = sorted(a + b, key=lambda h: h.t_first)
+    assert sum(h in a for h in order[:8]) == 6
