@@ -19,6 +19,7 @@ from optkit.parallel.executor import MeshExecutor
 from optkit.parallel.pipeline import PipelineExecutor
 from optkit.parallel.plan import Plan, PlanError, stage_of
 from optkit.parallel.stages import split_params
+from optkit.parallel.transfer import move
 from optkit.weights.layout import ParamSpec, param_specs, tree_from_specs
 from optkit.weights.load import load_params
 from optkit.weights.random import random_params
@@ -92,8 +93,8 @@ def build_executor(cfg: OPTConfig, plan: Plan, store=None, devices: Sequence | N
     stage_params = split_params(params, ranges)
     # The LM head is tied to the token embedding: the last stage gets its own copy.
     embed = next(s for s in param_specs(cfg) if s.path == ("embed_tokens",))
-    stage_params[-1]["embed_tokens"] = jax.device_put(params["embed_tokens"],
-                                                      sharding_for(embed, stage=plan.pp - 1))
+    stage_params[-1]["embed_tokens"] = move(params["embed_tokens"],
+                                            sharding_for(embed, stage=plan.pp - 1))
     return PipelineExecutor(cfg, stage_params, plan, devices, dtype=jdtype)
 
 

@@ -20,6 +20,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from optkit import model as M
 from optkit.config import OPTConfig
+from optkit.parallel.transfer import move
 from optkit.weights.layout import ParamSpec
 
 #: Logical axis name -> mesh axis name (or tuple of names, or None for replicated).
@@ -100,7 +101,7 @@ class MeshExecutor:
 
     def put_batch(self, x) -> jax.Array:
         x = np.asarray(x) if not isinstance(x, jax.Array) else x
-        return jax.device_put(x, self.batch_sharding(tuple(x.shape)))
+        return move(x, self.batch_sharding(tuple(x.shape)))
 
     # Cache ---------------------------------------------------------------------------------
     def init_cache(self, batch: int, max_len: int):

@@ -26,6 +26,7 @@ from optkit.config import OPTConfig
 from optkit.parallel.executor import MeshExecutor, cache_len
 from optkit.parallel.plan import Plan, split_rows
 from optkit.parallel.stages import stage_decode, stage_prefill
+from optkit.parallel.transfer import move
 
 
 class PipelineExecutor:
@@ -63,9 +64,7 @@ class PipelineExecutor:
 
     def _to_stage(self, s: int, x) -> jax.Array:
         """Place an activation / token / mask micro-batch on stage ``s``'s sub-mesh."""
-        if not isinstance(x, jax.Array):
-            x = np.asarray(x)
-        return jax.device_put(x, self.stages[s].batch_sharding(tuple(x.shape)))
+        return move(x, self.stages[s].batch_sharding(tuple(x.shape)))
 
     def _concat(self, parts: list[jax.Array]) -> jax.Array:
         if len(parts) == 1:

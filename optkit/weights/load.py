@@ -65,7 +65,7 @@ def load_params(store: Mapping[str, np.ndarray], cfg: OPTConfig, dtype=jnp.float
             else:
                 def cb(idx, spec=spec):
                     return np.asarray(spec.read(store, _norm_index(spec, idx)), np_dtype)
-                arr = jax.make_array_from_callback(spec.shape, sharding, cb)
+                arr = jax.make_array_from_callback(spec.shape, sharding, cb, dtype=np_dtype)
         except WeightError:
             raise
         except (OSError, ValueError) as e:

@@ -29,9 +29,10 @@ STD = 0.02
 
 
 @functools.cache
-def _group_fn(leaves: tuple, dtype: str, shardings: tuple):
+def _group_fn(leaves: tuple, dtype: str, shardings: tuple, keep: tuple):
     """One jitted function creating a group of leaves ((shape, init) each) from one key:
-    a whole layer compiles once and is reused for every layer of that shape."""
+    a whole layer compiles once and is reused for every layer of that shape.  It returns
+    the leaves at indices ``keep`` (placed by ``shardings``)."""
     def make(key):
         # one flat draw for the whole group, then split: RNG ops dominate CPU compile time
         sizes = [math.prod(shape) for shape, _ in leaves]
@@ -41,7 +42,7 @@ def _group_fn(leaves: tuple, dtype: str, shardings: tuple):
             x = flat[start:start + n].reshape(shape)
             out.append(x + 1 if init == "ones" else x)
             start += n
-        return tuple(out)
+        return tuple(out[j] for j in keep)
     return jax.jit(make, out_shardings=shardings)
 
 
@@ -58,9 +59,15 @@ def random_params(cfg: OPTConfig, seed: int = 0, dtype=jnp.float32, sharding_for
     values = {}
     for i, members in enumerate(groups.values()):
         shardings = tuple(sharding_for(s) if sharding_for else None for s in members)
-        fn = _group_fn(tuple((s.shape, s.init) for s in members), dtype, shardings)
-        for spec, value in zip(members, fn(jax.random.fold_in(base, i)), strict=True):
-            values[spec.path] = value
+        # leaves on several device sets (pipeline stages): one call per set, same draw
+        by_devices: dict = {}
+        for j, sh in enumerate(shardings):
+            by_devices.setdefault(None if sh is None else frozenset(sh.device_set), []).append(j)
+        leaves = tuple((s.shape, s.init) for s in members)
+        for keep in by_devices.values():
+            fn = _group_fn(leaves, dtype, tuple(shardings[j] for j in keep), tuple(keep))
+            for j, value in zip(keep, fn(jax.random.fold_in(base, i)), strict=True):
+                values[members[j].path] = value
     return tree_from_specs(specs, lambda spec: values[spec.path])
 
 
