@@ -182,7 +182,7 @@ def weights_location(short: str, path) -> Path:
 def get_model(model_name: str, path: str | os.PathLike | None = None, dtype="auto",
               dummy: bool = False, device=None, plan=None, seed: int = 0,
               config: OPTConfig | None = None, checksums: bool = False,
-              progress: bool = True, **kwargs):
+              progress: bool = True, cluster=None, **kwargs):
     """Load an OPT model for inference (Alpa's ``get_model``).
 
     Args:
@@ -195,10 +195,18 @@ def get_model(model_name: str, path: str | os.PathLike | None = None, dtype="aut
       device: a ``jax.Device`` (``jax/``) or torch device string (``facebook/``).
       plan: an explicit parallel plan for ``alpa/`` (see ``optkit.parallel``).
       config: override the shape (custom configs with ``dummy=True``).
+      cluster: run an ``alpa/`` model on a Ray cluster: an address (``"auto"``,
+        ``"ray://head:10001"``) or an :class:`optkit.distributed.RayCluster`; the plan spans
+        every host's devices and the weights must be at ``path`` on every host.
     """
     backend, short = split_name(model_name)
     if kwargs:
         raise TypeError(f"get_model() got unexpected arguments: {sorted(kwargs)}")
+    if cluster is not None:
+        from optkit.distributed import load_model
+
+        return load_model(cluster, model_name, path=path, dtype=dtype, dummy=dummy, plan=plan,
+                          seed=seed, config=config, checksums=checksums, progress=progress)
     if backend == "facebook":
         from optkit.hf_backend import get_hf_model
 
