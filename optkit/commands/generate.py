@@ -18,6 +18,9 @@ def register(sub) -> None:
     p.add_argument("--prompt", action="append", help="prompt text (repeat for a batch)")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--dtype", default="auto")
+    p.add_argument("--cluster", metavar="ADDRESS",
+                   help="run an alpa/ model on a Ray cluster: auto (the cluster this "
+                        "machine joined with `ray start`), HEAD:6379 or ray://HEAD:10001")
     p.set_defaults(func=run)
 
 
@@ -28,7 +31,8 @@ def run(args) -> int:
     tok = get_tokenizer(args.tokenizer)
     tok.padding_side = "left"
     t0 = time.perf_counter()
-    model = get_model(args.model, path=args.path, dummy=args.dummy, dtype=args.dtype)
+    model = get_model(args.model, path=args.path, dummy=args.dummy, dtype=args.dtype,
+                      cluster=args.cluster)
     t1 = time.perf_counter()
     enc = tok(prompts, return_tensors="np", padding=True)
     out = model.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],

@@ -35,6 +35,9 @@ def register(sub) -> None:
                         "followed by the next letter)")
     g.add_argument("--tokenizer", help="tokenizer folder (default: optkit's embedded one)")
     g.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16")
+    g.add_argument("--cluster", metavar="ADDRESS",
+                   help="run an alpa/ model on a Ray cluster: auto (the cluster this "
+                        "machine joined with `ray start`), HEAD:6379 or ray://HEAD:10001")
     g = p.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default %(default)s; 0.0.0.0 exposes it to the "
@@ -92,7 +95,8 @@ def build_app(args):
         raise ValueError("serving runs on JAX: use jax/opt-* or alpa/opt-* (the same weights)")
     if not args.dummy and not args.path:
         raise ValueError("pass --path DIR (the folder holding {name}-np/) or --dummy")
-    model = get_model(args.model, path=args.path, dummy=args.dummy, dtype=args.dtype)
+    model = get_model(args.model, path=args.path, dummy=args.dummy, dtype=args.dtype,
+                      cluster=args.cluster)
     log.info("loaded %r", model)
     app = serve_app(model, get_tokenizer(args.tokenizer), name=args.model,
                     max_slots=args.max_slots, max_len=args.max_len, limits=limits,

@@ -11,6 +11,7 @@ devices); worker 0 hosts the JAX coordinator.
 
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
 import threading
@@ -77,6 +78,7 @@ class RayCluster:
         self._failed: str | None = None
         self._lock = threading.RLock()
         self._model_ids = itertools.count()
+        self._unloads: collections.deque[int] = collections.deque()
 
     # Lifecycle -----------------------------------------------------------------------------
     @property
@@ -152,6 +154,16 @@ class RayCluster:
 
     def next_model_id(self) -> int:
         return next(self._model_ids)
+
+    def unload(self, model_id: int) -> None:
+        """Drop a model on the workers with the next call (safe from finalizers)."""
+        self._unloads.append(model_id)
+
+    def take_unloads(self) -> list[int]:
+        out = []
+        while self._unloads:
+            out.append(self._unloads.popleft())
+        return out
 
     @property
     def num_devices(self) -> int:

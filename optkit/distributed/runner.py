@@ -72,6 +72,7 @@ class RemoteExecutor:
         self._new_fns: list[tuple[int, bytes]] = []
         self._free: collections.deque[int] = collections.deque()
         self._lock = threading.RLock()
+        weakref.finalize(self, cluster.unload, model_id)
 
     # Plumbing ------------------------------------------------------------------------------
     def _release(self, cid: int) -> None:
@@ -85,12 +86,12 @@ class RemoteExecutor:
             self._new_fns.append((fid, cloudpickle.dumps(fn)))
         return self._fn_ids[fn]
 
-    def _sync(self) -> tuple[list[int], list[tuple[int, bytes]]]:
+    def _sync(self) -> dict:
         free = []
         while self._free:
             free.append(self._free.popleft())
         fns, self._new_fns = self._new_fns, []
-        return free, fns
+        return {"free": free, "fns": fns, "unload": self.cluster.take_unloads()}
 
     @staticmethod
     def _check(cache) -> CacheHandle:
@@ -172,8 +173,12 @@ class RemoteOPT(JaxOPT):
         self._owns_cluster = owns_cluster
 
     def close(self) -> None:
+        """Stop the cluster if this model started it; else free the model on the workers
+        (with the cluster's next call)."""
         if self._owns_cluster:
             self.cluster.shutdown()
+        else:
+            self.cluster.unload(self.executor._model_id)
 
     def __enter__(self) -> RemoteOPT:
         return self
@@ -246,7 +251,8 @@ def load_model(cluster: RayCluster | str, model_name: str, path=None, dtype="aut
         model_id = cluster.next_model_id()
         spec = {"short": short, "path": path, "dummy": dummy, "config": cfg, "plan": plan,
                 "dtype": dtype, "seed": seed, "checksums": checksums}
-        info = cluster.call("load", model_id, spec, what=f"loading {model_name}")[0]
+        info = cluster.call("load", model_id, spec, cluster.take_unloads(),
+                            what=f"loading {model_name}")[0]
     except BaseException:
         if owns:
             cluster.shutdown()

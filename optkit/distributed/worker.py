@@ -25,15 +25,19 @@ from optkit.distributed import wire
 from optkit.distributed.health import local_versions, weights_report
 
 
+def jax_heartbeat(driver_timeout: float) -> int:
+    """``jax.distributed``'s own heartbeat timeout: well above the driver's, so a frozen
+    process is reported by the driver (naming it) before JAX's coordination service aborts
+    the process hosting the coordinator (which would name the wrong worker)."""
+    return int(2 * driver_timeout + 10)
+
+
 class JaxWorker:
     """One JAX process of a :class:`~optkit.distributed.cluster.RayCluster` (a Ray actor)."""
 
     def __init__(self, rank: int):
         self.rank = rank
-        self.executor = None
-        self.model_id: int | None = None
-        self.caches: dict[int, Any] = {}
-        self.fns: dict[int, Any] = {}
+        self.models: dict[int, _Model] = {}
         self.processes = 1
 
     # Health (own thread) ------------------------------------------------------------------
@@ -64,7 +68,7 @@ class JaxWorker:
         if num_processes > 1:
             jax.distributed.initialize(coordinator, num_processes, self.rank,
                                        initialization_timeout=int(init_timeout),
-                                       heartbeat_timeout_seconds=max(3, int(heartbeat_timeout)))
+                                       heartbeat_timeout_seconds=jax_heartbeat(heartbeat_timeout))
         self.processes = num_processes
         from optkit.parallel.devices import Cluster
 
@@ -75,7 +79,7 @@ class JaxWorker:
                 "spec": Cluster.from_devices(local).device}
 
     def shutdown_jax(self) -> None:
-        self.executor, self.caches, self.fns = None, {}, {}
+        self.models = {}
         if self.processes > 1:
             import jax
 
@@ -86,8 +90,9 @@ class JaxWorker:
     def weights_report(self, short: str, path) -> dict:
         return weights_report(short, path)
 
-    def load(self, model_id: int, spec: dict) -> dict:
-        """Build this process's part of the executor of ``spec`` (a model under a plan)."""
+    def load(self, model_id: int, spec: dict, unload: list[int]) -> dict:
+        """Build this process's part of the executor of ``spec`` (a model under a plan)
+        after dropping the models in ``unload``."""
         import jax
         import jax.numpy as jnp
 
@@ -95,30 +100,42 @@ class JaxWorker:
         from optkit.parallel import build_executor
         from optkit.weights.sources import open_weights
 
-        self.executor, self.model_id, self.caches, self.fns = None, None, {}, {}
+        for m in unload:
+            self.models.pop(m, None)
         store = None
         if not spec["dummy"]:
             _, store = open_weights(weights_location(spec["short"], spec["path"]))
         executor = build_executor(spec["config"], spec["plan"], store, devices=jax.devices(),
                                   dtype=spec["dtype"], seed=spec["seed"],
                                   checksums=spec["checksums"], progress=False)
-        self.executor, self.model_id = executor, model_id
+        self.models[model_id] = _Model(executor)
         return {"dtype": jnp.dtype(executor.dtype).name}
 
     # Executor calls ------------------------------------------------------------------------
-    def run(self, model_id: int, op: str, sync: tuple, args: tuple) -> dict:
-        """Run executor call ``op`` with ``args`` (from the driver) after applying ``sync``
-        (cache ids to free, new step functions).  Returns ``{"value": results this process
-        returns, "nbytes": size of a new cache}``."""
-        if model_id != self.model_id or self.executor is None:
-            raise RuntimeError(f"model {model_id} is not loaded on this worker (another model "
-                               f"was loaded on the cluster since): load it again")
-        free, fns = sync
-        for cid in free:
-            self.caches.pop(cid, None)
-        for fid, blob in fns:
-            self.fns[fid] = pickle.loads(blob)
-        return getattr(self, "_" + op)(*wire.from_wire(args))
+    def run(self, model_id: int, op: str, sync: dict, args: tuple) -> dict:
+        """Run executor call ``op`` of model ``model_id`` with ``args`` (from the driver)
+        after applying ``sync`` (models to drop, cache ids to free, new step functions).
+        Returns ``{"value": results this process returns, "nbytes": a new cache's size}``."""
+        for m in sync["unload"]:
+            self.models.pop(m, None)
+        model = self.models.get(model_id)
+        if model is None:
+            raise RuntimeError(f"model {model_id} is not loaded on this worker (it was "
+                               "unloaded, or the cluster restarted): load it again")
+        for cid in sync["free"]:
+            model.caches.pop(cid, None)
+        for fid, blob in sync["fns"]:
+            model.fns[fid] = pickle.loads(blob)
+        return getattr(model, op)(*wire.from_wire(args))
+
+
+class _Model:
+    """One loaded model on a worker: its executor, live caches and step functions by id."""
+
+    def __init__(self, executor):
+        self.executor = executor
+        self.caches: dict[int, Any] = {}
+        self.fns: dict[int, Any] = {}
 
     def _keep(self, out: int, cache, value=None) -> dict:
         import jax
@@ -127,35 +144,35 @@ class JaxWorker:
         return {"value": wire.fetch(value),
                 "nbytes": int(sum(x.nbytes for x in jax.tree.leaves(cache)))}
 
-    def _init_cache(self, out, batch, max_len):
+    def init_cache(self, out, batch, max_len):
         return self._keep(out, self.executor.init_cache(batch, max_len))
 
-    def _prefill(self, cid, out, tokens, mask, all_logits):
+    def prefill(self, cid, out, tokens, mask, all_logits):
         logits, cache = self.executor.prefill(tokens, mask, self.caches[cid], all_logits)
         del self.caches[cid]
         return self._keep(out, cache, logits)
 
-    def _decode(self, cid, out, tokens, live):
+    def decode(self, cid, out, tokens, live):
         logits, cache = self.executor.decode(tokens, self.caches[cid], live)
         del self.caches[cid]
         return self._keep(out, cache, logits)
 
-    def _decode_loop(self, cid, out, fid, tokens, state, num_steps, live, max_steps):
+    def decode_loop(self, cid, out, fid, tokens, state, num_steps, live, max_steps):
         tok, cache, state, outs = self.executor.decode_loop(
             self.fns[fid], tokens, self.caches[cid], state, num_steps, live, max_steps)
         del self.caches[cid]
         return self._keep(out, cache, (tok, state, outs))
 
-    def _select(self, cid, out, rows):
+    def select(self, cid, out, rows):
         return self._keep(out, self.executor.select(self.caches[cid], rows))
 
-    def _insert(self, cid, out, prefix, slot):
+    def insert(self, cid, out, prefix, slot):
         cache = self.executor.insert(self.caches[cid], self.caches[prefix], slot)
         del self.caches[cid]
         return self._keep(out, cache)
 
-    def _logits(self, tokens, mask):
+    def logits(self, tokens, mask):
         return {"value": wire.fetch(self.executor.logits(tokens, mask)), "nbytes": 0}
 
-    def _num_caches(self):
+    def num_caches(self):
         return {"value": len(self.caches), "nbytes": 0}

@@ -167,7 +167,8 @@ class PipelineExecutor:
         if not 0 < num_steps <= (max_steps or num_steps):
             raise ValueError(f"num_steps={num_steps} must be in [1, max_steps={max_steps}]")
         last = self.stages[-1]
-        state = jax.device_put(state, NamedSharding(last.mesh, PartitionSpec()))
+        replicated = NamedSharding(last.mesh, PartitionSpec())
+        state = jax.tree.map(lambda x: move(x, replicated), state)
         step = self._jit(("step", step_fn), lambda: jax.jit(step_fn))
         outs = []
         for _ in range(num_steps):

@@ -5,8 +5,9 @@ host, a global mesh) a pipeline stage's sub-mesh may belong to another process, 
 ``device_put`` between processes is not supported by the CPU and GPU runtimes of JAX 0.10 /
 0.11.  Every process then calls :func:`move` with the same arguments (SPMD) and:
 
-* host (numpy) values are placed with ``jax.make_array_from_callback``: each process fills
-  only its own devices' shards, with no collective;
+* host values (numpy, or JAX arrays not yet placed on a mesh, typed PRNG keys included) are
+  placed with ``jax.make_array_from_callback``: each process fills only its own devices'
+  shards, with no collective;
 * a ``jax.Array`` on another device set travels through one ``ppermute`` over a two-row
   "pair" mesh stacking the source mesh on the target mesh (shard ``i`` of the source goes to
   device ``i`` of the target: NCCL on GPUs, gloo on CPUs); processes that own none of the
@@ -25,15 +26,23 @@ PAIR = "_pair"
 
 
 def move(x, sharding: NamedSharding) -> jax.Array:
-    """``x`` (numpy or ``jax.Array``) placed on ``sharding``; see the module docstring."""
+    """``x`` (numpy or ``jax.Array``, typed PRNG keys included) placed on ``sharding``; see
+    the module docstring."""
+    if jax.process_count() == 1:
+        return jax.device_put(x, sharding)
+    if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        return jax.random.wrap_key_data(move(jax.random.key_data(x), sharding),
+                                        impl=jax.random.key_impl(x))
+    if isinstance(x, jax.Array) and not x.committed and x.is_fully_addressable:
+        x = np.asarray(x)  # a value every process holds (not placed on any mesh yet)
     if not isinstance(x, jax.Array):
         x = np.asarray(x)
         if sharding.is_fully_addressable:
             return jax.device_put(x, sharding)
         return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx],
                                             dtype=x.dtype)
-    if jax.process_count() == 1 or x.sharding == sharding:
-        return jax.device_put(x, sharding)
+    if x.sharding == sharding:
+        return x
     src = x.sharding
     procs = {d.process_index for d in src.device_set | sharding.device_set}
     if procs == {jax.process_index()}:

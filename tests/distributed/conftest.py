@@ -1,0 +1,79 @@
+"""One local Ray for the distributed tests, two CPU JAX processes standing in for two hosts.
+
+Ray is started once for the package (package-scoped fixtures, lightly: no dashboard, no pre-started idle workers, no
+usage stats) and must leave no process behind.
+"""
+
+import os
+
+import numpy as np
+import psutil
+import pytest
+
+from optkit.config import OPTConfig
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+#: opt-tiny's shape (vocab 50272: optkit's tokenizer fits, for the serving test)
+CFG = OPTConfig.from_name("opt-tiny")
+PROMPTS = np.array([[2, 100, 200, 300, 400, 500], [1, 1, 2, 7, 8, 9]])
+MASK = np.array([[1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1]])
+
+
+def ray_processes() -> list[psutil.Process]:
+    """This process's Ray children (gcs, raylet, agents, workers)."""
+    out = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if "ray" in " ".join(p.cmdline()).lower() or p.name().startswith("ray"):
+                out.append(p)
+        except psutil.Error:
+            pass
+    return out
+
+
+@pytest.fixture(scope="package")
+def ray_session():
+    import ray
+
+    assert not ray.is_initialized()
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+             object_store_memory=100 * 2**20)
+    yield ray
+    ray.shutdown()
+    gone, alive = psutil.wait_procs(ray_processes(), timeout=20)
+    assert not alive, f"Ray processes left behind: {alive}"
+
+
+@pytest.fixture(scope="package")
+def weights(tmp_path_factory):
+    from optkit.weights.random import write_random_folder
+
+    root = tmp_path_factory.mktemp("ray-weights")
+    write_random_folder(root / "opt-tiny-np", CFG, seed=0, dtype=np.float32, progress=False)
+    return root
+
+
+@pytest.fixture(scope="package")
+def reference(weights):
+    """The same weights on one device in this process."""
+    from optkit import get_model
+
+    return get_model("jax/opt-tiny", path=weights, progress=False)
+
+
+@pytest.fixture(scope="package")
+def cluster(ray_session):
+    """Two JAX processes with two CPU devices each (4 global devices)."""
+    from optkit.distributed import RayCluster
+
+    c = RayCluster(processes=2, cpu_devices=2, heartbeat_interval=0.5, heartbeat_timeout=5,
+                   grace=5).start()
+    yield c
+    pids = [w.pid for w in c.workers]
+    c.shutdown()
+    _, alive = psutil.wait_procs([psutil.Process(p) for p in pids if psutil.pid_exists(p)],
+                                 timeout=20)
+    assert not alive, f"worker processes left behind: {alive}"
