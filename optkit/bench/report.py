@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import sys
@@ -101,10 +102,29 @@ def run_notebook(name: str | os.PathLike, output: str | os.PathLike,
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     kw = {"execution_timeout": timeout} if timeout else {}
-    return papermill.execute_notebook(
-        str(path), str(output), parameters=parameters,
-        kernel_name=kernel_name or ensure_kernel(), cwd=str(cwd or Path.cwd()),
-        progress_bar=progress, log_output=log_output, **kw)
+    kernel = kernel_name or ensure_kernel()
+    with _same_optkit():
+        return papermill.execute_notebook(
+            str(path), str(output), parameters=parameters, kernel_name=kernel,
+            cwd=str(cwd or Path.cwd()), progress_bar=progress, log_output=log_output, **kw)
+
+
+@contextlib.contextmanager
+def _same_optkit():
+    """Let the kernel import the optkit that launched it (first on its PYTHONPATH), whatever
+    its working directory."""
+    import optkit
+
+    root = str(Path(optkit.__file__).resolve().parents[1])
+    old = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join([root] + ([old] if old else []))
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["PYTHONPATH"]
+        else:
+            os.environ["PYTHONPATH"] = old
 
 
 def notebook_html(notebook: str | os.PathLike, html: str | os.PathLike,

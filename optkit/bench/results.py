@@ -16,6 +16,8 @@ from collections.abc import Iterable
 from pathlib import Path
 
 SUFFIXES = (".csv", ".jsonl")
+#: Hex ids that must stay text (``"123456789012"`` is not a number).
+ID_COLUMNS = ("cfg_id", "baseline_id", "load_id")
 
 
 def _check(path: Path) -> None:
@@ -82,5 +84,6 @@ def read_rows(path: str | os.PathLike):
     if not path.exists() or path.stat().st_size == 0:
         return pd.DataFrame()
     if path.suffix == ".csv":
-        return pd.read_csv(path)
-    return pd.read_json(path, lines=True)
+        return pd.read_csv(path, dtype={c: str for c in ID_COLUMNS})
+    df = pd.read_json(path, lines=True, dtype=False)
+    return df.astype({c: str for c in ID_COLUMNS if c in df})
