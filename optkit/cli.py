@@ -14,6 +14,7 @@ COMMANDS = (
     "optkit.commands.generate",
     "optkit.commands.serve",
     "optkit.commands.bench",
+    "optkit.commands.plan",
 )
 
 

@@ -1,42 +1,23 @@
-"""Parallel execution: meshes, sharding-rule tables, plans and executors."""
+"""Parallel execution: strategies as rule tables, plans, executors and the automatic planner.
 
-from __future__ import annotations
+* ``rules``    -- logical axis -> mesh axis tables (data, tensor, pipeline).
+* ``plan``     -- :class:`Plan` (dp x tp x pp, micro-batches, dtype, stage split, rules).
+* ``executor`` -- :class:`MeshExecutor`: one SPMD mesh (single device, dp, tp, dp x tp).
+* ``pipeline`` -- :class:`PipelineExecutor`: stages on sub-meshes, micro-batches in flight.
+* ``build``    -- sharded loading under a plan; ``build_parallel`` for ``get_model("alpa/")``.
+* ``devices``  -- device descriptions and presets (V100-16GB ... H200-141GB), clusters.
+* ``analysis`` -- abstract compiles (no weights) read through XLA's memory/cost analyses.
+* ``planner``  -- enumerate plans, roofline cost model, choose; ``PlanReport.to_frame()``.
+"""
 
-import logging
-
-import jax
-import numpy as np
-from jax.sharding import Mesh
-
-from optkit.api import resolve_dtype
-from optkit.config import OPTConfig
+from optkit.parallel.build import build_executor, build_parallel
+from optkit.parallel.devices import DEVICE_PRESETS, Cluster, DeviceSpec
 from optkit.parallel.executor import MeshExecutor
-from optkit.weights.load import load_params
-from optkit.weights.random import random_params
+from optkit.parallel.pipeline import PipelineExecutor
+from optkit.parallel.plan import Plan, PlanError
+from optkit.parallel.planner import PlanReport, auto_plan
+from optkit.parallel.rules import DEFAULT_RULES, TENSOR_RULES
 
-log = logging.getLogger(__name__)
-
-#: Megatron-style tensor parallelism: heads, MLP and vocabulary split over "tensor".
-TENSOR_RULES = {"batch": "data", "heads": "tensor", "mlp": "tensor", "vocab": "tensor"}
-
-
-def build_parallel(cfg: OPTConfig, store, dtype="auto", plan=None, seed: int = 0,
-                   checksums: bool = False, progress: bool = True):
-    """Executor over all visible devices (tensor parallel where the head count allows)."""
-    if plan is not None:
-        raise NotImplementedError("explicit plans arrive with the planner")
-    devices = jax.devices()
-    n = len(devices)
-    if cfg.num_attention_heads % n:
-        log.warning("%d heads do not split over %d devices; running on one device",
-                    cfg.num_attention_heads, n)
-        devices, n = devices[:1], 1
-    mesh = Mesh(np.array(devices).reshape(1, n), ("data", "tensor"))
-    jdtype = resolve_dtype(dtype, devices[0].platform)
-    probe = MeshExecutor(cfg, {"layers": []}, mesh, TENSOR_RULES, dtype=jdtype)
-    if store is None:
-        params = random_params(cfg, seed=seed, dtype=jdtype, sharding_for=probe.param_sharding)
-    else:
-        params = load_params(store, cfg, dtype=jdtype, sharding_for=probe.param_sharding,
-                             checksums=checksums, progress=progress)
-    return MeshExecutor(cfg, params, mesh, TENSOR_RULES, dtype=jdtype), None
+__all__ = ["DEFAULT_RULES", "DEVICE_PRESETS", "TENSOR_RULES", "Cluster", "DeviceSpec",
+           "MeshExecutor", "PipelineExecutor", "Plan", "PlanError", "PlanReport", "auto_plan",
+           "build_executor", "build_parallel"]

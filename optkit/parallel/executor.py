@@ -251,5 +251,7 @@ class MeshExecutor:
 
 
 def cache_len(cache) -> int:
-    """Number of positions a cache holds."""
+    """Number of positions a cache holds (a model cache or a pipeline executor's)."""
+    if "stages" in cache:
+        cache = cache["stages"][0][0]
     return int(cache["mask"].shape[1])

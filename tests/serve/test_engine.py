@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from optkit.generation.greedy import greedy
+from optkit.generation import generate
 from optkit.serve import HFCodec, Limits, ModelEngine, SamplingParams, Scheduler, SeqRequest
 from optkit.serve.engine import EngineRequest, bucket_length
 from tests.serve.conftest import wait_until
@@ -53,7 +53,8 @@ def test_batched_greedy_equals_generate_alone(tiny_model, codec, scheduler):
     mask = np.zeros_like(ids)
     for i, r in enumerate(reqs):
         ids[i, t - len(r.prompt):], mask[i, t - len(r.prompt):] = r.prompt, 1
-    want = greedy(tiny_model.executor, ids, mask, max(r.max_tokens for r in reqs))[:, t:]
+    want = generate(tiny_model.executor, ids, mask, eos_token_id=[],  # never stop on EOS
+                    max_new_tokens=max(r.max_tokens for r in reqs))[:, t:]
     for i, (r, row) in enumerate(zip(reqs, got, strict=True)):
         assert row == want[i, :r.max_tokens].tolist()
 
