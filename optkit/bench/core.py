@@ -18,7 +18,8 @@ first one compiles), then ``repeats`` timed runs, and returns one flat row:
   read), the achieved ``tflops`` / ``gbyte_per_s``, the device's ``peak_tflops`` /
   ``peak_gbyte_per_s`` (measured once per process: a large matmul and a read-only
   reduction) and ``roofline_fraction`` = roofline time bound / measured step time;
-* device names, software versions (:func:`optkit.bench.textgen.environment`) and a timestamp.
+* device names, software versions (:func:`optkit.bench.textgen.environment`), the 1-minute
+  load average (other work on a shared machine skews timings) and a timestamp.
 
 Models are loaded through :class:`ModelCache`, so configs sharing (model, backend, plan,
 dtype, weights, seed) reuse one loaded model.  Sweeps over many configs live in
@@ -32,6 +33,7 @@ import datetime
 import functools
 import hashlib
 import json
+import os
 import statistics
 import time
 from collections import OrderedDict
@@ -52,8 +54,8 @@ class BenchConfig:
       model: a preset name (``opt-125m`` ... ``opt-175b``, ``opt-tiny``); ``jax/opt-125m``
         style names set the backend too.
       backend: ``jax`` (one device), ``alpa`` (all visible devices) or ``facebook`` (HF torch).
-      plan: ``alpa`` only: a plan string such as ``"dp=1,tp=2,pp=1"`` or a ``Plan``
-        (default: the automatic planner).
+      plan: ``alpa`` only: a plan string (``"dp=1,tp=2,pp=1"``, ``"dp1-tp2-pp2-mb2"``), a
+        ``Plan``, or ``None`` / ``"auto"``: the automatic planner's choice.
       dtype: ``auto`` (fp16 on GPU, fp32 on CPU), ``float32``, ``float16`` or ``bfloat16``.
       batch_size, prompt_len, new_tokens: the generation shape (EOS is ignored).
       repeats: timed runs (the row reports medians); warmup: runs before them (the first
@@ -176,7 +178,7 @@ class ModelCache:
         from optkit import get_model
 
         plan = cfg.plan
-        if isinstance(plan, str):
+        if isinstance(plan, str) and plan != "auto":
             from optkit.parallel import Plan
 
             plan = Plan.parse(plan)
@@ -248,7 +250,7 @@ def param_bytes_per_device(model) -> int:
     import jax
 
     per_device: dict = {}
-    for leaf in jax.tree.leaves(executor_params(executor)):
+    for leaf in jax.tree.leaves(executor.params):  # a pipeline's: one tree per stage
         if not hasattr(leaf, "sharding"):
             continue
         shard = int(np.prod(leaf.sharding.shard_shape(leaf.shape))) * leaf.dtype.itemsize
@@ -257,24 +259,9 @@ def param_bytes_per_device(model) -> int:
     return max(per_device.values(), default=0)
 
 
-def executor_params(executor) -> Any:
-    """The executor's parameter pytree (pipeline executors keep one per stage)."""
-    for name in ("params", "stage_params"):
-        if hasattr(executor, name):
-            return getattr(executor, name)
-    stages = getattr(executor, "stages", None)
-    return [getattr(s, "params", None) for s in stages] if stages else []
-
-
 def num_devices(model) -> int:
-    executor = getattr(model, "executor", None)
-    mesh = getattr(executor, "mesh", None)
-    if mesh is not None:
-        return int(mesh.devices.size)
-    meshes = getattr(executor, "meshes", None)
-    if meshes:
-        return int(sum(m.devices.size for m in meshes))
-    return 1
+    mesh = getattr(getattr(model, "executor", None), "mesh", None)
+    return 1 if mesh is None else int(mesh.devices.size)
 
 
 def peak_memory() -> int | None:
@@ -373,6 +360,7 @@ def run_benchmark(cfg: BenchConfig | dict, cache: ModelCache | None = None,
         "gbyte_per_s": nbytes / step / 1e9 if step else None,
     }
     row.update(roofline(row, peaks, dtype))
+    row["load_avg_1m"] = os.getloadavg()[0]  # other work on the machine skews timings
     row["timestamp"] = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     row.update(_environment())
     return row

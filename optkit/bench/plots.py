@@ -74,12 +74,13 @@ def _label(keys, names) -> str:
 
 
 def _title(df) -> str:
+    """The device the rows ran on: the GPU's name, or the CPU model and its core count."""
     row = df.iloc[0]
-    dev = row.get("jax_device") if row.get("backend") != "facebook" else row.get("torch_device")
-    dev = dev or row.get("jax_device") or ""
-    cpu = f", {row['cpu_count']} CPUs" if str(dev).startswith("cpu") and "cpu_count" in row \
-        else ""
-    return f"{dev}{cpu}"
+    dev = str(row.get("torch_device") if row.get("backend") == "facebook"
+              else row.get("jax_device") or "")
+    if dev.startswith("cpu") and isinstance(row.get("cpu"), str):
+        return f"{row['cpu']} ({row.get('cpu_count')} CPUs)"
+    return dev.split(":", 1)[-1]
 
 
 def save(fig: Figure, path: str | os.PathLike, dpi: int = 110) -> Figure:
@@ -94,7 +95,7 @@ def plot_throughput(data, x: str = "batch_size") -> Figure:
     """Tokens/s and decode ms/step vs ``x`` (default batch size), a line per setting."""
     df = _frame(data).sort_values(x)
     names = _settings(df)
-    fig = ReportFigure(figsize=(11, 4.2))
+    fig = ReportFigure(figsize=(11, 4.2), layout="constrained")
     ax1, ax2 = fig.subplots(1, 2)
     for keys, g in df.groupby(names, dropna=False, sort=False):
         lab = _label(keys, names)
@@ -122,7 +123,7 @@ def plot_speedup(data, x: str = "batch_size") -> Figure:
         raise ValueError("no speedup column: run the sweep with a baseline")
     df = df[df["baseline_id"] != df["cfg_id"]] if "baseline_id" in df else df
     names = _settings(df)
-    fig = ReportFigure(figsize=(6, 4))
+    fig = ReportFigure(figsize=(6, 4), layout="constrained")
     ax = fig.subplots()
     groups = list(df.groupby(names, dropna=False, sort=False))
     xs = sorted(df[x].unique())
@@ -149,7 +150,7 @@ def plot_roofline(data) -> Figure:
     if df.empty:
         raise ValueError("no roofline columns: run the benchmark with peaks")
     names = _settings(df)
-    fig = ReportFigure(figsize=(11, 4.2))
+    fig = ReportFigure(figsize=(11, 4.2), layout="constrained")
     ax1, ax2 = fig.subplots(1, 2)
     ai = df["step_gflop"] / df["step_gbyte"]
     peak_f, peak_b = df["peak_tflops"].median(), df["peak_gbyte_per_s"].median()
@@ -188,7 +189,7 @@ def plot_load(data, x: str = "rate", percentiles: Sequence[int] = (50, 90, 99)) 
     """Latency percentiles (TTFT, TPOT, ITL, E2E) and achieved throughput / goodput vs the
     offered request rate (``x="concurrency"`` for closed-loop runs)."""
     df = _frame(data).sort_values(x)
-    fig = ReportFigure(figsize=(12, 7))
+    fig = ReportFigure(figsize=(12, 7), layout="constrained")
     axes = fig.subplots(2, 3).ravel()
     for ax, (m, title) in zip(axes, LOAD_METRICS, strict=False):
         ax.plot(df[x], df[f"{m}_mean_ms"], "k--", lw=1, label="mean")
@@ -217,7 +218,6 @@ def plot_load(data, x: str = "rate", percentiles: Sequence[int] = (50, 90, 99)) 
                  f"per point, prompt {r['prompt_len']}, output {r['output_len']} tokens, "
                  f"burstiness {r['burstiness']:g}" + (f"; SLOs {slos}" if slos else ""),
                  fontsize=10)
-    fig.tight_layout()
     return fig
 
 
@@ -228,7 +228,7 @@ def plot_strategies(data, label: str = "plan", memory: str | Sequence[str] = "me
     df = _frame(data).reset_index(drop=True)
     memory = [memory] if isinstance(memory, str) else list(memory)
     time = [time] if isinstance(time, str) else list(time)
-    fig = ReportFigure(figsize=(11, max(3.0, 0.35 * len(df) + 1.5)))
+    fig = ReportFigure(figsize=(11, max(3.0, 0.35 * len(df) + 1.5)), layout="constrained")
     ax1, ax2 = fig.subplots(1, 2, sharey=True)
     ys = list(range(len(df)))
     for ax, cols, unit in ((ax1, memory, "GiB per device"), (ax2, time, "ms")):

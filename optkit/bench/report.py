@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import sys
 from pathlib import Path
@@ -86,10 +87,11 @@ def notebook_parameters(name: str | os.PathLike) -> dict[str, dict]:
 def run_notebook(name: str | os.PathLike, output: str | os.PathLike,
                  parameters: dict[str, Any] | None = None, kernel_name: str | None = None,
                  cwd: str | os.PathLike | None = None, progress: bool = False,
-                 log_output: bool = False, timeout: float | None = None):
+                 echo: bool = False, timeout: float | None = None):
     """Execute a notebook with ``parameters``; writes the executed copy to ``output`` and
     returns it (an ``nbformat`` node).  Unknown parameter names are an error.  ``cwd``
-    (default: the current directory) is where relative paths in the notebook resolve."""
+    (default: the current directory) is where relative paths in the notebook resolve;
+    ``echo`` copies what the cells print to this process's stdout / stderr as they run."""
     import papermill
 
     path = notebook_path(name)
@@ -106,7 +108,9 @@ def run_notebook(name: str | os.PathLike, output: str | os.PathLike,
     with _same_optkit():
         return papermill.execute_notebook(
             str(path), str(output), parameters=parameters, kernel_name=kernel,
-            cwd=str(cwd or Path.cwd()), progress_bar=progress, log_output=log_output, **kw)
+            cwd=str(cwd or Path.cwd()), progress_bar=progress,
+            stdout_file=sys.stdout if echo else None, stderr_file=sys.stderr if echo else None,
+            **kw)
 
 
 @contextlib.contextmanager
@@ -135,6 +139,7 @@ def notebook_html(notebook: str | os.PathLike, html: str | os.PathLike,
 
     exporter = HTMLExporter(exclude_input=no_input, exclude_input_prompt=True,
                             exclude_output_prompt=True)
+    exporter.log.setLevel(logging.ERROR)  # not a warning per plot without alt text
     body, _ = exporter.from_filename(str(notebook))
     html = Path(html)
     html.parent.mkdir(parents=True, exist_ok=True)

@@ -345,10 +345,13 @@ def add_report(sub) -> None:
 
 
 def run_report_command(args) -> int:
+    import logging
     import time
 
     from optkit.bench.report import make_report, notebook_parameters
 
+    if not args.verbose:
+        logging.getLogger("papermill").setLevel(logging.WARNING)
     params = notebook_parameters(args.notebook)
     if args.list_parameters:
         for name, info in params.items():
@@ -357,8 +360,9 @@ def run_report_command(args) -> int:
         return 0
     values = {name: _values(value) for name, value in args.parameter}
     start = time.perf_counter()
+    print(f"running {args.notebook} -> {args.output_dir}/report.html", flush=True)
     paths = make_report(args.output_dir, values, notebook=args.notebook,
-                        no_input=not args.show_input)
+                        no_input=not args.show_input, progress=False, echo=True)
     for path in paths.values():
         print(f"  {path}")
     print(f"report: {paths['report.html']} ({time.perf_counter() - start:.0f} s)")

@@ -94,3 +94,20 @@ def test_measured_peaks_are_positive():
     p = device_peaks()
     assert p["peak_gbyte_per_s"] > 0.1 and p["peak_tflops"] > 1e-4
     assert np.isfinite([p["peak_gbyte_per_s"], p["peak_tflops"]]).all()
+
+
+@pytest.mark.parametrize("plan, devices, most", [
+    ("dp=1,tp=2", 2, 0.55),        # everything split over tensor (norms, biases replicated)
+    ("dp1-tp1-pp2-mb1", 2, 0.99),  # each stage: the (tied) embedding and one of two layers
+])
+def test_alpa_plans(tiny_path, plan, devices, most):
+    """Plans on the fake CPU devices: the row names the plan, counts devices and the weights
+    on the most loaded one."""
+    cfg = BenchConfig(model="alpa/opt-tiny", plan=plan, path=tiny_path, batch_size=2,
+                      prompt_len=4, new_tokens=3, repeats=1)
+    row = run_benchmark(cfg, peaks=None)
+    full = OPTConfig.from_name("opt-tiny").num_params() * 4
+    assert row["num_devices"] == devices and row["plan"] == plan
+    assert row["resolved_plan"] == {"dp=1,tp=2": "dp1-tp2-pp1"}.get(plan, plan)
+    assert 0.4 * full < row["param_bytes_per_device"] < most * full
+    assert row["tokens_per_s"] > 0

@@ -91,3 +91,25 @@ def test_05_serving_load(tmp_path, tiny_path):
     assert all(math.isfinite(v) for v in df["ttft_p99_ms"])
     assert len(read_rows(tmp_path / "serving" / "requests.jsonl")) == 8
     assert (tmp_path / "serving" / "load.png").stat().st_size > 10_000
+
+
+def test_02_parallel_strategies(tmp_path):
+    """On 4 of the 8 fake CPU devices: candidates, the best two measured, the choice."""
+    nb = run_notebook("02_parallel_strategies", tmp_path / "out.ipynb",
+                      {"model": "opt-tiny", "batch": 2, "prompt_len": 4, "gen_len": 3,
+                       "num_devices": 4, "measure_top": 2, "repeats": 1,
+                       "output_dir": "parallel"}, cwd=tmp_path)
+    out = tmp_path / "parallel"
+    cands = read_rows(out / "candidates.csv")
+    assert cands["devices"].max() <= 4 and (cands["status"] == "chosen").sum() == 1
+    ranked = list(cands[cands["status"].isin(["chosen", "fits"])]["plan"][:2])
+    measured = read_rows(out / "measured.csv")
+    assert list(measured["resolved_plan"]) == ranked
+    assert (measured["batch_size"] == 2).all() and (measured["new_tokens"] == 3).all()
+    assert measured["num_devices"].max() <= 4 and (measured["decode_step_ms"] > 0).all()
+    assert (out / "strategies_estimated.png").exists()
+    assert (out / "strategies_measured.png").exists()
+    printed = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code"
+                      for o in c.outputs)
+    chosen = cands[cands["status"] == "chosen"]["plan"].iloc[0]
+    assert "chosen plan:" in printed and chosen in printed
