@@ -20,10 +20,13 @@ install: $(STAMP)
 ## The main job on the embedded default model (random opt-125m weights, optkit's tokenizer):
 ## the papermill benchmark sweep (notebooks/03_benchmark_sweep.ipynb), JAX vs HF PyTorch at
 ## batch sizes 1-8, written to $(REPORT)/: report.html, sweep.csv/.jsonl and PNG plots.
+## OMP_WAIT_POLICY=PASSIVE: torch's spinning OpenMP threads slow it down several times on a
+## CPU shared with other work (recorded in every row).
 demo: $(STAMP)
 	@test -d $(WEIGHTS)/opt-125m-np || $(VENV)/bin/optkit random-weights $(WEIGHTS)/opt-125m-np --model opt-125m
 	rm -rf $(REPORT)
-	$(VENV)/bin/optkit bench report --output-dir $(REPORT) -p model opt-125m -p path $(WEIGHTS)
+	OMP_WAIT_POLICY=PASSIVE $(VENV)/bin/optkit bench report --output-dir $(REPORT) \
+		-p model opt-125m -p path $(WEIGHTS)
 
 ## Debian's chromium, which the web-page tests drive through Playwright (installed if missing).
 chromium:
