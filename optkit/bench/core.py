@@ -11,7 +11,8 @@ first one compiles), then ``repeats`` timed runs, and returns one flat row:
   out, so adding a field later keeps old ids);
 * ``latency_s`` (median), ``ttft_s`` (prefill + first token), ``decode_step_ms`` (per decode
   step), ``tokens_per_s`` (generated tokens / latency), ``prefill_tokens_per_s``,
-  ``decode_tokens_per_s``; ``compile_s`` (first warm-up run minus the median run), ``load_s``;
+  ``decode_tokens_per_s``; ``compile_s`` (first warm-up run minus the median run, floored
+  at 0), ``load_s``;
 * memory: ``param_bytes_per_device`` (the most loaded device), ``kv_cache_bytes``,
   ``peak_bytes`` (from ``device.memory_stats()`` where the platform reports it);
 * the roofline of one decode step: ``step_gflop`` and ``step_gbyte`` (weights + KV cache
@@ -350,7 +351,7 @@ def run_benchmark(cfg: BenchConfig | dict, cache: ModelCache | None = None,
         "prefill_tokens_per_s": b * t / ttft if ttft else None,
         "decode_tokens_per_s": b / step if step else None,
         "warmup_s": runs[0]["latency_s"] if cfg.warmup else None,
-        "compile_s": runs[0]["latency_s"] - latency if cfg.warmup else None,
+        "compile_s": max(0.0, runs[0]["latency_s"] - latency) if cfg.warmup else None,
         "load_s": load_s,
         "param_bytes_per_device": param_bytes_per_device(model),
         "kv_cache_bytes": mcfg.kv_cache_bytes(b, t + n, itemsize),
