@@ -4,6 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 WEIGHTS ?= build/weights
+REPORT ?= build/report
 JOBS ?= auto
 
 .PHONY: install demo test lint format clean chromium
@@ -16,11 +17,16 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-## The main job on the embedded default model (random opt-125m weights, optkit's tokenizer).
+## The main job on the embedded default model (random opt-125m weights, optkit's tokenizer):
+## the papermill benchmark sweep (notebooks/03_benchmark_sweep.ipynb), JAX vs HF PyTorch at
+## batch sizes 1-8, written to $(REPORT)/: report.html, sweep.csv/.jsonl and PNG plots.
+## OMP_WAIT_POLICY=PASSIVE: torch's spinning OpenMP threads slow it down several times on a
+## CPU shared with other work (recorded in every row).
 demo: $(STAMP)
 	@test -d $(WEIGHTS)/opt-125m-np || $(VENV)/bin/optkit random-weights $(WEIGHTS)/opt-125m-np --model opt-125m
-	$(VENV)/bin/optkit generate --model jax/opt-125m --path $(WEIGHTS) \
-		--prompt "Paris is the capital city of" --prompt "The best way to serve a language model is"
+	rm -rf $(REPORT)
+	OMP_WAIT_POLICY=PASSIVE $(VENV)/bin/optkit bench report --output-dir $(REPORT) \
+		-p model opt-125m -p path $(WEIGHTS)
 
 ## Debian's chromium, which the web-page tests drive through Playwright (installed if missing).
 chromium:

@@ -22,10 +22,14 @@ def test_random_weights_then_generate(tmp_path):
     cfg.save_json(tmp_path / "c.json")
     assert main(["random-weights", str(tmp_path / "opt-x-np"), "--model",
                  str(tmp_path / "c.json")]) == 0
-    out = subprocess.run([sys.executable, "-m", "optkit.cli", "generate", "--model", "jax/opt-x",
-                          "--path", str(tmp_path), "--prompt", "Hello", "--max-new-tokens", "4"],
-                         capture_output=True, text=True, check=True)
-    assert "'Hello' ->" in out.stdout
+    base = [sys.executable, "-m", "optkit.cli", "generate", "--model", "jax/opt-x",
+            "--path", str(tmp_path), "--max-new-tokens", "4"]
+    out = subprocess.run(base + ["--prompt", "Hello"], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.startswith("Hello") and out.stdout.rstrip().endswith("[length]")
+    out = subprocess.run(base + ["--prompt", "Hi", "--prompt", "Yo", "--do-sample",
+                                 "--top-p", "0.9"], capture_output=True, text=True, check=True)
+    assert "'Hi' ->" in out.stdout and "'Yo' ->" in out.stdout
 
 
 def test_no_command_prints_help(capsys):

@@ -1,10 +1,33 @@
-"""Benchmarks: each is ``run_*(config) -> list of row dicts`` (full config, device, versions
-in every row), with helpers to append rows to ``benchmarks/results/`` and summarize them.
+"""Benchmarks, sweeps, serving load tests, plots and reports.
 
-``textgen``: end-to-end text generation, several backends side by side (``optkit bench
-textgen``).
+* ``core``    — :func:`run_benchmark` ``(cfg) -> row``: one generation benchmark
+  (:class:`BenchConfig`), models cached across configs (:class:`ModelCache`);
+* ``sweep``   — :func:`grid`, :func:`load_sweep` (YAML), :func:`run_sweep` (rows appended as
+  they finish, resumable, each compared with its same-run baseline);
+* ``loadgen`` — :func:`run_load` / :func:`run_load_sweep`: Poisson / bursty / closed-loop
+  streaming requests against any OpenAI-compatible server (TTFT, TPOT, ITL, E2E, goodput);
+* ``results`` — :func:`append_rows` / :func:`read_rows` for ``.csv`` and ``.jsonl`` files;
+* ``plots``   — throughput, speed-up, roofline, load percentiles, parallel strategies;
+* ``report``  — run the notebooks with papermill, render HTML (:func:`make_report`);
+* ``textgen`` — backends side by side on built-in prompts (``optkit bench textgen``).
+
+CLI: ``optkit bench sweep | load | report | textgen``.
 """
 
+from optkit.bench.core import BenchConfig, ModelCache, cfg_id, decode_step_cost, run_benchmark
+from optkit.bench.loadgen import Lengths, LoadConfig, arrival_times, run_load, run_load_sweep
+from optkit.bench.plots import (
+    plot_load,
+    plot_roofline,
+    plot_speedup,
+    plot_strategies,
+    plot_throughput,
+    save,
+    sweep_plots,
+)
+from optkit.bench.report import make_report, notebook_html, run_notebook
+from optkit.bench.results import append_rows, read_rows
+from optkit.bench.sweep import Sweep, grid, load_sweep, run_sweep
 from optkit.bench.textgen import (
     PROMPTS,
     TextgenConfig,
@@ -15,5 +38,11 @@ from optkit.bench.textgen import (
     write_rows,
 )
 
-__all__ = ["PROMPTS", "TextgenConfig", "generation_flops", "run_textgen", "summarize",
-           "summary_markdown", "write_rows"]
+__all__ = [
+    "PROMPTS", "BenchConfig", "Lengths", "LoadConfig", "ModelCache", "Sweep", "TextgenConfig",
+    "append_rows", "arrival_times", "cfg_id", "decode_step_cost", "generation_flops", "grid",
+    "load_sweep", "make_report", "notebook_html", "plot_load", "plot_roofline", "plot_speedup",
+    "plot_strategies", "plot_throughput", "read_rows", "run_benchmark", "run_load",
+    "run_load_sweep", "run_notebook", "run_sweep", "run_textgen", "save", "summarize",
+    "summary_markdown", "sweep_plots", "write_rows",
+]

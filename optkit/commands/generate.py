@@ -1,14 +1,17 @@
-"""``optkit generate``: complete prompts with any backend."""
+"""``optkit generate``: complete prompts with any backend, streaming the text."""
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 
 def register(sub) -> None:
     p = sub.add_parser("generate", help="generate text from prompts",
-                       description="Generate continuations of prompts with an OPT model.",
+                       description="Complete prompts with an OPT model (greedy by default; "
+                       "sampling, beam search and stop strings as in HF generate). With one "
+                       "prompt and a JAX backend the text streams as it is generated.",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="jax/opt-125m",
                    help="facebook/opt-*, jax/opt-* or alpa/opt-*")
@@ -21,25 +24,59 @@ def register(sub) -> None:
     p.add_argument("--cluster", metavar="ADDRESS",
                    help="run an alpa/ model on a Ray cluster: auto (the cluster this "
                         "machine joined with `ray start`), HEAD:6379 or ray://HEAD:10001")
+    g = p.add_argument_group("decoding")
+    g.add_argument("--do-sample", action="store_true", help="sample instead of greedy")
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=50)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--num-beams", type=int, default=1)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--no-repeat-ngram-size", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--stop", action="append", help="stop string (repeatable)")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     from optkit import get_model, get_tokenizer
+    from optkit.generation import generate_text
 
     prompts = args.prompt or ["Paris is the capital city of"]
     tok = get_tokenizer(args.tokenizer)
-    tok.padding_side = "left"
     t0 = time.perf_counter()
     model = get_model(args.model, path=args.path, dummy=args.dummy, dtype=args.dtype,
                       cluster=args.cluster)
     t1 = time.perf_counter()
-    enc = tok(prompts, return_tensors="np", padding=True)
-    out = model.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
-                         max_new_tokens=args.max_new_tokens, do_sample=False)
+    kw = dict(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
+              repetition_penalty=args.repetition_penalty,
+              no_repeat_ngram_size=args.no_repeat_ngram_size)
+    if args.do_sample:
+        kw.update(do_sample=True, temperature=args.temperature, top_k=args.top_k,
+                  top_p=args.top_p, seed=args.seed)
+    if getattr(model, "backend", "facebook") == "facebook":
+        if args.stop:
+            raise ValueError("--stop needs a JAX backend (jax/ or alpa/)")
+        tok.padding_side = "left"
+        enc = tok(prompts, return_tensors="np", padding=True)
+        kw.pop("seed", None)
+        out = model.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                             **kw)
+        texts = [tok.decode(s[enc["input_ids"].shape[1]:], skip_special_tokens=True)
+                 for s in out]
+        for prompt, text in zip(prompts, texts, strict=True):
+            print(f"{prompt!r} -> {text!r}")
+    else:
+        stream = len(prompts) == 1 and args.num_beams == 1
+        if stream:
+            print(prompts[0], end="", flush=True)
+        done = generate_text(model, tok, prompts, stop=args.stop,
+                             on_text=(lambda row, text: print(text, end="", flush=True))
+                             if stream else None, **kw)
+        if stream:
+            print(f"\n[{done[0].finish_reason}]")
+        else:
+            for prompt, c in zip(prompts, done, strict=True):
+                print(f"{prompt!r} -> {c.text!r} [{c.finish_reason}]")
     t2 = time.perf_counter()
-    for prompt, seq in zip(prompts, out, strict=True):
-        text = tok.decode(seq[enc["input_ids"].shape[1]:], skip_special_tokens=True)
-        print(f"{prompt!r} -> {text!r}")
-    print(f"# {model!r}: load {t1 - t0:.1f}s, generate {t2 - t1:.2f}s")
+    print(f"# {model!r}: load {t1 - t0:.1f}s, generate {t2 - t1:.2f}s", file=sys.stderr)
     return 0

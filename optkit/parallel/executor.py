@@ -62,7 +62,21 @@ def partition_spec(axes: tuple[str | None, ...], shape: tuple[int, ...], rules: 
     return PartitionSpec(*out)
 
 
-class MeshExecutor:
+class Executor:
+    """What every executor shares; subclasses provide init_cache, prefill, decode,
+    decode_loop, select and insert."""
+
+    def logits(self, tokens, attention_mask=None):
+        """Full-sequence logits (B,T,V) without keeping a cache."""
+        tokens = np.asarray(tokens) if not isinstance(tokens, jax.Array) else tokens
+        if attention_mask is None:
+            attention_mask = np.ones(tokens.shape, np.int32)
+        cache = self.init_cache(tokens.shape[0], tokens.shape[1])
+        logits, _ = self.prefill(tokens, attention_mask, cache, all_logits=True)
+        return logits
+
+
+class MeshExecutor(Executor):
     """Jitted prefill/decode of one model on one mesh under a sharding-rule table."""
 
     def __init__(self, cfg: OPTConfig, params: Any, mesh: Mesh | None = None,
@@ -192,15 +206,6 @@ class MeshExecutor:
         if num_steps != max_steps:
             outs = jax.tree.map(lambda o: o[:num_steps], outs)
         return tok, cache, state, outs
-
-    def logits(self, tokens, attention_mask=None):
-        """Full-sequence logits (B,T,V) without keeping a cache."""
-        tokens = np.asarray(tokens) if not isinstance(tokens, jax.Array) else tokens
-        if attention_mask is None:
-            attention_mask = np.ones(tokens.shape, np.int32)
-        cache = self.init_cache(tokens.shape[0], tokens.shape[1])
-        logits, _ = self.prefill(tokens, attention_mask, cache, all_logits=True)
-        return logits
 
     def select(self, cache, rows):
         """Cache rows reordered/replicated by ``rows`` (beam search, ``num_return_sequences``)."""

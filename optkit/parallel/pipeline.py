@@ -23,13 +23,13 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from optkit.config import OPTConfig
-from optkit.parallel.executor import MeshExecutor, cache_len
+from optkit.parallel.executor import Executor, MeshExecutor, cache_len
 from optkit.parallel.plan import Plan, split_rows
 from optkit.parallel.stages import stage_decode, stage_prefill
 from optkit.parallel.transfer import move
 
 
-class PipelineExecutor:
+class PipelineExecutor(Executor):
     """Jitted prefill/decode of one model split into ``plan.pp`` stages."""
 
     def __init__(self, cfg: OPTConfig, stage_params: Sequence[dict], plan: Plan,
@@ -178,15 +178,6 @@ class PipelineExecutor:
         stack = self._jit(("stack", num_steps), lambda: jax.jit(
             lambda *xs: jax.tree.map(lambda *ys: jnp.stack(ys), *xs)))
         return tokens, cache, state, stack(*outs)
-
-    def logits(self, tokens, attention_mask=None):
-        """Full-sequence logits (B,T,V) without keeping a cache."""
-        tokens = np.asarray(tokens) if not isinstance(tokens, jax.Array) else tokens
-        if attention_mask is None:
-            attention_mask = np.ones(tokens.shape, np.int32)
-        cache = self.init_cache(tokens.shape[0], tokens.shape[1])
-        logits, _ = self.prefill(tokens, attention_mask, cache, all_logits=True)
-        return logits
 
     def select(self, cache, rows):
         """Cache rows reordered/replicated by ``rows`` (beam search, ``num_return_sequences``)."""

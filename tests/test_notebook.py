@@ -1,0 +1,91 @@
+"""The generation panel (optkit.notebook): widgets set, buttons clicked, output captured."""
+
+import time
+
+import pytest
+
+from optkit.generation import generate_text
+from optkit.notebook import generation_ui
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    import numpy as np
+
+    from optkit import get_model
+    from optkit.config import OPTConfig
+    from optkit.weights.random import write_random_folder
+
+    root = tmp_path_factory.mktemp("ui-weights")
+    write_random_folder(root / "opt-tiny-np", OPTConfig.from_name("opt-tiny"), seed=0,
+                        dtype=np.float32, progress=False)
+    return get_model("jax/opt-tiny", path=root, progress=False)
+
+
+PROMPT, N = "The capital of France is", 200
+
+
+@pytest.fixture(scope="module")
+def greedy(tiny):
+    """The greedy continuation, with the panel's steps per dispatch (the same programs)."""
+    (c,) = generate_text(tiny, None, [PROMPT], max_new_tokens=N, steps_per_dispatch=4)
+    return c
+
+
+def test_generate_streams_into_the_output(tiny, greedy):
+    ui = generation_ui(tiny)
+    ui.prompt.value = PROMPT
+    ui.temperature.value = 0.0  # greedy
+    ui.max_tokens.value = N
+    assert "do_sample" not in ui.generate_kwargs()
+    ui.generate_button.click()
+    assert ui.generate_button.disabled and not ui.stop_button.disabled
+    ui.wait(60)
+    assert ui.completion.tokens == greedy.tokens and ui.text == greedy.text
+    assert ui.output_text == PROMPT + greedy.text
+    assert len(ui.output.outputs) > 10  # streamed in pieces, not at the end
+    assert ui.status.value.startswith(f"{N} tokens in") and "finish: length" in ui.status.value
+    assert not ui.generate_button.disabled and ui.stop_button.disabled
+    bundle = ui._repr_mimebundle_()
+    assert "application/vnd.jupyter.widget-view+json" in bundle
+
+
+def test_stop_button_ends_generation_early(tiny, greedy):
+    ui = generation_ui(tiny, prompt=PROMPT, temperature=0.0, max_new_tokens=N)
+    ui.generate_button.click()
+    deadline = time.monotonic() + 60
+    while not ui.text and time.monotonic() < deadline:
+        time.sleep(0.002)
+    ui.generate_button.click()  # a second click while running is ignored
+    ui.stop_button.click()
+    ui.wait(60)
+    assert ui.stopped and ui.completion is None and ui.error is None
+    assert ui.status.value.startswith("stopped after")
+    assert greedy.text.startswith(ui.text) and len(ui.text) < len(greedy.text)
+    assert ui.output_text == PROMPT + ui.text
+    assert not ui.generate_button.disabled
+    ui.generate_button.click()  # and it can run again
+    ui.stop_button.click()
+    ui.wait(60)
+    assert ui.stopped
+
+
+def test_sampling_sliders(tiny):
+    ui = generation_ui(tiny, prompt=PROMPT, max_new_tokens=8)
+    ui.temperature.value, ui.top_p.value, ui.top_k.value = 0.8, 0.9, 20
+    kw = ui.generate_kwargs()
+    assert kw["do_sample"] and kw["temperature"] == 0.8 and kw["top_k"] == 20
+    ui.generate_button.click()
+    ui.wait(60)
+    (want,) = generate_text(tiny, None, [PROMPT], **kw)
+    assert ui.completion.tokens == want.tokens and len(want.tokens) == 8
+
+
+def test_errors_show_in_the_panel(tiny):
+    ui = generation_ui(tiny, prompt="word " * 250, temperature=0.0, max_new_tokens=100)
+    ui.generate_button.click()
+    ui.wait(60)
+    assert ui.error and ui.status.value == "error"
+    assert ui.error in ui.output_text
+    with pytest.raises(TypeError, match="JAX model"):
+        generation_ui(object())
