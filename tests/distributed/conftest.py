@@ -1,7 +1,7 @@
 """One local Ray for the distributed tests, two CPU JAX processes standing in for two hosts.
 
-Ray is started once for the package (package-scoped fixtures, lightly: no dashboard, no pre-started idle workers, no
-usage stats) and must leave no process behind.
+Ray is started once for the package (package-scoped fixtures, lightly: no dashboard, no
+pre-started idle workers, no usage stats) and must leave no process behind.
 """
 
 import os

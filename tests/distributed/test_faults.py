@@ -106,7 +106,8 @@ def test_versions_must_match_across_hosts(cluster):
     driver = local_versions()
     infos = cluster.call("info")  # what each worker reported at start-up, checked then
     assert all(i["versions"]["optkit source"] == driver["optkit source"] for i in infos)
-    check_versions(driver, [(w, i["versions"]) for w, i in zip(cluster.workers, infos)])
+    check_versions(driver, [(w, i["versions"]) for w, i in zip(cluster.workers, infos,
+                                                                   strict=True)])
     w = [WorkerInfo(0, "a", "10.0.0.1", 1), WorkerInfo(1, "b", "10.0.0.2", 2)]
     check_versions(driver, [(w[0], driver), (w[1], driver)])
     old = dict(driver, jax="0.4.30", **{"optkit source": "0123456789ab"})

@@ -10,8 +10,15 @@ import pytest
 from optkit import get_model
 from optkit.distributed import CacheHandle, RemoteOPT
 from optkit.parallel import Plan
-from optkit.serve import BackgroundServer, Limits, ModelEngine, SamplingParams, Scheduler
-from optkit.serve import SeqRequest, serve_app
+from optkit.serve import (
+    BackgroundServer,
+    Limits,
+    ModelEngine,
+    SamplingParams,
+    Scheduler,
+    SeqRequest,
+    serve_app,
+)
 from optkit.serve.text import CharCodec
 from tests.distributed.conftest import MASK, PROMPTS
 from tests.serve.conftest import wait_until
