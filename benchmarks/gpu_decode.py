@@ -33,6 +33,18 @@ VARIANTS = {
     "default+cudnn": "",
     "graphs_all+cudnn": _CB + "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL "
                         "--xla_gpu_graph_min_graph_size=1",
+    # small-matrix products as fused multiply-reduce kernels (see use_reduce_gemv)
+    "default+gemv": "",
+    "graphs_all+gemv": _CB + "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,WHILE,CONDITIONAL "
+                       "--xla_gpu_graph_min_graph_size=1",
+    # tensor-parallel all-reduce latency (decode moves a few KiB per all-reduce)
+    "ar_oneshot": "--xla_gpu_unsupported_use_all_reduce_one_shot_kernel=true",
+    "ar_sync": "--xla_gpu_disable_async_collectives=ALLREDUCE",
+    "ar_symmetric": "--xla_gpu_experimental_enable_nccl_symmetric_buffers=true",
+    "graphs_collectives": _CB + "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,COLLECTIVES,WHILE,"
+                          "CONDITIONAL --xla_gpu_graph_min_graph_size=1",
+    "ar_oneshot+sync": "--xla_gpu_unsupported_use_all_reduce_one_shot_kernel=true "
+                       "--xla_gpu_disable_async_collectives=ALLREDUCE",
 }
 sys.path.insert(0, str(ROOT))
 
@@ -144,6 +156,37 @@ def use_sdpa_attention(implementation=None) -> None:
     M._attention = attention
 
 
+def use_reduce_gemv(max_rows: int = 8) -> None:
+    """Experiment: with at most ``max_rows`` token rows, compute each projection as one fused
+    broadcast-multiply-reduce (the weight read once, an int8 weight widened inside the same
+    kernel) instead of XLA's dot; one device only (the reshape ignores sharding)."""
+    import math
+
+    import jax.numpy as jnp
+
+    from optkit import model as M
+
+    dot = M.project
+
+    def project(p, x, eq):
+        lhs, rhs = eq.split("->")[0].split(",")
+        contract = len(set(lhs.lstrip(".")) & set(rhs))
+        kernel = p["kernel_q"] if "kernel_q" in p else p["kernel"]
+        rows = math.prod(x.shape[:x.ndim - contract])
+        if rows > max_rows:
+            return dot(p, x, eq)
+        c = math.prod(x.shape[x.ndim - contract:])
+        out_dims = kernel.shape[contract:]
+        w = kernel.reshape(c, -1).astype(jnp.float32)
+        y = jnp.sum(x.reshape(rows, c, 1).astype(jnp.float32) * w[None], axis=1)
+        if "kernel_q" in p:
+            y = y * p["kernel_scale"].reshape(-1)
+        y = y.astype(x.dtype).reshape(*x.shape[:x.ndim - contract], *out_dims)
+        return y + p["bias"]
+
+    M.project = project
+
+
 def optkit_worker(args) -> list[dict]:
     import jax
     import jax.numpy as jnp
@@ -153,6 +196,8 @@ def optkit_worker(args) -> list[dict]:
         use_sdpa_attention()
     if args.variant.endswith("+cudnn"):
         use_sdpa_attention("cudnn")
+    if args.variant.endswith("+gemv"):
+        use_reduce_gemv()
 
     from jax.sharding import Mesh
 
