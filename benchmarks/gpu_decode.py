@@ -33,10 +33,13 @@ VARIANTS = {
     "default+cudnn": "",
     "graphs_all+cudnn": _CB + "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL "
                         "--xla_gpu_graph_min_graph_size=1",
-    # small-matrix products as fused multiply-reduce kernels (see use_reduce_gemv)
-    "default+gemv": "",
-    "graphs_all+gemv": _CB + "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,WHILE,CONDITIONAL "
-                       "--xla_gpu_graph_min_graph_size=1",
+    # fp16 kernels output-major (see use_transposed_kernels); int8 ones always are
+    "default+gemvT": "",
+    "default+dotT": "",
+    "graphs_all+gemvT": _CB + "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,WHILE,CONDITIONAL "
+                        "--xla_gpu_graph_min_graph_size=1",
+    # int8 multiply-reduce up to 8 rows instead of 1 (optkit.model.INT8_REDUCE_ROWS)
+    "default+rows8": "",
     # tensor-parallel all-reduce latency (decode moves a few KiB per all-reduce)
     "ar_oneshot": "--xla_gpu_unsupported_use_all_reduce_one_shot_kernel=true",
     "ar_sync": "--xla_gpu_disable_async_collectives=ALLREDUCE",
@@ -156,35 +159,49 @@ def use_sdpa_attention(implementation=None) -> None:
     M._attention = attention
 
 
-def use_reduce_gemv(max_rows: int = 8) -> None:
-    """Experiment: with at most ``max_rows`` token rows, compute each projection as one fused
-    broadcast-multiply-reduce (the weight read once, an int8 weight widened inside the same
-    kernel) instead of XLA's dot; one device only (the reshape ignores sharding)."""
+def use_transposed_kernels(params: dict, mode: str, max_rows: int = 8) -> dict:
+    """Experiment: every fp16 projection kernel stored 2-D as (outputs, inputs), so a product
+    of few rows reads each output's weights contiguously (what ``optkit.quant`` does for int8
+    kernels).  ``mode`` "reduce": with at most ``max_rows`` rows, a fused multiply + row
+    reduction; "dot": XLA's dot on the transposed kernel.  One device, unrolled layers."""
     import math
 
+    import jax
     import jax.numpy as jnp
 
     from optkit import model as M
 
     dot = M.project
+    transpose = jax.jit(lambda k, c: k.reshape(math.prod(k.shape[:c]), -1).T,
+                        static_argnums=1)
+    contract = {"qkv": 1, "out": 2, "fc1": 1, "fc2": 1}
+    for lp in params["layers"]:
+        for name, c in contract.items():
+            p = lp[name]
+            if "kernel" in p:
+                p["kernel_t"] = transpose(p.pop("kernel"), c)
+                jax.block_until_ready(p["kernel_t"])
 
     def project(p, x, eq):
-        lhs, rhs = eq.split("->")[0].split(",")
-        contract = len(set(lhs.lstrip(".")) & set(rhs))
-        kernel = p["kernel_q"] if "kernel_q" in p else p["kernel"]
-        rows = math.prod(x.shape[:x.ndim - contract])
-        if rows > max_rows:
+        if "kernel_t" not in p:
             return dot(p, x, eq)
-        c = math.prod(x.shape[x.ndim - contract:])
-        out_dims = kernel.shape[contract:]
-        w = kernel.reshape(c, -1).astype(jnp.float32)
-        y = jnp.sum(x.reshape(rows, c, 1).astype(jnp.float32) * w[None], axis=1)
-        if "kernel_q" in p:
-            y = y * p["kernel_scale"].reshape(-1)
-        y = y.astype(x.dtype).reshape(*x.shape[:x.ndim - contract], *out_dims)
-        return y + p["bias"]
+        w = p["kernel_t"]
+        c = w.shape[1]
+        n = 1
+        while math.prod(x.shape[x.ndim - n:]) != c:
+            n += 1
+        lead = x.shape[:x.ndim - n]
+        rows = math.prod(lead)
+        x2 = x.reshape(rows, c)
+        if mode == "reduce" and rows <= max_rows:
+            y = jnp.sum(x2[:, None, :].astype(jnp.float32) * w[None].astype(jnp.float32), -1)
+        else:
+            y = jnp.einsum("rc,oc->ro", x2, w.astype(x.dtype),
+                           preferred_element_type=jnp.float32)
+        return y.astype(x.dtype).reshape(*lead, *p["bias"].shape) + p["bias"]
 
     M.project = project
+    return params
 
 
 def optkit_worker(args) -> list[dict]:
@@ -196,8 +213,10 @@ def optkit_worker(args) -> list[dict]:
         use_sdpa_attention()
     if args.variant.endswith("+cudnn"):
         use_sdpa_attention("cudnn")
-    if args.variant.endswith("+gemv"):
-        use_reduce_gemv()
+    if args.variant.endswith("+rows8"):
+        from optkit import model as M
+
+        M.INT8_REDUCE_ROWS = 8
 
     from jax.sharding import Mesh
 
@@ -218,6 +237,10 @@ def optkit_worker(args) -> list[dict]:
     else:
         params = random_params(cfg, seed=0, dtype=jnp.float16, sharding_for=probe.param_sharding)
     jax.block_until_ready(params)
+    if args.variant.endswith("+gemvT"):
+        params = use_transposed_kernels(params, "reduce")
+    if args.variant.endswith("+dotT"):
+        params = use_transposed_kernels(params, "dot")
     init_s = time.perf_counter() - t0
     ex = MeshExecutor(cfg, params, mesh, TENSOR_RULES, dtype=jnp.float16)
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params))

@@ -27,6 +27,8 @@ KV cache pytree::
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -77,14 +79,33 @@ def layer_norm(p: dict, x: jax.Array, eps: float) -> jax.Array:
     return y.astype(x.dtype)
 
 
+#: int8 products of at most this many token rows run as one fused widen-multiply-reduce.
+INT8_REDUCE_ROWS = 1
+
+
 def project(p: dict, x: jax.Array, eq: str) -> jax.Array:
-    """``einsum(eq, x, kernel) + bias``.  An int8 weight-only kernel (``kernel_q`` with one
-    scale per output channel, see ``optkit.quant``) is widened inside the matmul and
-    scaled after it, so only the int8 bytes are read."""
-    if "kernel_q" in p:
-        y = jnp.einsum(eq, x, p["kernel_q"].astype(x.dtype), preferred_element_type=jnp.float32)
-        return (y * p["kernel_scale"]).astype(x.dtype) + p["bias"]
-    return jnp.einsum(eq, x, p["kernel"]) + p["bias"]
+    """``einsum(eq, x, kernel) + bias``, ``eq`` naming the kernel's input axes first.
+
+    An int8 weight-only kernel (``kernel_q``, output-major, one scale per output channel; see
+    ``optkit.quant``) is widened inside the product and scaled after it, so only the int8
+    bytes are read: for a single row as a multiply + reduction over the input axes (each
+    output's weights contiguous), else as a dot.
+    """
+    if "kernel_q" not in p:
+        return jnp.einsum(eq, x, p["kernel"]) + p["bias"]
+    q, scale = p["kernel_q"], p["kernel_scale"]
+    n_out = scale.ndim
+    n_in = q.ndim - n_out
+    lead = x.shape[:x.ndim - n_in]
+    if math.prod(lead) <= INT8_REDUCE_ROWS:
+        xb = x.astype(jnp.float32).reshape(lead + (1,) * n_out + x.shape[x.ndim - n_in:])
+        y = jnp.sum(xb * q.astype(jnp.float32), axis=tuple(range(-n_in, 0)))
+    else:
+        operands, out = eq.split("->")
+        lhs, rhs = operands.split(",")
+        y = jnp.einsum(f"{lhs},{rhs[n_in:]}{rhs[:n_in]}->{out}", x, q.astype(x.dtype),
+                       preferred_element_type=jnp.float32)
+    return (y * scale).astype(x.dtype) + p["bias"]
 
 
 def dense(p: dict, x: jax.Array) -> jax.Array:

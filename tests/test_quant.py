@@ -17,8 +17,8 @@ from tests.conftest import CONFIGS, left_padded_batch
 def test_kernel_round_trip_error_is_within_half_a_step():
     w = jax.random.normal(jax.random.key(0), (64, 3, 4, 16)) * 0.02
     q, scale = quantize_kernel(w, 1)
-    assert q.dtype == jnp.int8 and scale.shape == (3, 4, 16)
-    err = jnp.abs(q.astype(jnp.float32) * scale - w)
+    assert q.dtype == jnp.int8 and q.shape == (3, 4, 16, 64) and scale.shape == (3, 4, 16)
+    err = jnp.abs(jnp.moveaxis(q, -1, 0).astype(jnp.float32) * scale - w)
     assert bool(jnp.all(err <= scale / 2 + 1e-7))
 
 
@@ -40,7 +40,36 @@ def test_specs_keep_output_axes_for_scales():
     specs = {s.path[2:]: s for s in quantized_specs(cfg) if s.path[:2] == ("layers", 0)}
     assert specs[("qkv", "kernel_scale")].axes == (None, "heads", "head_dim")
     assert specs[("fc1", "kernel_scale")].shape == (cfg.ffn_dim,)
-    assert specs[("out", "kernel_q")].axes == ("heads", "head_dim", "embed")
+    assert specs[("out", "kernel_q")].axes == ("embed", "heads", "head_dim")  # output-major
+    assert specs[("qkv", "kernel_q")].shape == (3, cfg.num_attention_heads, cfg.head_dim,
+                                                 cfg.hidden_size)
+
+
+def test_one_row_reduction_matches_the_dot():
+    """A single row takes the multiply-reduce path, several rows the dot: same numbers, and
+    decoding row by row reproduces the full forward of the quantized model."""
+    cfg = CONFIGS["odd_heads"]
+    q = quantize_params(load_params(dict(random_state_dict(cfg)), cfg, progress=False))
+    for name, eq, shape in (("qkv", "bth,hkad->btkad", (3, 1, cfg.hidden_size)),
+                            ("out", "btad,adh->bth",
+                             (3, 1, cfg.num_attention_heads, cfg.head_dim)),
+                            ("fc1", "...i,io->...o", (3, 1, cfg.hidden_size))):
+        x = jax.random.normal(jax.random.key(1), shape)
+        p = q["layers"][0][name]
+        many = M.project(p, x, eq)
+        ones = jnp.concatenate([M.project(p, x[i:i + 1], eq) for i in range(3)])
+        np.testing.assert_allclose(np.asarray(ones), np.asarray(many), rtol=1e-5, atol=1e-5)
+    ids = np.array([[2, 11, 12, 13, 14, 15]])
+    full = np.asarray(M.forward(q, cfg, jnp.asarray(ids)))
+    cache = M.init_cache(cfg, 1, 8)
+    logits, cache = M.prefill(q, cfg, jnp.asarray(ids[:, :3]), jnp.ones((1, 3), jnp.int32),
+                              cache, all_logits=False)
+    steps = [logits]
+    for t in range(3, 6):
+        logits, cache = M.decode_step(q, cfg, jnp.asarray(ids[:, t]), cache)
+        steps.append(logits)
+    np.testing.assert_allclose(np.stack([np.asarray(s)[0] for s in steps]), full[0, 2:],
+                               rtol=1e-4, atol=1e-4)
 
 
 def test_random_int8_model_runs_tensor_parallel():
@@ -55,3 +84,10 @@ def test_random_int8_model_runs_tensor_parallel():
     ids = np.array([[2, 5, 6, 7]])
     np.testing.assert_allclose(np.asarray(sharded.logits(ids)), np.asarray(single.logits(ids)),
                                atol=1e-4)
+    # one row per step: the multiply-reduce path, reducing over sharded input axes
+    outs = []
+    for ex in (sharded, single):
+        logits, cache = ex.prefill(ids, np.ones_like(ids), ex.init_cache(1, 8))
+        logits, cache = ex.decode(np.array([9]), cache)
+        outs.append(np.asarray(logits))
+    np.testing.assert_allclose(outs[0], outs[1], atol=1e-4)
