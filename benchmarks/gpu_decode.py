@@ -38,6 +38,9 @@ VARIANTS = {
     "default+dotT": "",
     "graphs_all+gemvT": _CB + "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,WHILE,CONDITIONAL "
                         "--xla_gpu_graph_min_graph_size=1",
+    "default+packed": "",
+    "graphs_all+packed": _CB + "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,WHILE,CONDITIONAL "
+                         "--xla_gpu_graph_min_graph_size=1",
     # int8 multiply-reduce up to 8 rows instead of 1 (optkit.model.INT8_REDUCE_ROWS)
     "default+rows8": "",
     # tensor-parallel all-reduce latency (decode moves a few KiB per all-reduce)
@@ -204,6 +207,40 @@ def use_transposed_kernels(params: dict, mode: str, max_rows: int = 8) -> dict:
     return params
 
 
+def use_packed_int8() -> None:
+    """Experiment: the one-row int8 product reads the output-major int8 kernel as int32 words
+    (four weights per load, unpacked with shifts inside the same fused reduction)."""
+    import math
+
+    import jax
+    import jax.numpy as jnp
+
+    from optkit import model as M
+
+    dot = M.project
+
+    def project(p, x, eq):
+        if "kernel_q" not in p:
+            return dot(p, x, eq)
+        q, scale = p["kernel_q"], p["kernel_scale"]
+        n_out = scale.ndim
+        n_in = q.ndim - n_out
+        lead = x.shape[:x.ndim - n_in]
+        if math.prod(lead) > 1 or q.shape[-1] % 4:
+            return dot(p, x, eq)
+        w = jax.lax.bitcast_convert_type(q.reshape(q.shape[:-1] + (q.shape[-1] // 4, 4)),
+                                         jnp.int32)
+        xs = x.astype(jnp.float32).reshape(lead + (1,) * n_out + x.shape[x.ndim - n_in:-1]
+                                           + (x.shape[-1] // 4, 4))
+        prod = sum(xs[..., k] * jax.lax.shift_right_arithmetic(
+            jax.lax.shift_left(w, jnp.int32(24 - 8 * k)), jnp.int32(24)).astype(jnp.float32)
+            for k in range(4))
+        y = jnp.sum(prod, axis=tuple(range(-n_in, 0)))
+        return (y * scale).astype(x.dtype) + p["bias"]
+
+    M.project = project
+
+
 def optkit_worker(args) -> list[dict]:
     import jax
     import jax.numpy as jnp
@@ -213,6 +250,8 @@ def optkit_worker(args) -> list[dict]:
         use_sdpa_attention()
     if args.variant.endswith("+cudnn"):
         use_sdpa_attention("cudnn")
+    if args.variant.endswith("+packed"):
+        use_packed_int8()
     if args.variant.endswith("+rows8"):
         from optkit import model as M
 
