@@ -108,7 +108,9 @@ def test_reports_the_servers_known_delays(fake_server):
     assert s["completed"] == 4 and s["failed"] == 0 and s["served_model"] == "fake"
     assert all(r["output_tokens"] == 12 and r["chunks"] == 12 for r in reqs)
     assert s["ttft_mean_ms"] == pytest.approx(250, rel=0.05)
-    assert s["ttft_p99_ms"] == pytest.approx(250, rel=0.05)
+    assert s["ttft_p50_ms"] == pytest.approx(250, rel=0.05)
+    # the slowest of 4 requests also carries the shared 2-core CI machine's scheduling noise
+    assert 250 <= s["ttft_p99_ms"] < 275
     assert s["itl_p50_ms"] == pytest.approx(40, rel=0.05)
     assert s["itl_mean_ms"] == pytest.approx(40, rel=0.05)
     assert s["tpot_mean_ms"] == pytest.approx(40, rel=0.05)
