@@ -12,16 +12,10 @@ from optkit.distributed import CacheHandle, RemoteOPT
 from optkit.parallel import Plan
 from optkit.serve import (
     BackgroundServer,
-    Limits,
-    ModelEngine,
-    SamplingParams,
-    Scheduler,
-    SeqRequest,
     serve_app,
 )
-from optkit.serve.text import CharCodec
 from tests.distributed.conftest import MASK, PROMPTS
-from tests.serve.conftest import wait_until
+from tests.serve.conftest import scheduler_outputs
 
 pytestmark = pytest.mark.xdist_group("ray")
 
@@ -79,23 +73,10 @@ def test_sampling_beams_and_cache_handles(pipeline, reference):
     assert ex.live_caches() == 0
 
 
-def outputs(executor):
-    """The server's scheduler thread over an executor (as tests/serve/test_backends.py)."""
-    s = Scheduler(ModelEngine(executor, 4, 64), CharCodec(), Limits()).start()
-    try:
-        prompts = [(2, 100, 200, 300), (2, 7), (2, 5000, 6000, 7000, 8000, 9000, 11)]
-        hs = s.submit([SeqRequest(p, 6, SamplingParams(temperature=0.8 * (i % 2), seed=i),
-                                  ignore_eos=True, logprobs=2 * (i % 2) or None)
-                       for i, p in enumerate(prompts)])
-        wait_until(lambda: all(h.done for h in hs), timeout=300)
-        return [h.stream.ids for h in hs], [h.cum_logprob for h in hs]
-    finally:
-        s.stop()
-
-
 def test_serving_runs_on_the_ray_backend(pipeline, reference):
-    ids, lps = outputs(pipeline.executor)
-    want_ids, want_lps = outputs(reference.executor)
+    ids, lps = scheduler_outputs(pipeline.executor, slots=4, max_len=64, new_tokens=6)
+    want_ids, want_lps = scheduler_outputs(reference.executor, slots=4, max_len=64,
+                                           new_tokens=6)
     assert ids == want_ids
     np.testing.assert_allclose(lps, want_lps, atol=1e-3)
     # and the HTTP stack on top

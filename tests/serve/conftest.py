@@ -8,7 +8,10 @@ from optkit.serve import (
     FakeEngine,
     Limits,
     Metrics,
+    ModelEngine,
+    SamplingParams,
     Scheduler,
+    SeqRequest,
     create_app,
 )
 
@@ -66,3 +69,23 @@ def wait_until(cond, timeout=10.0, interval=0.01):
         if time.monotonic() > deadline:
             raise AssertionError("condition not reached in time")
         time.sleep(interval)
+
+
+#: Prompts (token ids) of :func:`scheduler_outputs`.
+SCHEDULER_PROMPTS = [(2, 100, 200, 300), (2, 7), (2, 5000, 6000, 7000, 8000, 9000, 11, 12, 13)]
+
+
+def scheduler_outputs(executor, slots=8, max_len=128, new_tokens=7):
+    """Token ids and cumulative log-probs of the server's scheduler thread over ``executor``
+    (greedy and sampled rows, log-probs on some): what backends must reproduce."""
+    # CharCodec only decodes text here; the token ids are what gets compared
+    s = Scheduler(ModelEngine(executor, slots, max_len), CharCodec(), Limits()).start()
+    try:
+        hs = s.submit([SeqRequest(p, new_tokens,
+                                  SamplingParams(temperature=0.8 * (i % 2), seed=i),
+                                  ignore_eos=True, logprobs=2 * (i % 2) or None)
+                       for i, p in enumerate(SCHEDULER_PROMPTS)])
+        wait_until(lambda: all(h.done for h in hs), timeout=300)
+        return [h.stream.ids for h in hs], [h.cum_logprob for h in hs]
+    finally:
+        s.stop()

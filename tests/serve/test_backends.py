@@ -7,11 +7,9 @@ from jax.sharding import Mesh
 
 from optkit.parallel import TENSOR_RULES
 from optkit.parallel.executor import MeshExecutor
-from optkit.serve import Limits, ModelEngine, SamplingParams, Scheduler, SeqRequest
-from optkit.serve.text import CharCodec
 from optkit.weights.load import load_params
 from optkit.weights.sources import open_weights
-from tests.serve.conftest import wait_until
+from tests.serve.conftest import scheduler_outputs
 
 #: one xdist worker compiles the tiny model for all these modules (make test: --dist loadgroup)
 pytestmark = pytest.mark.xdist_group("serve-model")
@@ -38,22 +36,9 @@ class DecodeOnly:
         return self.inner.insert(cache, prefix, slot)
 
 
-def outputs(executor):
-    # CharCodec only decodes text here; the token ids are what gets compared
-    s = Scheduler(ModelEngine(executor, 8, 128), CharCodec(), Limits()).start()
-    try:
-        hs = s.submit([SeqRequest(p, 7, SamplingParams(temperature=0.8 * (i % 2), seed=i),
-                                  ignore_eos=True, logprobs=2 * (i % 2) or None)
-                       for i, p in enumerate(PROMPTS)])
-        wait_until(lambda: all(h.done for h in hs), timeout=300)
-        return [h.stream.ids for h in hs], [h.cum_logprob for h in hs]
-    finally:
-        s.stop()
-
-
 @pytest.fixture(scope="module")
 def reference(tiny_model):
-    return outputs(tiny_model.executor)
+    return scheduler_outputs(tiny_model.executor)
 
 
 def test_tensor_and_data_parallel_mesh(tiny_model, tiny_weights, reference):
@@ -65,12 +50,12 @@ def test_tensor_and_data_parallel_mesh(tiny_model, tiny_weights, reference):
                          progress=False)
     sharded = MeshExecutor(cfg, params, mesh, TENSOR_RULES)
     assert len(params["embed_tokens"].sharding.device_set) == 4
-    ids, lps = outputs(sharded)
+    ids, lps = scheduler_outputs(sharded)
     assert ids == reference[0]
     np.testing.assert_allclose(lps, reference[1], atol=1e-3)
 
 
 def test_executor_without_decode_loop(tiny_model, reference):
-    ids, lps = outputs(DecodeOnly(tiny_model.executor))
+    ids, lps = scheduler_outputs(DecodeOnly(tiny_model.executor))
     assert ids == reference[0]
     np.testing.assert_allclose(lps, reference[1], atol=1e-4)
