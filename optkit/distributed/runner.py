@@ -198,6 +198,7 @@ def choose_plan(cfg: OPTConfig, plan, cluster: RayCluster, dtype, progress: bool
     """The given :class:`~optkit.parallel.Plan` (checked against the cluster) or the
     planner's choice for the cluster's devices (described by worker 0, grouped by host)."""
     from optkit.parallel import Cluster, Plan, PlanError, auto_plan
+    from optkit.parallel.build import auto_plan_options
 
     count = cluster.num_devices
     if isinstance(plan, Plan):
@@ -209,12 +210,7 @@ def choose_plan(cfg: OPTConfig, plan, cluster: RayCluster, dtype, progress: bool
     if plan is not None and plan != "auto" and not isinstance(plan, dict):
         raise TypeError(f"plan must be a Plan, 'auto' or a dict of planner options; got "
                         f"{type(plan).__name__}")
-    opts = dict(plan) if isinstance(plan, dict) else {}
-    opts.setdefault("dtype", dtype)
-    opts.setdefault("all_devices", True)
-    positions = cfg.max_position_embeddings
-    opts.setdefault("prompt_len", min(128, positions // 2))
-    opts.setdefault("gen_len", min(32, positions - opts["prompt_len"]))
+    opts = auto_plan_options(cfg, plan, dtype)
     per_host = cluster.devices[0]["local_devices"] if len(cluster.workers) > 1 else None
     described = Cluster(cluster.devices[0]["spec"], count, per_host=per_host)
     report = auto_plan(cfg, cluster=described, progress=progress, **opts)

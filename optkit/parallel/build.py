@@ -98,6 +98,19 @@ def build_executor(cfg: OPTConfig, plan: Plan, store=None, devices: Sequence | N
     return PipelineExecutor(cfg, stage_params, plan, devices, dtype=jdtype)
 
 
+def auto_plan_options(cfg: OPTConfig, plan, dtype) -> dict:
+    """:func:`~optkit.parallel.planner.auto_plan` options for ``plan`` (``None``, ``"auto"``
+    or a dict of options): every device, the model's dtype, a 128-token prompt and 32 new
+    tokens (shorter where the model's positions require)."""
+    opts = dict(plan) if isinstance(plan, dict) else {}
+    opts.setdefault("dtype", dtype)
+    opts.setdefault("all_devices", True)
+    positions = cfg.max_position_embeddings
+    opts.setdefault("prompt_len", min(128, positions // 2))
+    opts.setdefault("gen_len", min(32, positions - opts["prompt_len"]))
+    return opts
+
+
 def build_parallel(cfg: OPTConfig, store, dtype="auto", plan=None, seed: int = 0,
                    checksums: bool = False, progress: bool = True, devices=None):
     """``get_model("alpa/...")``: (executor, plan) over all visible devices.
@@ -110,13 +123,8 @@ def build_parallel(cfg: OPTConfig, store, dtype="auto", plan=None, seed: int = 0
     if plan is None or plan == "auto" or isinstance(plan, dict):
         from optkit.parallel.planner import auto_plan
 
-        opts = dict(plan) if isinstance(plan, dict) else {}
-        opts.setdefault("dtype", dtype)
-        opts.setdefault("all_devices", True)
-        positions = cfg.max_position_embeddings
-        opts.setdefault("prompt_len", min(128, positions // 2))
-        opts.setdefault("gen_len", min(32, positions - opts["prompt_len"]))
-        report = auto_plan(cfg, devices=devices, progress=progress, **opts)
+        report = auto_plan(cfg, devices=devices, progress=progress,
+                           **auto_plan_options(cfg, plan, dtype))
         log.info("automatic plan for %s on %d devices:\n%s", cfg.name, len(devices),
                  report.best.describe(cfg, devices))
         plan = report.best
