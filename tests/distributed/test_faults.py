@@ -57,6 +57,7 @@ def test_worker_fault_mid_generation_is_a_clear_error_then_restart(ray_session, 
                          heartbeat_timeout=HEARTBEAT_TIMEOUT, grace=5).start()
     try:
         err, seconds, victim = fault_mid_generation(cluster, weights, sig)
+        print(f"{signal.Signals(sig).name}: {type(err).__name__} after {seconds:.1f} s: {err}")
         assert isinstance(err, WorkerError), repr(err)
         assert victim in err.workers and f"pid {victim.pid}" in str(err)
         assert ("died" if sig == signal.SIGKILL else "heartbeat") in str(err)
