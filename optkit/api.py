@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from optkit.config import OPTConfig, canonical_name
+from optkit.quant import check_quantize, load_int8_params, random_int8_params
 from optkit.weights.folder import WeightError, folder_path, is_weight_folder
 from optkit.weights.load import load_params
 from optkit.weights.random import random_params
@@ -182,7 +183,7 @@ def weights_location(short: str, path) -> Path:
 def get_model(model_name: str, path: str | os.PathLike | None = None, dtype="auto",
               dummy: bool = False, device=None, plan=None, seed: int = 0,
               config: OPTConfig | None = None, checksums: bool = False,
-              progress: bool = True, cluster=None, **kwargs):
+              progress: bool = True, cluster=None, quantize: str | None = None, **kwargs):
     """Load an OPT model for inference (Alpa's ``get_model``).
 
     Args:
@@ -198,15 +199,21 @@ def get_model(model_name: str, path: str | os.PathLike | None = None, dtype="aut
       cluster: run an ``alpa/`` model on a Ray cluster: an address (``"auto"``,
         ``"ray://head:10001"``) or an :class:`optkit.distributed.RayCluster`; the plan spans
         every host's devices and the weights must be at ``path`` on every host.
+      quantize: ``"int8"``: int8 weight-only matmul kernels, quantized while loading
+        (``jax/`` and ``alpa/``; see ``optkit.quant``).
     """
     backend, short = split_name(model_name)
     if kwargs:
         raise TypeError(f"get_model() got unexpected arguments: {sorted(kwargs)}")
+    check_quantize(quantize)
+    if quantize and backend == "facebook":
+        raise ValueError("quantize= runs on JAX: use jax/ or alpa/ (the same weights)")
     if cluster is not None:
         from optkit.distributed import load_model
 
         return load_model(cluster, model_name, path=path, dtype=dtype, dummy=dummy, plan=plan,
-                          seed=seed, config=config, checksums=checksums, progress=progress)
+                          seed=seed, config=config, checksums=checksums, progress=progress,
+                          quantize=quantize)
     if backend == "facebook":
         from optkit.hf_backend import get_hf_model
 
@@ -224,7 +231,8 @@ def get_model(model_name: str, path: str | os.PathLike | None = None, dtype="aut
         from optkit.parallel import build_parallel
 
         executor, plan = build_parallel(cfg, store, dtype=dtype, plan=plan, seed=seed,
-                                        checksums=checksums, progress=progress)
+                                        checksums=checksums, progress=progress,
+                                        quantize=quantize)
         return JaxOPT(executor, name=model_name, backend=backend, plan=plan)
 
     if plan is not None:
@@ -235,7 +243,12 @@ def get_model(model_name: str, path: str | os.PathLike | None = None, dtype="aut
     jdtype = resolve_dtype(dtype, dev.platform)
     mesh = single_device_mesh(dev)
     with jax.default_device(dev):
-        if store is None:
+        if quantize and store is None:
+            params = random_int8_params(cfg, seed=seed, dtype=jdtype)
+        elif quantize:
+            params = load_int8_params(store, cfg, dtype=jdtype, checksums=checksums,
+                                      progress=progress)
+        elif store is None:
             params = random_params(cfg, seed=seed, dtype=jdtype)
         else:
             params = load_params(store, cfg, dtype=jdtype, checksums=checksums,

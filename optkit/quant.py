@@ -23,12 +23,20 @@ import jax.numpy as jnp
 from optkit.config import OPTConfig
 from optkit.weights.layout import ParamSpec, param_specs, tree_from_specs
 
+#: Values of ``get_model(..., quantize=)``.
+QUANTIZE = (None, "int8")
+
 #: Kernel name -> number of leading input dims (the rest are output channels).
 KERNELS = {"qkv": 1, "out": 2, "fc1": 1, "fc2": 1}
 
 
 def _is_kernel(spec: ParamSpec) -> bool:
     return len(spec.path) >= 2 and spec.path[-1] == "kernel" and spec.path[-2] in KERNELS
+
+
+def check_quantize(quantize) -> None:
+    if quantize not in QUANTIZE:
+        raise ValueError(f"quantize must be one of {QUANTIZE}; got {quantize!r}")
 
 
 def quantized_specs(cfg: OPTConfig) -> list[ParamSpec]:
@@ -71,6 +79,58 @@ def quantize_params(params: dict) -> dict:
     if isinstance(params["layers"], dict):
         raise ValueError("quantize_params expects per-layer (unstacked) params")
     return {**params, "layers": [layer(lp) for lp in params["layers"]]}
+
+
+@functools.cache
+def _quantizer(n_in: int, shardings):
+    return jax.jit(quantize_kernel, static_argnums=1, out_shardings=shardings)
+
+
+def load_int8_params(store, cfg: OPTConfig, dtype=jnp.float16, sharding_for=None,
+                     checksums: bool = False, progress: bool = True) -> dict:
+    """An int8 model read from a weight store (e.g. an fp16 folder): each matmul kernel is
+    quantized on its devices as soon as it is read, so no more than one full-precision kernel
+    is ever held (OPT-175B's int8 weights fit 2 x 141 GB; its fp16 ones do not)."""
+    from optkit.weights.load import check_store, load_bar, read_leaf
+
+    check_store(store, cfg, checksums=checksums)
+    original = {s.path: s for s in param_specs(cfg)}
+    specs = quantized_specs(cfg)
+    by_path = {s.path: s for s in specs}
+    itemsize = jnp.dtype(dtype).itemsize
+    bar = load_bar(cfg, dtype, progress)
+    done: dict[tuple, dict] = {}
+
+    def place(spec):
+        return sharding_for(spec) if sharding_for else None
+
+    def leaf(spec: ParamSpec):
+        *owner, name = spec.path
+        owner = tuple(owner)
+        if name not in ("kernel_q", "kernel_scale"):
+            arr = read_leaf(store, spec, dtype, place(spec))
+            bar.update(spec.size * itemsize)
+            return arr
+        if owner not in done:
+            src = original[owner + ("kernel",)]
+            shardings = None
+            if sharding_for:
+                shardings = (place(by_path[owner + ("kernel_q",)]),
+                             place(by_path[owner + ("kernel_scale",)]))
+            w = read_leaf(store, src, dtype, place(src))
+            q, scale = _quantizer(KERNELS[owner[-1]], shardings)(w, KERNELS[owner[-1]])
+            del w
+            done[owner] = {"kernel_q": q, "kernel_scale": scale}
+            bar.update(src.size * itemsize)
+        out = done[owner].pop(name)
+        if not done[owner]:
+            del done[owner]
+        return out
+
+    try:
+        return tree_from_specs(specs, leaf)
+    finally:
+        bar.close()
 
 
 @functools.cache

@@ -30,6 +30,9 @@ def test_random_weights_then_generate(tmp_path):
     out = subprocess.run(base + ["--prompt", "Hi", "--prompt", "Yo", "--do-sample",
                                  "--top-p", "0.9"], capture_output=True, text=True, check=True)
     assert "'Hi' ->" in out.stdout and "'Yo' ->" in out.stdout
+    out = subprocess.run(base + ["--prompt", "Hello", "--quantize", "int8"],
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.startswith("Hello") and "[length]" in out.stdout
 
 
 def test_no_command_prints_help(capsys):

@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from jax.sharding import Mesh
 
 from optkit import model as M
@@ -91,3 +92,38 @@ def test_random_int8_model_runs_tensor_parallel():
         logits, cache = ex.decode(np.array([9]), cache)
         outs.append(np.asarray(logits))
     np.testing.assert_allclose(outs[0], outs[1], atol=1e-4)
+
+
+def test_get_model_quantizes_while_loading(tmp_path):
+    """get_model(quantize="int8") gives the same int8 weights (and logits) as quantizing a
+    loaded model, on one device and tensor-parallel over two; random int8 weights too."""
+    from optkit import get_model
+    from optkit.parallel import Plan
+    from optkit.weights.random import write_random_folder
+
+    cfg = CONFIGS["post_ln_proj"]
+    write_random_folder(tmp_path / "m-np", cfg, seed=0, dtype=np.float32, progress=False)
+    full = get_model("jax/m", path=tmp_path / "m-np", progress=False)
+    want = quantize_params(full.executor.params)
+    ids, mask = left_padded_batch(cfg, [6, 4])
+    ref = np.asarray(M.forward(want, cfg, jnp.asarray(ids), jnp.asarray(mask)))
+    one = get_model("jax/m", path=tmp_path / "m-np", quantize="int8", progress=False)
+    got = one.executor.params["layers"][1]["fc2"]
+    assert got["kernel_q"].dtype == jnp.int8 and "kernel" not in got
+    np.testing.assert_array_equal(np.asarray(got["kernel_q"]),
+                                  np.asarray(want["layers"][1]["fc2"]["kernel_q"]))
+    two = get_model("alpa/m", path=tmp_path / "m-np", quantize="int8", plan=Plan(tp=2),
+                    progress=False)
+    assert len(two.executor.params["layers"][0]["qkv"]["kernel_q"].sharding.device_set) == 2
+    for model in (one, two):
+        out = np.asarray(model(ids, attention_mask=mask).logits)
+        np.testing.assert_allclose(out, ref, atol=1e-4)
+    np.testing.assert_array_equal(
+        one.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5),
+        two.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5))
+    dummy = get_model("jax/opt-tiny", dummy=True, quantize="int8", progress=False)
+    assert dummy.executor.params["layers"][0]["out"]["kernel_q"].dtype == jnp.int8
+    with pytest.raises(ValueError, match="quantize must be one of"):
+        get_model("jax/opt-tiny", dummy=True, quantize="int4")
+    with pytest.raises(ValueError, match="jax/ or alpa/"):
+        get_model("facebook/opt-tiny", dummy=True, quantize="int8")

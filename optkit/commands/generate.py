@@ -21,6 +21,8 @@ def register(sub) -> None:
     p.add_argument("--prompt", action="append", help="prompt text (repeat for a batch)")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--dtype", default="auto")
+    p.add_argument("--quantize", choices=["int8"],
+                   help="int8 weight-only matmul kernels, quantized while loading")
     p.add_argument("--cluster", metavar="ADDRESS",
                    help="run an alpa/ model on a Ray cluster: auto (the cluster this "
                         "machine joined with `ray start`), HEAD:6379 or ray://HEAD:10001")
@@ -45,7 +47,7 @@ def run(args) -> int:
     tok = get_tokenizer(args.tokenizer)
     t0 = time.perf_counter()
     model = get_model(args.model, path=args.path, dummy=args.dummy, dtype=args.dtype,
-                      cluster=args.cluster)
+                      cluster=args.cluster, quantize=args.quantize)
     t1 = time.perf_counter()
     kw = dict(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
               repetition_penalty=args.repetition_penalty,

@@ -35,6 +35,8 @@ def register(sub) -> None:
                         "followed by the next letter)")
     g.add_argument("--tokenizer", help="tokenizer folder (default: optkit's embedded one)")
     g.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16")
+    g.add_argument("--quantize", choices=["int8"],
+                   help="int8 weight-only matmul kernels, quantized while loading")
     g.add_argument("--cluster", metavar="ADDRESS",
                    help="run an alpa/ model on a Ray cluster: auto (the cluster this "
                         "machine joined with `ray start`), HEAD:6379 or ray://HEAD:10001")
@@ -96,7 +98,7 @@ def build_app(args):
     if not args.dummy and not args.path:
         raise ValueError("pass --path DIR (the folder holding {name}-np/) or --dummy")
     model = get_model(args.model, path=args.path, dummy=args.dummy, dtype=args.dtype,
-                      cluster=args.cluster)
+                      cluster=args.cluster, quantize=args.quantize)
     log.info("loaded %r", model)
     app = serve_app(model, get_tokenizer(args.tokenizer), name=args.model,
                     max_slots=args.max_slots, max_len=args.max_len, limits=limits,

@@ -107,7 +107,8 @@ class JaxWorker:
             _, store = open_weights(weights_location(spec["short"], spec["path"]))
         executor = build_executor(spec["config"], spec["plan"], store, devices=jax.devices(),
                                   dtype=spec["dtype"], seed=spec["seed"],
-                                  checksums=spec["checksums"], progress=False)
+                                  checksums=spec["checksums"], progress=False,
+                                  quantize=spec["quantize"])
         self.models[model_id] = _Model(executor)
         return {"dtype": jnp.dtype(executor.dtype).name}
 

@@ -20,6 +20,7 @@ from optkit.parallel.pipeline import PipelineExecutor
 from optkit.parallel.plan import Plan, PlanError, stage_of
 from optkit.parallel.stages import split_params
 from optkit.parallel.transfer import move
+from optkit.quant import check_quantize, load_int8_params, random_int8_params
 from optkit.weights.layout import ParamSpec, param_specs, tree_from_specs
 from optkit.weights.load import load_params
 from optkit.weights.random import random_params
@@ -67,11 +68,14 @@ def zero_params(cfg: OPTConfig, plan: Plan, sharding_for, dtype) -> dict:
 
 def build_executor(cfg: OPTConfig, plan: Plan, store=None, devices: Sequence | None = None,
                    dtype="auto", seed: int = 0, checksums: bool = False,
-                   progress: bool = True, zeros: bool = False
+                   progress: bool = True, zeros: bool = False, quantize: str | None = None
                    ) -> MeshExecutor | PipelineExecutor:
     """An executor of ``cfg`` under ``plan`` on the first ``plan.num_devices`` of ``devices``
     (default ``jax.devices()``), with weights from ``store`` (random when ``None``, zeros
-    with ``zeros``)."""
+    with ``zeros``); ``quantize="int8"``: int8 weight-only matmul kernels (``optkit.quant``)."""
+    check_quantize(quantize)
+    if zeros and quantize:
+        raise ValueError("zeros=True makes full-precision weights; drop quantize")
     plan.validate(cfg)
     devices = list(jax.devices() if devices is None else devices)[:plan.num_devices]
     meshes = plan.stage_meshes(devices)
@@ -83,6 +87,11 @@ def build_executor(cfg: OPTConfig, plan: Plan, store=None, devices: Sequence | N
 
     if zeros:
         params = zero_params(cfg, plan, sharding_for, jdtype)
+    elif quantize and store is None:
+        params = random_int8_params(cfg, seed=seed, dtype=jdtype, sharding_for=sharding_for)
+    elif quantize:
+        params = load_int8_params(store, cfg, dtype=jdtype, sharding_for=sharding_for,
+                                  checksums=checksums, progress=progress)
     elif store is None:
         params = random_params(cfg, seed=seed, dtype=jdtype, sharding_for=sharding_for)
     else:
@@ -112,13 +121,16 @@ def auto_plan_options(cfg: OPTConfig, plan, dtype) -> dict:
 
 
 def build_parallel(cfg: OPTConfig, store, dtype="auto", plan=None, seed: int = 0,
-                   checksums: bool = False, progress: bool = True, devices=None):
+                   checksums: bool = False, progress: bool = True, devices=None,
+                   quantize: str | None = None):
     """``get_model("alpa/...")``: (executor, plan) over all visible devices.
 
     ``plan`` is a :class:`Plan`, ``None``/``"auto"`` (the planner's choice among plans using
     every device, for batch 1) or a dict of :func:`optkit.parallel.planner.auto_plan` options
-    (``{"batch": 8, "all_devices": False, ...}``).
+    (``{"batch": 8, "all_devices": False, ...}``).  The planner sizes weights in ``dtype``,
+    also for ``quantize="int8"`` (pass a :class:`Plan` where only int8 fits).
     """
+    check_quantize(quantize)
     devices = list(jax.devices() if devices is None else devices)
     if plan is None or plan == "auto" or isinstance(plan, dict):
         from optkit.parallel.planner import auto_plan
@@ -132,5 +144,5 @@ def build_parallel(cfg: OPTConfig, store, dtype="auto", plan=None, seed: int = 0
         raise TypeError(f"plan must be a Plan, 'auto' or a dict of planner options; got "
                         f"{type(plan).__name__}")
     executor = build_executor(cfg, plan, store, devices, dtype=dtype, seed=seed,
-                              checksums=checksums, progress=progress)
+                              checksums=checksums, progress=progress, quantize=quantize)
     return executor, plan

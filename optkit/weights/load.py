@@ -46,38 +46,51 @@ def _norm_index(spec: ParamSpec, idx) -> tuple[slice, ...]:
     return idx
 
 
+def read_leaf(store: Mapping[str, np.ndarray], spec: ParamSpec, dtype,
+              sharding: jax.sharding.Sharding | None = None) -> jax.Array:
+    """One parameter read from ``store`` as ``dtype``: placed on ``sharding`` one device slice
+    at a time, or whole on the default device."""
+    np_dtype = jnp.dtype(dtype)
+    try:
+        if sharding is None:
+            arr = jax.device_put(np.asarray(spec.read(store, _full(spec)), np_dtype))
+        else:
+            def cb(idx):
+                return np.asarray(spec.read(store, _norm_index(spec, idx)), np_dtype)
+            arr = jax.make_array_from_callback(spec.shape, sharding, cb, dtype=np_dtype)
+    except WeightError:
+        raise
+    except (OSError, ValueError) as e:
+        raise WeightError(f"cannot read {'/'.join(map(str, spec.path))} from "
+                          f"{', '.join(spec.sources[:3])}: {e}") from e
+    if tuple(arr.shape) != spec.shape:
+        raise WeightError(f"{spec.sources[0]} gave shape {arr.shape}; expected {spec.shape}")
+    return arr
+
+
+def load_bar(cfg: OPTConfig, dtype, progress: bool) -> tqdm:
+    """A progress bar over the bytes of ``cfg``'s parameters in ``dtype``."""
+    total = sum(s.size for s in param_specs(cfg)) * jnp.dtype(dtype).itemsize
+    return tqdm(total=total, unit="B", unit_scale=True, desc="load weights",
+                disable=not progress, leave=False)
+
+
 def load_params(store: Mapping[str, np.ndarray], cfg: OPTConfig, dtype=jnp.float32,
                 sharding_for: ShardingFor | None = None, stacked: bool = False,
                 check: bool = True, checksums: bool = False, progress: bool = True) -> dict:
     """Params pytree of ``cfg`` read from ``store`` (folder keys, torch layout)."""
     if check:
         check_store(store, cfg, checksums=checksums)
-    np_dtype = jnp.dtype(dtype)
-    specs = param_specs(cfg, stacked=stacked)
-    bar = tqdm(total=sum(s.size for s in specs) * np_dtype.itemsize, unit="B", unit_scale=True,
-               desc="load weights", disable=not progress, leave=False)
+    itemsize = jnp.dtype(dtype).itemsize
+    bar = load_bar(cfg, dtype, progress)
 
     def leaf(spec: ParamSpec):
-        sharding = sharding_for(spec) if sharding_for else None
-        try:
-            if sharding is None:
-                arr = jax.device_put(np.asarray(spec.read(store, _full(spec)), np_dtype))
-            else:
-                def cb(idx, spec=spec):
-                    return np.asarray(spec.read(store, _norm_index(spec, idx)), np_dtype)
-                arr = jax.make_array_from_callback(spec.shape, sharding, cb, dtype=np_dtype)
-        except WeightError:
-            raise
-        except (OSError, ValueError) as e:
-            raise WeightError(f"cannot read {'/'.join(map(str, spec.path))} from "
-                              f"{', '.join(spec.sources[:3])}: {e}") from e
-        if tuple(arr.shape) != spec.shape:
-            raise WeightError(f"{spec.sources[0]} gave shape {arr.shape}; expected {spec.shape}")
-        bar.update(spec.size * np_dtype.itemsize)
+        arr = read_leaf(store, spec, dtype, sharding_for(spec) if sharding_for else None)
+        bar.update(spec.size * itemsize)
         return arr
 
     try:
-        return tree_from_specs(specs, leaf)
+        return tree_from_specs(param_specs(cfg, stacked=stacked), leaf)
     finally:
         bar.close()
 

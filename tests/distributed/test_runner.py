@@ -90,3 +90,14 @@ def test_serving_runs_on_the_ray_backend(pipeline, reference):
             assert r.status_code == 200, r.text
             texts.append(r.json()["choices"][0]["text"])
     assert texts[0] == texts[1] and texts[0]
+
+
+def test_int8_over_two_processes(cluster, weights):
+    """quantize="int8" quantizes each process's slices as they load."""
+    model = get_model("alpa/opt-tiny", path=weights, plan=Plan(tp=4), cluster=cluster,
+                      quantize="int8")
+    local = get_model("jax/opt-tiny", path=weights, quantize="int8", progress=False)
+    np.testing.assert_array_equal(
+        model.generate(input_ids=PROMPTS, attention_mask=MASK, max_new_tokens=8),
+        local.generate(input_ids=PROMPTS, attention_mask=MASK, max_new_tokens=8))
+    model.close()
