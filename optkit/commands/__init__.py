@@ -1,1 +1,1 @@
-"""One module per ``optkit`` subcommand."""
+"""One module per ``optkit`` subcommand (and ``loading``: the options they share)."""

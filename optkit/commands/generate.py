@@ -6,6 +6,8 @@ import argparse
 import sys
 import time
 
+from optkit.commands.loading import add_loading_options, load_model
+
 
 def register(sub) -> None:
     p = sub.add_parser("generate", help="generate text from prompts",
@@ -20,12 +22,7 @@ def register(sub) -> None:
     p.add_argument("--tokenizer", help="tokenizer folder (default: optkit's embedded one)")
     p.add_argument("--prompt", action="append", help="prompt text (repeat for a batch)")
     p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--quantize", choices=["int8"],
-                   help="int8 weight-only matmul kernels, quantized while loading")
-    p.add_argument("--cluster", metavar="ADDRESS",
-                   help="run an alpa/ model on a Ray cluster: auto (the cluster this "
-                        "machine joined with `ray start`), HEAD:6379 or ray://HEAD:10001")
+    add_loading_options(p)
     g = p.add_argument_group("decoding")
     g.add_argument("--do-sample", action="store_true", help="sample instead of greedy")
     g.add_argument("--temperature", type=float, default=1.0)
@@ -40,14 +37,13 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from optkit import get_model, get_tokenizer
+    from optkit import get_tokenizer
     from optkit.generation import generate_text
 
     prompts = args.prompt or ["Paris is the capital city of"]
     tok = get_tokenizer(args.tokenizer)
     t0 = time.perf_counter()
-    model = get_model(args.model, path=args.path, dummy=args.dummy, dtype=args.dtype,
-                      cluster=args.cluster, quantize=args.quantize)
+    model = load_model(args)
     t1 = time.perf_counter()
     kw = dict(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
               repetition_penalty=args.repetition_penalty,

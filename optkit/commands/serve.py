@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 
+from optkit.commands.loading import add_loading_options, load_model
+
 log = logging.getLogger(__name__)
 
 EPILOG = """\
@@ -34,12 +36,7 @@ def register(sub) -> None:
                    help="no model: the hand-checkable fake engine (each character is "
                         "followed by the next letter)")
     g.add_argument("--tokenizer", help="tokenizer folder (default: optkit's embedded one)")
-    g.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16")
-    g.add_argument("--quantize", choices=["int8"],
-                   help="int8 weight-only matmul kernels, quantized while loading")
-    g.add_argument("--cluster", metavar="ADDRESS",
-                   help="run an alpa/ model on a Ray cluster: auto (the cluster this "
-                        "machine joined with `ray start`), HEAD:6379 or ray://HEAD:10001")
+    add_loading_options(g)
     g = p.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default %(default)s; 0.0.0.0 exposes it to the "
@@ -90,15 +87,14 @@ def build_app(args):
                               steps_per_dispatch=args.steps_per_dispatch, metrics=Metrics())
         return create_app(scheduler, scheduler.codec, "fake", api_keys=keys, max_n=args.max_n)
 
-    from optkit import get_model, get_tokenizer
+    from optkit import get_tokenizer
     from optkit.serve.engine import describe
 
     if args.model.startswith("facebook/"):
         raise ValueError("serving runs on JAX: use jax/opt-* or alpa/opt-* (the same weights)")
     if not args.dummy and not args.path:
         raise ValueError("pass --path DIR (the folder holding {name}-np/) or --dummy")
-    model = get_model(args.model, path=args.path, dummy=args.dummy, dtype=args.dtype,
-                      cluster=args.cluster, quantize=args.quantize)
+    model = load_model(args)
     log.info("loaded %r", model)
     app = serve_app(model, get_tokenizer(args.tokenizer), name=args.model,
                     max_slots=args.max_slots, max_len=args.max_len, limits=limits,
