@@ -94,3 +94,21 @@ def hf_dir(tmp_path):
             model.save_pretrained(path, **save_kw)
         return path, model
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(tmp_path_factory):
+    """A folder holding random fp32 ``opt-tiny-np/`` (vocab 50272, so optkit's tokenizer fits;
+    loading it is much faster here than ``dummy=True``, which compiles once per shape)."""
+    from optkit.weights.random import write_random_folder
+
+    root = tmp_path_factory.mktemp("tiny-weights")
+    write_random_folder(root / "opt-tiny-np", OPTConfig.from_name("opt-tiny"), seed=0,
+                        dtype=np.float32, progress=False)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_path(tiny_weights):
+    """:func:`tiny_weights` as a string (what notebook parameters take)."""
+    return str(tiny_weights)

@@ -9,17 +9,10 @@ from optkit.notebook import generation_ui
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    import numpy as np
-
+def tiny(tiny_weights):
     from optkit import get_model
-    from optkit.config import OPTConfig
-    from optkit.weights.random import write_random_folder
 
-    root = tmp_path_factory.mktemp("ui-weights")
-    write_random_folder(root / "opt-tiny-np", OPTConfig.from_name("opt-tiny"), seed=0,
-                        dtype=np.float32, progress=False)
-    return get_model("jax/opt-tiny", path=root, progress=False)
+    return get_model("jax/opt-tiny", path=tiny_weights, progress=False)
 
 
 PROMPT, N = "The capital of France is", 200

@@ -10,14 +10,11 @@ import numpy as np
 import psutil
 import pytest
 
-from optkit.config import OPTConfig
-
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
-#: opt-tiny's shape (vocab 50272: optkit's tokenizer fits, for the serving test)
-CFG = OPTConfig.from_name("opt-tiny")
+#: prompts for the shared random opt-tiny folder (``weights``)
 PROMPTS = np.array([[2, 100, 200, 300, 400, 500], [1, 1, 2, 7, 8, 9]])
 MASK = np.array([[1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1]])
 
@@ -48,12 +45,9 @@ def ray_session():
 
 
 @pytest.fixture(scope="package")
-def weights(tmp_path_factory):
-    from optkit.weights.random import write_random_folder
-
-    root = tmp_path_factory.mktemp("ray-weights")
-    write_random_folder(root / "opt-tiny-np", CFG, seed=0, dtype=np.float32, progress=False)
-    return root
+def weights(tiny_weights):
+    """The shared random opt-tiny folder (tests/conftest.py)."""
+    return tiny_weights
 
 
 @pytest.fixture(scope="package")

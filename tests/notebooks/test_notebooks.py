@@ -14,19 +14,6 @@ from optkit.bench.results import read_rows
 pytestmark = pytest.mark.xdist_group("notebooks")
 
 
-@pytest.fixture(scope="module")
-def tiny_path(tmp_path_factory):
-    import numpy as np
-
-    from optkit.config import OPTConfig
-    from optkit.weights.random import write_random_folder
-
-    root = tmp_path_factory.mktemp("nb-weights")
-    write_random_folder(root / "opt-tiny-np", OPTConfig.from_name("opt-tiny"), seed=0,
-                        dtype=np.float32, progress=False)
-    return str(root)
-
-
 def outputs(nb, kind):
     return [o for c in nb.cells if c.cell_type == "code" for o in c.outputs
             if kind in o.get("data", {})]

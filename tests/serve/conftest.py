@@ -39,20 +39,6 @@ def fake_server():
 
 
 @pytest.fixture(scope="session")
-def tiny_weights(tmp_path_factory):
-    """A folder holding random ``opt-tiny-np/`` (vocab 50272, so optkit's tokenizer fits)."""
-    import numpy as np
-
-    from optkit.config import OPTConfig
-    from optkit.weights.random import write_random_folder
-
-    root = tmp_path_factory.mktemp("serve-weights")
-    write_random_folder(root / "opt-tiny-np", OPTConfig.from_name("opt-tiny"), seed=0,
-                        dtype=np.float32, progress=False)
-    return root
-
-
-@pytest.fixture(scope="session")
 def tiny_model(tiny_weights):
     """OPT-tiny on one device, loaded from the folder (much faster here than
     ``dummy=True``, which compiles once per tensor shape)."""
