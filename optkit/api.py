@@ -19,10 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from optkit.config import OPTConfig, canonical_name
-from optkit.quant import check_quantize, load_int8_params, random_int8_params
+from optkit.quant import check_quantize
 from optkit.weights.folder import WeightError, folder_path, is_weight_folder
-from optkit.weights.load import load_params
-from optkit.weights.random import random_params
 from optkit.weights.sources import open_weights
 
 log = logging.getLogger(__name__)
@@ -237,20 +235,9 @@ def get_model(model_name: str, path: str | os.PathLike | None = None, dtype="aut
 
     if plan is not None:
         raise ValueError("plan= applies to alpa/ models; jax/ runs on one device")
-    from optkit.parallel.executor import MeshExecutor, single_device_mesh
+    from optkit.parallel import Plan, build_executor
 
     dev = device or jax.devices()[0]
-    jdtype = resolve_dtype(dtype, dev.platform)
-    mesh = single_device_mesh(dev)
-    with jax.default_device(dev):
-        if quantize and store is None:
-            params = random_int8_params(cfg, seed=seed, dtype=jdtype)
-        elif quantize:
-            params = load_int8_params(store, cfg, dtype=jdtype, checksums=checksums,
-                                      progress=progress)
-        elif store is None:
-            params = random_params(cfg, seed=seed, dtype=jdtype)
-        else:
-            params = load_params(store, cfg, dtype=jdtype, checksums=checksums,
-                                 progress=progress)
-    return JaxOPT(MeshExecutor(cfg, params, mesh), name=model_name, backend=backend)
+    executor = build_executor(cfg, Plan(), store, devices=[dev], dtype=dtype, seed=seed,
+                              checksums=checksums, progress=progress, quantize=quantize)
+    return JaxOPT(executor, name=model_name, backend=backend)
