@@ -241,6 +241,45 @@ def use_packed_int8() -> None:
     M.project = project
 
 
+def device_memory(devices, key: str) -> list[float] | None:
+    """``memory_stats()[key]`` of each device in GiB (None where the backend has none)."""
+    stats = [d.memory_stats() for d in devices]
+    if any(not s or key not in s for s in stats):
+        return None
+    return [round(s[key] / 2**30, 2) for s in stats]
+
+
+def planned_executor(cfg, devices, args):
+    """The automatic planner's plan on these devices (chosen for batch ``args.batches[0]``)
+    with random fp16 (or int8) weights, and the planner's predictions per batch and for the
+    long prefill: ``(executor, {batch | "prefill": {...}})``."""
+    from optkit.parallel.build import build_executor
+    from optkit.parallel.planner import auto_plan
+
+    def predict(batch, prompt, gen, plans=None):
+        t = time.perf_counter()
+        report = auto_plan(cfg, batch=batch, prompt_len=prompt, gen_len=gen,
+                           dtype="float16", devices=devices, all_devices=True,
+                           plans=plans, progress=False)
+        print(report, flush=True)
+        c = report.chosen
+        return c.plan, {"plan": c.plan.name, "tp": c.plan.tp, "planner_s": time.perf_counter() - t,
+                        "predicted_prefill_ms": c.prefill * 1e3,
+                        "predicted_step_ms": c.decode * 1e3,
+                        "predicted_mem_GiB": c.memory / 2**30,
+                        "predicted_analytic_GiB": c.analytic / 2**30}
+
+    plan, first = predict(args.batches[0], args.prompt, args.new_tokens)
+    planned = {args.batches[0]: first}
+    for b in args.batches[1:]:
+        planned[b] = predict(b, args.prompt, args.new_tokens, [plan])[1]
+    if args.long_prefill:
+        planned["prefill"] = predict(1, args.long_prefill, 0, [plan])[1]
+    ex = build_executor(cfg, plan, None, devices, dtype="float16", progress=False,
+                        quantize="int8" if args.int8 else None)
+    return ex, planned
+
+
 def optkit_worker(args) -> list[dict]:
     import jax
     import jax.numpy as jnp
@@ -266,23 +305,31 @@ def optkit_worker(args) -> list[dict]:
     from optkit.weights.random import random_params
 
     cfg = OPTConfig.from_name("opt-" + args.size)
+    devices = jax.devices()[:args.devices]
+    planned = {}
     t0 = time.perf_counter()
-    mesh = Mesh(np.array(jax.devices()[:args.devices]).reshape(1, args.devices),
-                ("data", "tensor"))
-    probe = MeshExecutor(cfg, {"layers": []}, mesh, TENSOR_RULES, dtype=jnp.float16)
-    if args.int8:
-        params = random_int8_params(cfg, seed=0, dtype=jnp.float16,
-                                    sharding_for=probe.param_sharding)
+    if args.plan == "auto":
+        ex, planned = planned_executor(cfg, devices, args)
+        params = ex.params
     else:
-        params = random_params(cfg, seed=0, dtype=jnp.float16, sharding_for=probe.param_sharding)
+        mesh = Mesh(np.array(devices).reshape(1, args.devices), ("data", "tensor"))
+        probe = MeshExecutor(cfg, {"layers": []}, mesh, TENSOR_RULES, dtype=jnp.float16)
+        if args.int8:
+            params = random_int8_params(cfg, seed=0, dtype=jnp.float16,
+                                        sharding_for=probe.param_sharding)
+        else:
+            params = random_params(cfg, seed=0, dtype=jnp.float16,
+                                   sharding_for=probe.param_sharding)
+        jax.block_until_ready(params)
+        if args.variant.endswith("+gemvT"):
+            params = use_transposed_kernels(params, "reduce")
+        if args.variant.endswith("+dotT"):
+            params = use_transposed_kernels(params, "dot")
+        ex = MeshExecutor(cfg, params, mesh, TENSOR_RULES, dtype=jnp.float16)
     jax.block_until_ready(params)
-    if args.variant.endswith("+gemvT"):
-        params = use_transposed_kernels(params, "reduce")
-    if args.variant.endswith("+dotT"):
-        params = use_transposed_kernels(params, "dot")
     init_s = time.perf_counter() - t0
-    ex = MeshExecutor(cfg, params, mesh, TENSOR_RULES, dtype=jnp.float16)
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
+    resident = device_memory(devices, "bytes_in_use")
     framework = "optkit-int8" if args.int8 else "optkit"
     rows = []
 
@@ -321,7 +368,7 @@ def optkit_worker(args) -> list[dict]:
         t = time.perf_counter()
         run()
         compile_s = time.perf_counter() - t
-        if args.dump_hlo and b == args.batches[0]:
+        if args.dump_hlo and b == args.batches[0] and hasattr(ex, "_fns"):
             fn = next(f for k, f in ex._fns.items() if k[0] == "loop")
             cache = ex.init_cache(b, s)
             tok0 = jnp.zeros((b,), jnp.int32)
@@ -336,7 +383,10 @@ def optkit_worker(args) -> list[dict]:
                      "prompt": args.prompt, "new_tokens": args.new_tokens,
                      "prefill_ms": prefill_s * 1e3, "step_ms": decode_s / n_dec * 1e3,
                      "first_run_s": compile_s, "init_s": init_s,
-                     "steps_per_dispatch": args.steps_per_dispatch})
+                     "steps_per_dispatch": args.steps_per_dispatch,
+                     "resident_GiB": resident,
+                     "peak_GiB": device_memory(devices, "peak_bytes_in_use"),
+                     **planned.get(b, {})})
         print(json.dumps(rows[-1]), flush=True)
 
     if args.long_prefill:
@@ -358,7 +408,9 @@ def optkit_worker(args) -> list[dict]:
         rows.append({"framework": framework, "size": args.size, "batch": 1, "prompt": t,
                      "devices": args.devices, "weight_bytes": weight_bytes,
                      "new_tokens": 0, "prefill_ms": ts[len(ts) // 2] * 1e3,
-                     "first_run_s": compile_s})
+                     "first_run_s": compile_s, "resident_GiB": resident,
+                     "peak_GiB": device_memory(devices, "peak_bytes_in_use"),
+                     **planned.get("prefill", {})})
         print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -474,8 +526,10 @@ def annotate(row: dict, ceil: dict) -> dict:
     if row.get("new_tokens"):
         live = row["prompt"] + row["new_tokens"] / 2  # average live positions per step
         kv_bytes = 2 * cfg.num_hidden_layers * b * live * cfg.hidden_size * 2
-        # every device reads its share of the weights and cache (ideal split)
-        floor_ms = (weight_bytes + kv_bytes) / devices / (ceil["read_GBps"] * 1e9) * 1e3
+        # each of the tp devices of a model replica reads its share of the weights and
+        # cache (ideal split; pipeline stages run one after another)
+        floor_ms = (weight_bytes + kv_bytes) / row.get("tp", devices) / \
+            (ceil["read_GBps"] * 1e9) * 1e3
         row["floor_ms"] = floor_ms
         row["frac_floor"] = floor_ms / row["step_ms"]
         row["tokens_per_s"] = b / row["step_ms"] * 1e3
@@ -511,7 +565,11 @@ def main() -> None:
     p.add_argument("--size", help=argparse.SUPPRESS)
     p.add_argument("--variant", default="default", help=argparse.SUPPRESS)
     p.add_argument("--devices", type=int, default=1,
-                   help="optkit: tensor-parallel over this many GPUs")
+                   help="optkit: run over this many GPUs")
+    p.add_argument("--plan", choices=("tp", "auto"), default="tp",
+                   help="optkit over --devices: plain tensor parallelism (tp) or the "
+                        "automatic planner's plan on these GPUs (auto; its predictions are "
+                        "recorded next to the measurements)")
     args = p.parse_args()
     args.batches = [int(x) for x in str(args.batches).split(",")]
 
@@ -552,7 +610,7 @@ def main() -> None:
                "--prompt", str(args.prompt), "--new-tokens", str(args.new_tokens),
                "--long-prefill", str(long), "--reps", str(args.reps),
                "--steps-per-dispatch", str(args.steps_per_dispatch), "--variant", variant,
-               "--devices", str(args.devices)]
+               "--devices", str(args.devices), "--plan", args.plan]
         if args.dump_hlo and fw.startswith("optkit"):
             cmd += ["--dump-hlo", f"{args.dump_hlo}.{size}.{variant}.txt"]
         env = dict(os.environ, XLA_PYTHON_CLIENT_MEM_FRACTION="0.92",
