@@ -51,7 +51,12 @@ VARIANTS = {
                           "CONDITIONAL --xla_gpu_graph_min_graph_size=1",
     "ar_oneshot+sync": "--xla_gpu_unsupported_use_all_reduce_one_shot_kernel=true "
                        "--xla_gpu_disable_async_collectives=ALLREDUCE",
+    # NCCL's low-latency protocol only (see VARIANT_ENV)
+    "ar_ll": "",
+    "ar_symmetric_ll": "--xla_gpu_experimental_enable_nccl_symmetric_buffers=true",
 }
+#: Environment variables a variant sets besides XLA_FLAGS (recorded in every row).
+VARIANT_ENV = {"ar_ll": {"NCCL_PROTO": "LL"}, "ar_symmetric_ll": {"NCCL_PROTO": "LL"}}
 sys.path.insert(0, str(ROOT))
 
 
@@ -260,7 +265,8 @@ def planned_executor(cfg, devices, args):
         t = time.perf_counter()
         report = auto_plan(cfg, batch=batch, prompt_len=prompt, gen_len=gen,
                            dtype="float16", devices=devices, all_devices=True,
-                           plans=plans, progress=False)
+                           plans=plans, progress=False,
+                           quantize="int8" if args.int8 else None)
         print(report, flush=True)
         c = report.chosen
         return c.plan, {"plan": c.plan.name, "tp": c.plan.tp, "planner_s": time.perf_counter() - t,
@@ -615,6 +621,7 @@ def main() -> None:
             cmd += ["--dump-hlo", f"{args.dump_hlo}.{size}.{variant}.txt"]
         env = dict(os.environ, XLA_PYTHON_CLIENT_MEM_FRACTION="0.92",
                    TOKENIZERS_PARALLELISM="false")
+        env.update(VARIANT_ENV.get(variant, {}))
         flags = (env.get("XLA_FLAGS", "") + " " + VARIANTS[variant]).strip()
         if flags:
             env["XLA_FLAGS"] = flags
@@ -629,6 +636,7 @@ def main() -> None:
                 row = annotate(json.loads(line), ceil)
                 row.update({"card": card, "time": stamp, **versions(),
                             "variant": variant, "xla_flags": VARIANTS[variant],
+                            "env": VARIANT_ENV.get(variant, {}),
                             "ceilings": ceil})
                 f.write(json.dumps(row) + "\n")
         tmp.unlink()

@@ -42,6 +42,9 @@ CASES = [
      "--prompt-len 512 --gen-len 128", {}),
     ("opt-175b on 8 x A100-80GB", "--model opt-175b --devices 8 --device A100-80GB", {}),
     ("opt-66b on 2 x A100-80GB", "--model opt-66b --devices 2 --device A100-80GB", {}),
+    ("opt-175b with int8 kernels on 2 x H200-141GB (its fp16 weights do not fit), "
+     "prompt 128 + 128", "--model opt-175b --devices 2 --device H200-141GB --quantize int8 "
+     "--gen-len 128", {}),
     ("opt-175b on 8 x 16 GiB (nothing fits: the planner refuses)",
      "--model opt-175b --devices 8 --device V100-16GB", {}),
 ]

@@ -2,7 +2,8 @@
 
     cd benchmarks && python summarize_gpu.py results/gpu/*.jsonl > results/gpu/summary.md
     python summarize_gpu.py --planned results/gpu/gpu_4card_h200x4.jsonl \
-        --plans results/plans_8gpu.csv > results/gpu/planned_h200x4.md
+        results/gpu/planned_h200x2.jsonl --plans results/plans_8gpu.csv \
+        --plans results/plans.csv > results/gpu/planned_h200.md
 
 Two bandwidth floors are shown: the run's own measured read bandwidth (best of JAX and torch
 read-only reductions) and 4.37 TB/s, the read-only reduction bandwidth DESIGN.md records for
@@ -77,22 +78,27 @@ def main(paths: list[str]) -> None:
                   f"{r['top1_agree'] * 100:.1f}% | {r['mean_kl']:.2e} |")
 
 
-def predictions(csv_path: str | None) -> dict:
-    """The chosen plan's estimates per (size, GPUs, batch, prompt) from ``benchmarks/plans.py``
-    output (an ``optkit plan`` case per row group; made on CPU before any GPU run)."""
-    if not csv_path:
-        return {}
+def predictions(csv_paths: list[str] | None) -> dict:
+    """The chosen plan's estimates per (size, GPUs, batch, prompt, quantize) from
+    ``benchmarks/plans.py`` output (an ``optkit plan`` case per row group, made on CPU
+    before any GPU run); only cases named with their workload (``prompt 128 + 128``,
+    ``prefill of 2048 tokens``) are used."""
     import pandas as pd
 
     out = {}
-    df = pd.read_csv(csv_path)
-    for _, r in df[df.status == "chosen"].iterrows():
-        m = re.match(r"opt-(\S+) on (\d+) x (\S+)", r.case)
-        b = re.search(r"batch (\d+), prompt (\d+)", r.case)
-        pre = re.search(r"prefill of (\d+) tokens", r.case)
-        key = (m[1], int(m[2])) + ((int(b[1]), int(b[2])) if b else (1, int(pre[1])))
-        out[key] = {"card": m[3], "plan": r.plan, "prefill_ms": r.prefill_ms,
-                    "decode_ms": r.decode_ms, "mem": r.memory_gib}
+    for path in csv_paths or []:
+        df = pd.read_csv(path)
+        for _, r in df[df.status == "chosen"].iterrows():
+            m = re.match(r"opt-(\S+)\b.*? on (\d+) x (\S+)", r.case)
+            b = re.search(r"batch (\d+)", r.case)
+            prompt = re.search(r"prompt (\d+) \+ \d+|prefill of (\d+) tokens", r.case)
+            if not (m and prompt):
+                continue
+            quantize = r.get("quantize")
+            key = (m[1], int(m[2]), int(b[1]) if b else 1, int(prompt[1] or prompt[2]),
+                   quantize if isinstance(quantize, str) else None)
+            out[key] = {"card": m[3], "plan": r.plan, "prefill_ms": r.prefill_ms,
+                        "decode_ms": r.decode_ms, "mem": r.memory_gib}
     return out
 
 
@@ -105,8 +111,9 @@ def planned_table(rows: list[dict], before: dict) -> None:
     card = rows[0]["card"]
     print(f"## The automatic planner's plan, measured ({card}, jax {rows[0]['jax']})\n")
     print("*before*: `optkit plan` on fake CPU devices for the described machine, before any "
-          "run (`results/plans_8gpu.md`); *on GPUs*: the planner on the real cards just before "
-          "the run (prefill flops undercounted there: see the note below); *peak*: the "
+          "run (`results/plans_8gpu.md`, `results/plans.md`); *on GPUs*: the planner on the "
+          "real cards just before the run (its prefill estimates too low: XLA:GPU counted no "
+          "GEMM flops, see `benchmarks/README.md`); *peak*: the "
           "largest `peak_bytes_in_use` of the cards so far in the process (rows run in "
           "order), *weights*: `bytes_in_use` after "
           "loading.\n")
@@ -119,7 +126,8 @@ def planned_table(rows: list[dict], before: dict) -> None:
             continue
         decode = bool(r.get("new_tokens"))
         ms = r["step_ms"] if decode else r["prefill_ms"]
-        pre = before.get((r["size"], r["devices"], r["batch"], r["prompt"]), {})
+        quantize = "int8" if r["framework"].endswith("int8") else None
+        pre = before.get((r["size"], r["devices"], r["batch"], r["prompt"], quantize), {})
         same_card = pre and pre["card"].split("-")[0] in r["card"]
         if not same_card or pre["plan"] != r["plan"]:
             pre = {}
@@ -129,7 +137,8 @@ def planned_table(rows: list[dict], before: dict) -> None:
         tps = f"{r['batch'] / ms * 1e3:.1f}" if decode else ""
         floor = f"{r['frac_floor'] * 100:.0f}" if decode else \
             f"MFU {r['mfu_vs_measured'] * 100:.0f}"
-        print(f"| {r['size']} | {r['devices']} | {r['plan']} | {r['batch']} | "
+        size = r["size"] + (" int8" if quantize else "")
+        print(f"| {size} | {r['devices']} | {r['plan']} | {r['batch']} | "
               f"{r['prompt']} ({what}) | {ms:.2f} | {fmt(b_ms, '.2f')} | {g_ms:.2f} | {tps} | "
               f"{floor} | {max(r['resident_GiB']):.1f} | {max(r['peak_GiB']):.1f} | "
               f"{fmt(pre.get('mem', nan), '.1f')} | {r['predicted_mem_GiB']:.1f} |")
@@ -141,7 +150,8 @@ if __name__ == "__main__":
     ap.add_argument("rows", nargs="+", help="gpu_decode.py JSONL files")
     ap.add_argument("--planned", action="store_true",
                     help="the planned-vs-measured table of --plan auto rows")
-    ap.add_argument("--plans", help="benchmarks/plans.py CSV with the predictions made before")
+    ap.add_argument("--plans", action="append",
+                    help="benchmarks/plans.py CSV with the predictions made before (repeatable)")
     a = ap.parse_args()
     if a.planned:
         planned_table([json.loads(x) for p in a.rows for x in open(p) if x.strip()],

@@ -39,11 +39,26 @@ def check_quantize(quantize) -> None:
         raise ValueError(f"quantize must be one of {QUANTIZE}; got {quantize!r}")
 
 
+#: Leaves whose dtype is not the model's: ``ParamSpec.init`` -> dtype.
+QUANT_DTYPES = {"int8": jnp.int8, "scale": jnp.float32}
+
+
+def spec_dtype(spec: ParamSpec, dtype):
+    """The dtype a leaf of ``spec`` has in a model of ``dtype`` (int8 kernels, fp32 scales)."""
+    return jnp.dtype(QUANT_DTYPES.get(spec.init, dtype))
+
+
 def quantized_specs(cfg: OPTConfig) -> list[ParamSpec]:
     """The param table of an int8 model: each matmul kernel split into an output-major q and
     a scale with the kernel's output axes (sharding rules apply unchanged)."""
+    return quantize_specs(param_specs(cfg))
+
+
+def quantize_specs(specs) -> list[ParamSpec]:
+    """``specs`` with every matmul kernel replaced by its int8 q and scale (see
+    :func:`quantized_specs`)."""
     out = []
-    for spec in param_specs(cfg):
+    for spec in specs:
         if not _is_kernel(spec):
             out.append(spec)
             continue

@@ -115,7 +115,11 @@ def test_get_model_quantizes_while_loading(tmp_path):
     two = get_model("alpa/m", path=tmp_path / "m-np", quantize="int8", plan=Plan(tp=2),
                     progress=False)
     assert len(two.executor.params["layers"][0]["qkv"]["kernel_q"].sharding.device_set) == 2
-    for model in (one, two):
+    # the planner sizes the int8 model (here: its own choice over the fake devices)
+    auto = get_model("alpa/m", path=tmp_path / "m-np", quantize="int8", progress=False)
+    assert sum(x.dtype == jnp.int8 for x in jax.tree.leaves(auto.executor.params)) == \
+        4 * cfg.num_hidden_layers
+    for model in (one, two, auto):
         out = np.asarray(model(ids, attention_mask=mask).logits)
         np.testing.assert_allclose(out, ref, atol=1e-4)
     np.testing.assert_array_equal(

@@ -35,6 +35,9 @@ def register(sub) -> None:
     w.add_argument("--dtype", default="auto",
                    help="float16, bfloat16, float32 or auto (fp16 on accelerators and "
                         "described clusters, fp32 on CPU)")
+    w.add_argument("--quantize", choices=["int8"],
+                   help="int8 weight-only matmul kernels (as get_model(..., quantize='int8') "
+                        "and --quantize of generate/serve): weights sized and compiled as int8")
     c = p.add_argument_group("cluster (omit --devices to plan this machine's devices)")
     c.add_argument("--devices", type=int, help="number of devices of a described cluster")
     c.add_argument("--device", help="device preset: V100-16GB, V100-32GB, A100-40GB, "
@@ -138,7 +141,7 @@ def run(args) -> int:
                        dtype=dtype, cluster=cluster, plans=plans,
                        micro_batches=args.micro_batches,
                        max_layers_compiled=args.max_layers_compiled, measure=args.measure,
-                       strict=False)
+                       strict=False, quantize=args.quantize)
     print(report.header())
     for note in report.notes:
         print(f"note: {note}")
@@ -151,5 +154,6 @@ def run(args) -> int:
         print(f"\noptkit plan: {report.refusal()}", file=sys.stderr)
         return 1
     print("\nchosen plan:")
-    print(report.best.describe(cfg, batch=args.batch, seq_len=args.prompt_len + args.gen_len))
+    print(report.best.describe(cfg, batch=args.batch, seq_len=args.prompt_len + args.gen_len,
+                             quantize=args.quantize))
     return 0

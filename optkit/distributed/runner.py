@@ -194,7 +194,8 @@ class RemoteOPT(JaxOPT):
                 f"over {len(self.cluster.workers)} processes)")
 
 
-def choose_plan(cfg: OPTConfig, plan, cluster: RayCluster, dtype, progress: bool = True):
+def choose_plan(cfg: OPTConfig, plan, cluster: RayCluster, dtype, progress: bool = True,
+                quantize: str | None = None):
     """The given :class:`~optkit.parallel.Plan` (checked against the cluster) or the
     planner's choice for the cluster's devices (described by worker 0, grouped by host)."""
     from optkit.parallel import Cluster, Plan, PlanError, auto_plan
@@ -210,12 +211,12 @@ def choose_plan(cfg: OPTConfig, plan, cluster: RayCluster, dtype, progress: bool
     if plan is not None and plan != "auto" and not isinstance(plan, dict):
         raise TypeError(f"plan must be a Plan, 'auto' or a dict of planner options; got "
                         f"{type(plan).__name__}")
-    opts = auto_plan_options(cfg, plan, dtype)
+    opts = auto_plan_options(cfg, plan, dtype, quantize)
     per_host = cluster.devices[0]["local_devices"] if len(cluster.workers) > 1 else None
     described = Cluster(cluster.devices[0]["spec"], count, per_host=per_host)
     report = auto_plan(cfg, cluster=described, progress=progress, **opts)
     log.info("automatic plan for %s on %s:\n%s", cfg.name, described.describe(),
-             report.best.describe(cfg))
+             report.best.describe(cfg, quantize=quantize))
     return report.best
 
 
@@ -244,7 +245,7 @@ def load_model(cluster: RayCluster | str, model_name: str, path=None, dtype="aut
             first = check_weights(list(zip(cluster.workers, reports, strict=True)), short, path)
             cfg = cfg or first["config"]
         cfg = cfg or OPTConfig.from_name(short)
-        plan = choose_plan(cfg, plan, cluster, dtype, progress)
+        plan = choose_plan(cfg, plan, cluster, dtype, progress, quantize)
         model_id = cluster.next_model_id()
         spec = {"short": short, "path": path, "dummy": dummy, "config": cfg, "plan": plan,
                 "dtype": dtype, "seed": seed, "checksums": checksums, "quantize": quantize}

@@ -107,11 +107,15 @@ def build_executor(cfg: OPTConfig, plan: Plan, store=None, devices: Sequence | N
     return PipelineExecutor(cfg, stage_params, plan, devices, dtype=jdtype)
 
 
-def auto_plan_options(cfg: OPTConfig, plan, dtype) -> dict:
+def auto_plan_options(cfg: OPTConfig, plan, dtype, quantize: str | None = None) -> dict:
     """:func:`~optkit.parallel.planner.auto_plan` options for ``plan`` (``None``, ``"auto"``
-    or a dict of options): every device, the model's dtype, a 128-token prompt and 32 new
-    tokens (shorter where the model's positions require)."""
+    or a dict of options): every device, the model's dtype and quantization, a 128-token
+    prompt and 32 new tokens (shorter where the model's positions require)."""
     opts = dict(plan) if isinstance(plan, dict) else {}
+    if opts.get("quantize", quantize) != quantize:
+        raise PlanError(f"the planner options' quantize={opts['quantize']!r} disagrees with "
+                        f"quantize={quantize!r}")
+    opts["quantize"] = quantize
     opts.setdefault("dtype", dtype)
     opts.setdefault("all_devices", True)
     positions = cfg.max_position_embeddings
@@ -127,8 +131,8 @@ def build_parallel(cfg: OPTConfig, store, dtype="auto", plan=None, seed: int = 0
 
     ``plan`` is a :class:`Plan`, ``None``/``"auto"`` (the planner's choice among plans using
     every device, for batch 1) or a dict of :func:`optkit.parallel.planner.auto_plan` options
-    (``{"batch": 8, "all_devices": False, ...}``).  The planner sizes weights in ``dtype``,
-    also for ``quantize="int8"`` (pass a :class:`Plan` where only int8 fits).
+    (``{"batch": 8, "all_devices": False, ...}``).  With ``quantize="int8"`` the planner
+    sizes and compiles the int8 model.
     """
     check_quantize(quantize)
     devices = list(jax.devices() if devices is None else devices)
@@ -136,9 +140,9 @@ def build_parallel(cfg: OPTConfig, store, dtype="auto", plan=None, seed: int = 0
         from optkit.parallel.planner import auto_plan
 
         report = auto_plan(cfg, devices=devices, progress=progress,
-                           **auto_plan_options(cfg, plan, dtype))
+                           **auto_plan_options(cfg, plan, dtype, quantize))
         log.info("automatic plan for %s on %d devices:\n%s", cfg.name, len(devices),
-                 report.best.describe(cfg, devices))
+                 report.best.describe(cfg, devices, quantize=quantize))
         plan = report.best
     elif not isinstance(plan, Plan):
         raise TypeError(f"plan must be a Plan, 'auto' or a dict of planner options; got "

@@ -19,6 +19,7 @@ from jax.sharding import AbstractMesh, Mesh
 from optkit.config import OPTConfig
 from optkit.parallel.executor import CACHE_AXES, partition_spec
 from optkit.parallel.rules import DEFAULT_RULES, check_rules, format_rules
+from optkit.quant import check_quantize, quantize_specs, spec_dtype
 from optkit.weights.layout import ParamSpec, param_specs
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -207,14 +208,18 @@ class Plan:
         return split_rows(batch, self.micro_batches if self.pp > 1 else 1)
 
     # Memory (analytic) ---------------------------------------------------------------------
-    def stage_memory(self, cfg: OPTConfig, batch: int, seq_len: int, itemsize: int
-                     ) -> list[dict[str, int]]:
-        """Per-device bytes of each stage's weights and KV cache, from shapes and rules."""
+    def stage_memory(self, cfg: OPTConfig, batch: int, seq_len: int, itemsize: int,
+                     quantize: str | None = None) -> list[dict[str, int]]:
+        """Per-device bytes of each stage's weights and KV cache, from shapes and rules
+        (``quantize="int8"``: int8 matmul kernels with fp32 scales)."""
         mesh = self.abstract_stage_mesh()
+        dtype = {4: jnp.float32, 2: jnp.float16}[itemsize]
         out = []
         for s, layers in enumerate(self.stage_ranges(cfg)):
-            specs = stage_specs(cfg, layers, first=s == 0, last=s == self.pp - 1)
-            w = sum(_shard_size(p.axes, p.shape, self.rules, mesh) for p in specs) * itemsize
+            specs = stage_specs(cfg, layers, first=s == 0, last=s == self.pp - 1,
+                                quantize=quantize)
+            w = sum(_shard_size(p.axes, p.shape, self.rules, mesh) *
+                    spec_dtype(p, dtype).itemsize for p in specs)
             kv = 0
             for lo, hi in self.micro_batch_rows(batch):
                 shape = (hi - lo, seq_len, cfg.num_attention_heads, cfg.head_dim)
@@ -224,8 +229,9 @@ class Plan:
 
     # Printing ------------------------------------------------------------------------------
     def describe(self, cfg: OPTConfig | None = None, devices=None, batch: int | None = None,
-                 seq_len: int | None = None) -> str:
-        """The plan as one table (per-stage layers, devices and memory when ``cfg`` is given)."""
+                 seq_len: int | None = None, quantize: str | None = None) -> str:
+        """The plan as one table (per-stage layers, devices and memory when ``cfg`` is given;
+        ``quantize="int8"``: weights sized as int8 kernels)."""
         rows = [("plan", f"{self.name}: dp={self.dp} x tp={self.tp} x pp={self.pp} = "
                          f"{self.num_devices} devices"),
                 ("mesh", f"stage {self.pp} x data {self.dp} x tensor {self.tp}"),
@@ -238,7 +244,7 @@ class Plan:
         else:
             itemsize = 4 if self.dtype in ("auto", "float32") else 2
             mem = self.stage_memory(cfg, batch or 1, seq_len or cfg.max_position_embeddings,
-                                    itemsize)
+                                    itemsize, quantize)
             ids = None
             if devices is not None:
                 ids = [[d.id for d in g.reshape(-1)] for g in self.device_grid(devices)]
@@ -249,7 +255,8 @@ class Plan:
                 rows.append((f"stage {s}",
                              f"layers {layers.start}-{layers.stop - 1} "
                              f"({len(layers)}{' + ' + ' + '.join(extra) if extra else ''}), "
-                             f"{dev}, {mem[s]['weights'] / 2**20:,.1f} MiB weights/device"
+                             f"{dev}, {mem[s]['weights'] / 2**20:,.1f} MiB "
+                             f"{'int8 ' if quantize else ''}weights/device"
                              + ("" if batch is None else
                                 f", {mem[s]['kv_cache'] / 2**20:,.1f} MiB KV/device")))
             for note in self.notes(cfg, batch):
@@ -287,9 +294,11 @@ def stage_of(path: tuple, ranges: list[range]) -> int:
     return 0 if path[0] in FIRST_STAGE else len(ranges) - 1
 
 
-def stage_specs(cfg: OPTConfig, layers: range, first: bool, last: bool) -> list[ParamSpec]:
+def stage_specs(cfg: OPTConfig, layers: range, first: bool, last: bool,
+                quantize: str | None = None) -> list[ParamSpec]:
     """Shapes and axes of the parameters one stage holds (layers re-numbered from 0; for
-    sizes and abstract compiles, not for reading: their folder keys are re-numbered too)."""
+    sizes and abstract compiles, not for reading: their folder keys are re-numbered too);
+    ``quantize="int8"``: the int8 model's table (:func:`optkit.quant.quantize_specs`)."""
     out = []
     sub = cfg.replace(num_hidden_layers=len(layers)) if len(layers) else None
     for spec in param_specs(cfg if sub is None else sub):
@@ -298,4 +307,5 @@ def stage_specs(cfg: OPTConfig, layers: range, first: bool, last: bool) -> list[
             out.append(spec)
     if sub is None:  # no layers: param_specs(cfg) listed every layer
         out = [s for s in out if s.path[0] != "layers"]
-    return out
+    check_quantize(quantize)
+    return quantize_specs(out) if quantize else out

@@ -41,6 +41,7 @@ from optkit.parallel.analysis import (
 )
 from optkit.parallel.devices import Cluster, GiB
 from optkit.parallel.plan import Plan, PlanError, divisors, split_rows
+from optkit.quant import check_quantize
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +158,7 @@ class PlanReport:
     dtype: str
     candidates: list[Candidate]
     notes: list[str]
+    quantize: str | None = None
 
     @property
     def best(self) -> Plan | None:
@@ -175,10 +177,12 @@ class PlanReport:
                     + "; ".join(sorted({c.reason for c in self.candidates}))[:2000])
         least = min(sized, key=lambda c: c.memory or c.analytic)
         need = (least.memory or least.analytic) / GiB
-        return (f"no plan for {self.cfg.name} ({self.dtype}, batch {w.batch}, {w.cache_len} "
+        weights = f"{self.dtype}, int8 kernels" if self.quantize else self.dtype
+        return (f"no plan for {self.cfg.name} ({weights}, batch {w.batch}, {w.cache_len} "
                 f"positions) fits {cluster.count} x {cluster.device.name} with a budget of "
                 f"{cluster.budget / GiB:.2f} GiB/device: the smallest, {least.plan.name}, needs "
-                f"{need:.2f} GiB/device; use more or larger devices, a 16-bit dtype, or a "
+                f"{need:.2f} GiB/device; use more or larger devices, a 16-bit dtype"
+                f"{'' if self.quantize else ', int8 weights (quantize=int8)'}, or a "
                 f"smaller batch or sequence")
 
     def to_frame(self):
@@ -197,7 +201,7 @@ class PlanReport:
             parts = c.decode_parts or {}
             pre = c.prefill_parts or {}
             rows.append({
-                "plan": p.name, "dp": p.dp, "tp": p.tp, "pp": p.pp,
+                "plan": p.name, "quantize": self.quantize, "dp": p.dp, "tp": p.tp, "pp": p.pp,
                 "micro_batches": p.micro_batches, "devices": p.num_devices,
                 "status": c.status, "memory_gib": gib(c.memory),
                 "analytic_gib": gib(c.analytic), "budget_gib": self.cluster.budget / GiB,
@@ -221,9 +225,10 @@ class PlanReport:
 
     def header(self) -> str:
         w = self.workload
+        weights = f"{self.dtype} with int8 matmul kernels" if self.quantize else self.dtype
         return (f"{self.cfg.name} ({self.cfg.num_params() / 1e9:.3g}B params, "
                 f"{self.cfg.num_hidden_layers} layers, {self.cfg.num_attention_heads} heads), "
-                f"{self.dtype}, batch {w.batch}, prompt {w.prompt_len} + {w.gen_len} new "
+                f"{weights}, batch {w.batch}, prompt {w.prompt_len} + {w.gen_len} new "
                 f"tokens\non {self.cluster.describe()}")
 
     def table(self, limit: int | None = None, invalid: bool = False) -> str:
@@ -257,7 +262,8 @@ class PlanReport:
         out = [self.header(), *[f"note: {n}" for n in self.notes], "", self.table()]
         if self.best is not None:
             out += ["", "chosen plan:", self.best.describe(self.cfg, batch=self.workload.batch,
-                                                           seq_len=self.workload.cache_len)]
+                                                           seq_len=self.workload.cache_len,
+                                                           quantize=self.quantize)]
         return "\n".join(out)
 
 
@@ -296,7 +302,8 @@ def _structural_check(cfg: OPTConfig, plan: Plan, w: Workload) -> str | None:
 # --------------------------------------------------------------------------------------------
 # Jobs and their costs
 # --------------------------------------------------------------------------------------------
-def _stage_jobs(cfg, plan: Plan, w: Workload, dtype: str, max_layers: int) -> list[dict]:
+def _stage_jobs(cfg, plan: Plan, w: Workload, dtype: str, max_layers: int,
+                quantize: str | None = None) -> list[dict]:
     """Per stage and step kind: {"exact": job} or {"base", "ref1", "ref2", "n"} jobs."""
     rules = tuple(sorted(plan.rules.items(), key=lambda kv: kv[0]))
     mb = max(hi - lo for lo, hi in split_rows(w.batch, plan.micro_batches))
@@ -310,7 +317,7 @@ def _stage_jobs(cfg, plan: Plan, w: Workload, dtype: str, max_layers: int) -> li
                 # dp=1 program on mb / dp rows, so that is what is compiled (and shared).
                 return StageJob(kind, 1, plan.tp, rules, mb // plan.dp,
                                 w.prompt_len if kind == "prefill" else 1, w.cache_len,
-                                first, last, layers, dtype)
+                                first, last, layers, dtype, quantize)
             if n <= max_layers:
                 per_kind[kind] = {"exact": job(first, last, n)}
             else:  # the per-layer slope comes from the first stage's 1- and 2-layer compiles
@@ -364,7 +371,8 @@ def auto_plan(cfg: OPTConfig | str, batch: int = 1, prompt_len: int = 128, gen_l
               micro_batches: Sequence[int] | None = None, all_devices: bool = False,
               max_layers_compiled: int = 2,
               cost_model: CostModel | None = None, measure: bool = False,
-              measure_top: int = 3, progress: bool = True, strict: bool = True) -> PlanReport:
+              measure_top: int = 3, progress: bool = True, strict: bool = True,
+              quantize: str | None = None) -> PlanReport:
     """Choose a plan for ``cfg`` (see the module docstring).
 
     Args:
@@ -380,7 +388,10 @@ def auto_plan(cfg: OPTConfig | str, batch: int = 1, prompt_len: int = 128, gen_l
         compiles.
       measure: time the ``measure_top`` best on the real devices and re-rank.
       strict: raise :class:`PlanError` (with ``.report``) when nothing fits.
+      quantize: ``"int8"``: plan for int8 matmul kernels (``get_model(..., quantize="int8")``;
+        weights sized and compiled as int8, the rest in ``dtype``).
     """
+    check_quantize(quantize)
     if isinstance(cfg, str):
         cfg = OPTConfig.from_name(cfg)
     if cluster is None:
@@ -406,6 +417,13 @@ def auto_plan(cfg: OPTConfig | str, batch: int = 1, prompt_len: int = 128, gen_l
                      "weight, cache and collective bytes halved, temporaries kept at f32 size")
     if cluster.devices is None:
         notes.append(f"compiled on {cluster.count} fake CPU devices, no weights allocated")
+    # XLA:CPU keeps widened copies of int8 kernels as temporaries (a GPU fuses the widening
+    # into the product), so on CPU the full-precision model is compiled and its kernel bytes
+    # are swapped for the int8 ones from the shapes.
+    compile_quantize = None if compile_on_cpu else quantize
+    if quantize and compile_on_cpu:
+        notes.append("int8 kernels compiled as full-precision ones on CPU; their bytes replaced "
+                     "by the int8 kernels' and scales' from the shapes")
     if plans is None:
         plans = enumerate_plans(cfg, cluster.count, batch, name, micro_batches, all_devices)
     else:
@@ -423,7 +441,7 @@ def auto_plan(cfg: OPTConfig | str, batch: int = 1, prompt_len: int = 128, gen_l
         if err:
             c.reason = err
             continue
-        mem = plan.stage_memory(cfg, batch, w.cache_len, itemsize)
+        mem = plan.stage_memory(cfg, batch, w.cache_len, itemsize, quantize)
         worst = max(range(plan.pp), key=lambda s: mem[s]["weights"] + mem[s]["kv_cache"])
         c.weights, c.kv_cache = mem[worst]["weights"], mem[worst]["kv_cache"]
         c.analytic = c.weights + c.kv_cache
@@ -432,7 +450,12 @@ def auto_plan(cfg: OPTConfig | str, batch: int = 1, prompt_len: int = 128, gen_l
             c.reason = (f"weights + KV cache alone need {c.analytic / GiB:.2f} GiB/device > "
                         f"budget {cluster.budget / GiB:.2f} GiB (not compiled)")
             continue
-        todo.append((c, _stage_jobs(cfg, plan, w, compile_dtype, max_layers_compiled), mem))
+        if quantize and not compile_quantize:
+            full = plan.stage_memory(cfg, batch, w.cache_len, itemsize)
+            for s, m in enumerate(mem):
+                m["swap"] = full[s]["weights"] - m["weights"]
+        todo.append((c, _stage_jobs(cfg, plan, w, compile_dtype, max_layers_compiled,
+                                    compile_quantize), mem))
 
     jobs = [j for _, stages, _ in todo for per in stages for spec in per.values()
             for k, j in spec.items() if k != "n"]
@@ -441,7 +464,7 @@ def auto_plan(cfg: OPTConfig | str, batch: int = 1, prompt_len: int = 128, gen_l
         _estimate(c, stages, mem, costs, scale, cfg, cluster, w, cost_model, itemsize)
 
     _rank(cands, cluster)
-    report = PlanReport(cfg, cluster, w, name, cands, notes)
+    report = PlanReport(cfg, cluster, w, name, cands, notes, quantize)
     if measure and report.best is not None:
         _measure(report, measure_top, progress)
     if strict and report.best is None:
@@ -466,6 +489,8 @@ def _estimate(c: Candidate, stages, mem, costs, scale, cfg, cluster, w, model: C
         live = 0.0
         for kind, spec in per.items():
             cost = _resolve(spec, costs).scaled(scale) if scale != 1 else _resolve(spec, costs)
+            if mem[s].get("swap"):  # full-precision kernels compiled for int8 ones (CPU)
+                cost = dataclasses.replace(cost, argument=cost.argument - mem[s]["swap"])
             c.extrapolated |= "exact" not in spec
             live = max(live, cost.live)
             t = model.step(cost, cluster, s * k, k, depth[s])
@@ -562,8 +587,9 @@ def _measure(report: PlanReport, top: int, progress: bool) -> None:
     steps = max(1, min(w.gen_len - 1, 8))
     measured = [c for c in report.candidates if c.fits][:top]
     for c in measured:
+        # zero weights (random int8 ones for an int8 plan): the same work
         ex = build_executor(cfg, c.plan, None, devices, dtype=report.dtype, progress=False,
-                            zeros=True)
+                            zeros=not report.quantize, quantize=report.quantize)
         for _ in range(2):  # the first round compiles
             t0 = time.perf_counter()
             cache = ex.init_cache(w.batch, w.cache_len)

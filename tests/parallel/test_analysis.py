@@ -1,18 +1,16 @@
-import dataclasses
-
 import jax
 import pytest
 
-from optkit.parallel import TENSOR_RULES, analysis
-from optkit.parallel.analysis import StageJob, compile_job
+from optkit.parallel import TENSOR_RULES
+from optkit.parallel.analysis import StageJob, compile_job, unpartitioned_flops
 from tests.conftest import CONFIGS
 
 CFG = CONFIGS["pre_ln"]
 RULES = tuple(sorted(TENSOR_RULES.items()))
 
 
-def prefill_job(tp: int) -> StageJob:
-    return StageJob("prefill", 1, tp, RULES, 2, 64, 64, True, True, 2, "float32")
+def prefill_job(tp: int, quantize=None) -> StageJob:
+    return StageJob("prefill", 1, tp, RULES, 2, 64, 64, True, True, 2, "float32", quantize)
 
 
 def matmul_flops(cfg, tokens: int) -> float:
@@ -28,10 +26,20 @@ def test_flops_per_device_split_over_the_tensor_axis():
     assert two == pytest.approx(one / 2, rel=0.05)
 
 
-def test_flops_kept_where_the_compiled_analysis_leaves_out_matmuls(monkeypatch):
-    # XLA:GPU counts no flops for GEMMs run as cuBLAS/Triton custom calls.
-    full = compile_job(CFG, prefill_job(2), jax.devices()).flops
-    real = analysis.cost_of
-    monkeypatch.setattr(analysis, "cost_of",
-                        lambda compiled, n: dataclasses.replace(real(compiled, n), flops=0.0))
-    assert compile_job(CFG, prefill_job(2), jax.devices()).flops == pytest.approx(full, rel=0.05)
+def test_unpartitioned_flops_split_over_devices_match_the_compiled_ones():
+    """What the planner uses off CPU (XLA:GPU counts no flops for cuBLAS GEMMs)."""
+    job = prefill_job(2)
+    flops = unpartitioned_flops(CFG, job)
+    assert flops >= matmul_flops(CFG, 2 * 64)
+    assert flops / 2 == pytest.approx(compile_job(CFG, job, jax.devices()).flops, rel=0.05)
+
+
+def test_int8_job_takes_int8_kernels():
+    """An int8 job's arguments hold 1-byte kernels (plus fp32 scales) where the full-precision
+    job holds 4-byte ones."""
+    full = compile_job(CFG, prefill_job(2), jax.devices())
+    int8 = compile_job(CFG, prefill_job(2, "int8"), jax.devices())
+    h, f = CFG.hidden_size, CFG.ffn_dim
+    kernels = CFG.num_hidden_layers * (4 * h * h + 2 * h * f) / 2
+    scales = CFG.num_hidden_layers * ((3 * h + f) / 2 + 2 * h) * 4
+    assert full.argument - int8.argument == pytest.approx(3 * kernels - scales, rel=0.01)

@@ -60,6 +60,36 @@ def test_big_models_compiled_memory_matches_analytic(case):
             assert c.status == "over budget" and "alone need" in c.reason
 
 
+def int8_analytic_bytes(cfg, tp, batch, positions):
+    """Per-device bytes of an int8 model under tp (int8 kernels, fp32 scales, fp16 rest)."""
+    h, f, v = cfg.hidden_size, cfg.ffn_dim, cfg.vocab_size
+    kernels = (4 * h * h + 2 * h * f) / tp
+    scales = (3 * h + f) / tp + 2 * h
+    rest = 3 * h / tp + f / tp + 6 * h
+    ends = v * h / tp + cfg.num_positions * h + 2 * h
+    kv = 2 * cfg.num_hidden_layers * batch * positions * h / tp
+    return cfg.num_hidden_layers * (kernels + 4 * scales + 2 * rest) + 2 * (ends + kv)
+
+
+def test_int8_weights_planned_where_fp16_ones_do_not_fit():
+    """OPT-175B on 2 x H200: refused in fp16 (with a pointer to int8), planned in int8 at
+    the int8 model's bytes, its decode bound by reading them."""
+    cfg, cluster = PRESETS["opt-175b"], Cluster.preset("H200-141GB", 2)
+    with pytest.raises(PlanError, match="quantize=int8"):
+        auto_plan(cfg, dtype="float16", cluster=cluster, plans=[Plan(tp=2)], progress=False)
+    report = auto_plan(cfg, dtype="float16", cluster=cluster, plans=[Plan(tp=2)],
+                       quantize="int8", progress=False)
+    best = report.chosen
+    assert best.plan == Plan(tp=2, dtype="float16") and "int8" in report.header()
+    expected = int8_analytic_bytes(cfg, 2, 1, 160)
+    assert abs(best.analytic - expected) / expected < 0.01
+    assert abs(best.memory - expected) / expected < 0.05
+    assert "int8 weights/device" in report.best.describe(cfg, quantize="int8")
+    floor = best.weights / cluster.device.hbm_bandwidth
+    assert floor <= best.decode < 3 * floor
+    assert report.to_frame()["quantize"].tolist() == ["int8"]
+
+
 def test_refuses_clearly_when_nothing_fits():
     with pytest.raises(PlanError, match=r"no plan for opt-175b \(float16, batch 1, 160 "
                                         r"positions\) fits 8 x V100-16GB with a budget of 14.40 "
@@ -79,6 +109,10 @@ def test_cli_refusal_and_output(capsys, tmp_path):
     out = capsys.readouterr().out
     assert rc == 0 and "chosen" in out and "chosen plan:" in out
     assert len(pd.read_csv(csv)) == 2
+    rc = main(["plan", "--model", "opt-tiny", "--devices", "2", "--device", "H100-80GB",
+               "--plan", "tp=2", "--quantize", "int8"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "with int8 matmul kernels" in out and "int8 weights/device" in out
 
 
 def test_never_picks_a_plan_over_budget():
