@@ -255,18 +255,22 @@ def device_memory(devices, key: str) -> list[float] | None:
 
 
 def planned_executor(cfg, devices, args):
-    """The automatic planner's plan on these devices (chosen for batch ``args.batches[0]``)
-    with random fp16 (or int8) weights, and the planner's predictions per batch and for the
-    long prefill: ``(executor, {batch | "prefill": {...}})``."""
+    """The executor of ``cfg`` on ``devices`` with random fp16 (or int8) weights, built by
+    ``optkit.parallel.build_executor`` under plain tensor parallelism (``--plan tp``) or the
+    automatic planner's plan on these devices, chosen for batch ``args.batches[0]``
+    (``--plan auto``; then also the planner's predictions per batch and for the long
+    prefill): ``(executor, {batch | "prefill": {...}})``."""
+    from optkit.parallel import Plan
     from optkit.parallel.build import build_executor
     from optkit.parallel.planner import auto_plan
+
+    quantize = "int8" if args.int8 else None
 
     def predict(batch, prompt, gen, plans=None):
         t = time.perf_counter()
         report = auto_plan(cfg, batch=batch, prompt_len=prompt, gen_len=gen,
                            dtype="float16", devices=devices, all_devices=True,
-                           plans=plans, progress=False,
-                           quantize="int8" if args.int8 else None)
+                           plans=plans, progress=False, quantize=quantize)
         print(report, flush=True)
         c = report.chosen
         return c.plan, {"plan": c.plan.name, "tp": c.plan.tp, "planner_s": time.perf_counter() - t,
@@ -275,14 +279,17 @@ def planned_executor(cfg, devices, args):
                         "predicted_mem_GiB": c.memory / 2**30,
                         "predicted_analytic_GiB": c.analytic / 2**30}
 
-    plan, first = predict(args.batches[0], args.prompt, args.new_tokens)
-    planned = {args.batches[0]: first}
-    for b in args.batches[1:]:
-        planned[b] = predict(b, args.prompt, args.new_tokens, [plan])[1]
-    if args.long_prefill:
-        planned["prefill"] = predict(1, args.long_prefill, 0, [plan])[1]
+    planned = {}
+    if args.plan == "auto":
+        plan, planned[args.batches[0]] = predict(args.batches[0], args.prompt, args.new_tokens)
+        for b in args.batches[1:]:
+            planned[b] = predict(b, args.prompt, args.new_tokens, [plan])[1]
+        if args.long_prefill:
+            planned["prefill"] = predict(1, args.long_prefill, 0, [plan])[1]
+    else:
+        plan = Plan(tp=len(devices), dtype="float16")
     ex = build_executor(cfg, plan, None, devices, dtype="float16", progress=False,
-                        quantize="int8" if args.int8 else None)
+                        quantize=quantize)
     return ex, planned
 
 
@@ -302,37 +309,19 @@ def optkit_worker(args) -> list[dict]:
 
         M.INT8_REDUCE_ROWS = 8
 
-    from jax.sharding import Mesh
-
     from optkit.config import OPTConfig
-    from optkit.parallel import TENSOR_RULES
     from optkit.parallel.executor import MeshExecutor
-    from optkit.quant import random_int8_params
-    from optkit.weights.random import random_params
 
     cfg = OPTConfig.from_name("opt-" + args.size)
     devices = jax.devices()[:args.devices]
-    planned = {}
     t0 = time.perf_counter()
-    if args.plan == "auto":
-        ex, planned = planned_executor(cfg, devices, args)
-        params = ex.params
-    else:
-        mesh = Mesh(np.array(devices).reshape(1, args.devices), ("data", "tensor"))
-        probe = MeshExecutor(cfg, {"layers": []}, mesh, TENSOR_RULES, dtype=jnp.float16)
-        if args.int8:
-            params = random_int8_params(cfg, seed=0, dtype=jnp.float16,
-                                        sharding_for=probe.param_sharding)
-        else:
-            params = random_params(cfg, seed=0, dtype=jnp.float16,
-                                   sharding_for=probe.param_sharding)
-        jax.block_until_ready(params)
-        if args.variant.endswith("+gemvT"):
-            params = use_transposed_kernels(params, "reduce")
-        if args.variant.endswith("+dotT"):
-            params = use_transposed_kernels(params, "dot")
-        ex = MeshExecutor(cfg, params, mesh, TENSOR_RULES, dtype=jnp.float16)
+    ex, planned = planned_executor(cfg, devices, args)
+    params = ex.params
     jax.block_until_ready(params)
+    for suffix, layout in (("+gemvT", "reduce"), ("+dotT", "dot")):
+        if args.variant.endswith(suffix):
+            params = use_transposed_kernels(params, layout)
+            ex = MeshExecutor(cfg, params, ex.mesh, ex.rules, dtype=jnp.float16)
     init_s = time.perf_counter() - t0
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
     resident = device_memory(devices, "bytes_in_use")
