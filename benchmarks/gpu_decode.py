@@ -54,6 +54,11 @@ VARIANTS = {
     # NCCL's low-latency protocol only (see VARIANT_ENV)
     "ar_ll": "",
     "ar_symmetric_ll": "--xla_gpu_experimental_enable_nccl_symmetric_buffers=true",
+    # decode attention through XLA's kernels instead of the fused Pallas kernel (the default
+    # on GPUs, optkit.parallel.attention)
+    "default+xla_attn": "",
+    "graphs_all+xla_attn": _CB + "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,WHILE,CONDITIONAL "
+                           "--xla_gpu_graph_min_graph_size=1",
 }
 #: Environment variables a variant sets besides XLA_FLAGS (recorded in every row).
 VARIANT_ENV = {"ar_ll": {"NCCL_PROTO": "LL"}, "ar_symmetric_ll": {"NCCL_PROTO": "LL"}}
@@ -289,8 +294,13 @@ def planned_executor(cfg, devices, args):
     else:
         plan = Plan(tp=len(devices), dtype="float16")
     ex = build_executor(cfg, plan, None, devices, dtype="float16", progress=False,
-                        quantize=quantize)
+                        quantize=quantize, attention=args.attention)
     return ex, planned
+
+
+def ex_attention(ex, batch: int, max_len: int):
+    """The decode attention the executor (or its first pipeline stage) runs."""
+    return getattr(ex, "stages", [ex])[0].decode_attention(batch, max_len)
 
 
 def optkit_worker(args) -> list[dict]:
@@ -314,6 +324,7 @@ def optkit_worker(args) -> list[dict]:
 
     cfg = OPTConfig.from_name("opt-" + args.size)
     devices = jax.devices()[:args.devices]
+    args.attention = "xla" if args.variant.endswith("+xla_attn") else "auto"
     t0 = time.perf_counter()
     ex, planned = planned_executor(cfg, devices, args)
     params = ex.params
@@ -321,7 +332,8 @@ def optkit_worker(args) -> list[dict]:
     for suffix, layout in (("+gemvT", "reduce"), ("+dotT", "dot")):
         if args.variant.endswith(suffix):
             params = use_transposed_kernels(params, layout)
-            ex = MeshExecutor(cfg, params, ex.mesh, ex.rules, dtype=jnp.float16)
+            ex = MeshExecutor(cfg, params, ex.mesh, ex.rules, dtype=jnp.float16,
+                              attention=args.attention)
     init_s = time.perf_counter() - t0
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
     resident = device_memory(devices, "bytes_in_use")
@@ -379,6 +391,7 @@ def optkit_worker(args) -> list[dict]:
                      "prefill_ms": prefill_s * 1e3, "step_ms": decode_s / n_dec * 1e3,
                      "first_run_s": compile_s, "init_s": init_s,
                      "steps_per_dispatch": args.steps_per_dispatch,
+                     "attention": "xla" if ex_attention(ex, b, s) is None else "pallas",
                      "resident_GiB": resident,
                      "peak_GiB": device_memory(devices, "peak_bytes_in_use"),
                      **planned.get(b, {})})

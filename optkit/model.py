@@ -162,13 +162,11 @@ def _write_rows(cache: jax.Array, rows: jax.Array, index: jax.Array, new: jax.Ar
 
 
 def _layer(lp: dict, cfg: OPTConfig, x: jax.Array, attend) -> tuple[jax.Array, tuple]:
-    """One decoder layer.  ``attend(q, k, v) -> (out, new_kv)`` hides prefill vs decode."""
+    """One decoder layer.  ``attend(qkv) -> (out, new_kv)`` hides prefill vs decode."""
     eps = cfg.layer_norm_eps
     residual = x
     h = layer_norm(lp["attn_ln"], x, eps) if cfg.do_layer_norm_before else x
-    qkv = project(lp["qkv"], h, "bth,hkad->btkad")
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    a, new_kv = attend(q, k, v)
+    a, new_kv = attend(project(lp["qkv"], h, "bth,hkad->btkad"))
     h = project(lp["out"], a, "btad,adh->bth")
     h = residual + h
     if not cfg.do_layer_norm_before:
@@ -214,7 +212,8 @@ def prefill_layers(layers, cfg: OPTConfig, x: jax.Array, attention_mask: jax.Arr
     scale = cfg.head_dim ** -0.5
 
     def make_attend(k_c, v_c):
-        def attend(q, k, v):
+        def attend(qkv):
+            q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
             out = _attention(q, k, v, allowed, scale)
             k_n = jax.lax.dynamic_update_slice_in_dim(k_c, k.astype(k_c.dtype), 0, axis=1)
             v_n = jax.lax.dynamic_update_slice_in_dim(v_c, v.astype(v_c.dtype), 0, axis=1)
@@ -228,30 +227,40 @@ def prefill_layers(layers, cfg: OPTConfig, x: jax.Array, attention_mask: jax.Arr
     return x, {"k": ks, "v": vs, "mask": cache_mask, "index": index}
 
 
+def dense_decode_attention(qkv: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+                           index: jax.Array, live: int, scale: float):
+    """One new position per row: write its K/V (``qkv`` (B,3,A,D)) into k/v (B,S,A,D) at
+    ``index`` (B,), then attend its query over the first ``live`` positions that ``mask``
+    (B,S) allows.  Returns (out (B,A,D), k, v)."""
+    rows = jnp.arange(qkv.shape[0])
+    # callers keep index < cache length, so no out-of-bounds handling is needed
+    k = _write_rows(k, rows, index, qkv[:, 1])
+    v = _write_rows(v, rows, index, qkv[:, 2])
+    k_l, v_l = (k, v) if live == k.shape[1] else (k[:, :live], v[:, :live])
+    return _attention(qkv[:, None, 0], k_l, v_l, mask[:, None, :live], scale)[:, 0], k, v
+
+
 def decode_layers(layers, cfg: OPTConfig, x: jax.Array, cache: Cache,
-                  live: int | None = None) -> tuple[jax.Array, Cache]:
+                  live: int | None = None, attention=None) -> tuple[jax.Array, Cache]:
     """Run one new position per row (x: (B,1,H)) through ``layers``, writing at ``index``.
 
     ``live`` (static) promises every row's index is below it: attention then reads only the
-    first ``live`` cache positions instead of the whole cache.
+    first ``live`` cache positions instead of the whole cache.  ``attention`` replaces
+    :func:`dense_decode_attention` (same signature), e.g. with a fused kernel.
     """
     b, s = cache["mask"].shape
     live = s if live is None else min(int(live), s)
+    attention = attention or dense_decode_attention
     # A row whose index ran past the cache (an idle serving slot that keeps stepping) keeps
     # overwriting its last position instead of writing out of bounds.
     index = jnp.minimum(cache["index"], s - 1)
-    rows = jnp.arange(b)
-    mask = _write_rows(cache["mask"], rows, index, jnp.ones((b,), bool))
-    allowed = mask[:, None, :live]
+    mask = _write_rows(cache["mask"], jnp.arange(b), index, jnp.ones((b,), bool))
     scale = cfg.head_dim ** -0.5
 
     def make_attend(k_c, v_c):
-        def attend(q, k, v):
-            # callers keep index < cache length, so no out-of-bounds handling is needed
-            k_n = _write_rows(k_c, rows, index, k[:, 0])
-            v_n = _write_rows(v_c, rows, index, v[:, 0])
-            k_l, v_l = (k_n, v_n) if live == s else (k_n[:, :live], v_n[:, :live])
-            return _attention(q, k_l, v_l, allowed, scale), (k_n, v_n)
+        def attend(qkv):
+            out, k_n, v_n = attention(qkv[:, 0], k_c, v_c, mask, index, live, scale)
+            return out[:, None], (k_n, v_n)
         return attend
 
     x, ks, vs = _run_layers(layers, cfg, x, cache["k"], cache["v"], make_attend)
@@ -277,10 +286,10 @@ def decode_positions(cache: Cache) -> jax.Array:
 
 
 def decode_step(params: Params, cfg: OPTConfig, tokens: jax.Array, cache: Cache,
-                live: int | None = None) -> tuple[jax.Array, Cache]:
+                live: int | None = None, attention=None) -> tuple[jax.Array, Cache]:
     """Feed one token per row (B,) and return next-token logits (B,V) and the new cache."""
     x = embed(params, cfg, tokens[:, None], decode_positions(cache))
-    x, cache = decode_layers(params["layers"], cfg, x, cache, live)
+    x, cache = decode_layers(params["layers"], cfg, x, cache, live, attention)
     return unembed(params, cfg, x[:, 0]), cache
 
 

@@ -108,7 +108,8 @@ class JaxWorker:
         executor = build_executor(spec["config"], spec["plan"], store, devices=jax.devices(),
                                   dtype=spec["dtype"], seed=spec["seed"],
                                   checksums=spec["checksums"], progress=False,
-                                  quantize=spec["quantize"])
+                                  quantize=spec["quantize"],
+                                  attention=spec.get("attention", "auto"))
         self.models[model_id] = _Model(executor)
         return {"dtype": jnp.dtype(executor.dtype).name}
 

@@ -20,6 +20,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from optkit import model as M
 from optkit.config import OPTConfig
+from optkit.parallel.attention import check_attention, decode_attention_fn
 from optkit.parallel.transfer import move
 from optkit.weights.layout import ParamSpec
 
@@ -80,8 +81,9 @@ class MeshExecutor(Executor):
     """Jitted prefill/decode of one model on one mesh under a sharding-rule table."""
 
     def __init__(self, cfg: OPTConfig, params: Any, mesh: Mesh | None = None,
-                 rules: Rules | None = None, dtype=None):
+                 rules: Rules | None = None, dtype=None, attention: str = "auto"):
         self.cfg = cfg
+        self.attention = check_attention(attention)
         self.mesh = mesh or single_device_mesh()
         self.rules = dict(rules or {})
         self.params = params
@@ -106,6 +108,13 @@ class MeshExecutor(Executor):
                  self.cfg.num_hidden_layers
         return {"k": kv, "v": kv, "mask": self.sharding(CACHE_AXES["mask"], (batch, max_len)),
                 "index": self.sharding(CACHE_AXES["index"], (batch,))}
+
+    def decode_attention(self, batch: int, max_len: int):
+        """The ``attention`` argument of ``model.decode_step`` for this batch and cache (see
+        ``optkit.parallel.attention``)."""
+        shape = (batch, max_len, self.cfg.num_attention_heads, self.cfg.head_dim)
+        spec = partition_spec(CACHE_AXES["kv"], shape, self.rules, self.mesh)
+        return decode_attention_fn(self.attention, self.cfg, self.mesh, spec)
 
     def batch_sharding(self, shape: tuple[int, ...]) -> NamedSharding:
         return self.sharding(("batch",) + (None,) * (len(shape) - 1), shape)
@@ -159,8 +168,9 @@ class MeshExecutor(Executor):
         tokens = self.put_batch(tokens)
         b, s = tokens.shape[0], cache_len(cache)
         n = self.live_bucket(live, cache)
+        attn = self.decode_attention(b, s)
         fn = self._jit(("decode", b, s, n),
-                       lambda p, x, c: M.decode_step(p, self.cfg, x, c, n),
+                       lambda p, x, c: M.decode_step(p, self.cfg, x, c, n, attn),
                        donate_argnums=(2,),
                        out_shardings=(self.logits_sharding((b, self.cfg.vocab_size)),
                                       self.cache_shardings(b, s)))
@@ -183,7 +193,7 @@ class MeshExecutor(Executor):
             raise ValueError(f"num_steps={num_steps} must be in [1, max_steps={max_steps}]")
         b, s = tokens.shape[0], cache_len(cache)
         n_live = self.live_bucket(live, cache)
-        cfg = self.cfg
+        cfg, attn = self.cfg, self.decode_attention(b, s)
 
         def run(params, tokens, cache, state, n):
             logits_shape = jax.ShapeDtypeStruct((b, cfg.vocab_size), jnp.float32)
@@ -192,7 +202,7 @@ class MeshExecutor(Executor):
 
             def body(i, carry):
                 tok, c, st, outs = carry
-                logits, c = M.decode_step(params, cfg, tok, c, n_live)
+                logits, c = M.decode_step(params, cfg, tok, c, n_live, attn)
                 tok, st, out = step_fn(logits, st)
                 outs = jax.tree.map(
                     lambda buf, o: jax.lax.dynamic_update_index_in_dim(buf, o, i, 0), outs, out)

@@ -1,0 +1,1 @@
+"""Hand-written accelerator kernels for model building blocks (used by ``optkit.parallel``)."""

@@ -1,0 +1,74 @@
+"""Which decode attention an executor's model calls, placed on its mesh.
+
+``"xla"`` is the model's own :func:`optkit.model.dense_decode_attention` (any device).
+``"pallas"`` is the fused kernel of :mod:`optkit.kernels.decode_attention`, run per shard
+with ``shard_map`` (rows and heads split as the rule table splits the cache; each device
+attends its own heads).  ``"auto"`` takes the kernel on GPUs where it applies, else XLA.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+from jax.sharding import Mesh, PartitionSpec
+
+from optkit.config import OPTConfig
+from optkit.kernels import decode_attention as kernel
+
+ATTENTION_CHOICES = ("auto", "xla", "pallas")
+KV_AXES = ("batch", "cache_seq", "heads", "head_dim")
+
+
+def check_attention(choice: str) -> str:
+    if choice not in ATTENTION_CHOICES:
+        raise ValueError(f"attention={choice!r}: choose one of {', '.join(ATTENTION_CHOICES)}")
+    return choice
+
+
+def resolve_attention(choice: str, cfg: OPTConfig, mesh: Mesh, kv_spec: PartitionSpec) -> str:
+    """``"xla"`` or ``"pallas"`` for this model on this mesh (``kv_spec``: the cache's
+    partitioning); an explicit ``"pallas"`` that cannot run is an error."""
+    check_attention(choice)
+    if choice == "xla":
+        return "xla"
+    why = None
+    if not kernel.supported(cfg.head_dim):
+        why = f"head size {cfg.head_dim} is not a power of two >= 16"
+    elif kv_spec[1] is not None or kv_spec[3] is not None:
+        why = "the cache's sequence or head_dim axis is split over devices"
+    elif choice == "auto" and any(d.platform != "gpu" for d in mesh.devices.flat):
+        why = "not on GPUs"
+    if why is None:
+        return "pallas"
+    if choice == "pallas":
+        raise ValueError(f"attention='pallas' cannot run here: {why}")
+    return "xla"
+
+
+def decode_attention_fn(choice: str, cfg: OPTConfig, mesh: Mesh, kv_spec: PartitionSpec,
+                        interpret: bool | None = None):
+    """The ``attention`` argument for ``model.decode_layers``: None (the model's own) or the
+    fused kernel, wrapped in ``shard_map`` over ``mesh`` when the mesh has several devices.
+    ``interpret`` (default: off GPUs) runs the kernel through Pallas' interpreter."""
+    if resolve_attention(choice, cfg, mesh, kv_spec) == "xla":
+        return None
+    if interpret is None:
+        interpret = any(d.platform != "gpu" for d in mesh.devices.flat)
+    rows, heads = kv_spec[0], kv_spec[2]
+
+    def attend(qkv, k, v, mask, index, live, scale):
+        del live  # the kernel stops at each row's own index
+        call = functools.partial(kernel.decode_attention, scale=scale, interpret=interpret)
+        bias = kernel.mask_bias(mask)
+        if mesh.devices.size == 1:
+            return call(qkv, k, v, bias, index)
+        heads_spec = PartitionSpec(rows, heads, None)
+        kv = PartitionSpec(rows, None, heads, None)
+        fn = jax.shard_map(call, mesh=mesh, check_vma=False,
+                           in_specs=(PartitionSpec(rows, None, heads, None), kv, kv,
+                                     PartitionSpec(rows, None), PartitionSpec(rows)),
+                           out_specs=(heads_spec, kv, kv))
+        return fn(qkv, k, v, bias, index)
+
+    return attend
