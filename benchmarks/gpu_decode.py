@@ -57,6 +57,8 @@ VARIANTS = {
     # decode attention through XLA's kernels instead of the fused Pallas kernel (the default
     # on GPUs, optkit.parallel.attention)
     "default+xla_attn": "",
+    # decode jits without optkit's CUDA-graph options (MeshExecutor.decode_options)
+    "default+no_cb": "",
     "graphs_all+xla_attn": _CB + "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,WHILE,CONDITIONAL "
                            "--xla_gpu_graph_min_graph_size=1",
 }
@@ -327,13 +329,17 @@ def optkit_worker(args) -> list[dict]:
     args.attention = "xla" if args.variant.endswith("+xla_attn") else "auto"
     t0 = time.perf_counter()
     ex, planned = planned_executor(cfg, devices, args)
+    if args.variant.endswith("+no_cb"):
+        for st in getattr(ex, "stages", [ex]):
+            st.decode_options = {}
     params = ex.params
     jax.block_until_ready(params)
     for suffix, layout in (("+gemvT", "reduce"), ("+dotT", "dot")):
         if args.variant.endswith(suffix):
             params = use_transposed_kernels(params, layout)
             ex = MeshExecutor(cfg, params, ex.mesh, ex.rules, dtype=jnp.float16,
-                              attention=args.attention)
+                              attention=args.attention,
+                              command_buffers=bool(ex.decode_options))
     init_s = time.perf_counter() - t0
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
     resident = device_memory(devices, "bytes_in_use")
@@ -392,6 +398,7 @@ def optkit_worker(args) -> list[dict]:
                      "first_run_s": compile_s, "init_s": init_s,
                      "steps_per_dispatch": args.steps_per_dispatch,
                      "attention": "xla" if ex_attention(ex, b, s) is None else "pallas",
+                     "command_buffers": bool(getattr(ex, "stages", [ex])[0].decode_options),
                      "resident_GiB": resident,
                      "peak_GiB": device_memory(devices, "peak_bytes_in_use"),
                      **planned.get(b, {})})

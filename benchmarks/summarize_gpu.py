@@ -61,13 +61,14 @@ def main(paths: list[str]) -> None:
         print(f"| {r['framework']} | {key[1]} | {r['size']} | {r['batch']} | {ms:.2f} | "
               f"{r['batch'] / ms * 1e3:.0f} | {f_run:.0f} | {f_design:.0f} | {ratios[0]} | "
               f"{ratios[1]} |")
-    print("\n## Prefill of 2048 tokens, batch 1\n")
-    print("| framework | size | ms | TFLOP/s | fraction of measured matmul rate |")
-    print("|---|---|---|---|---|")
-    for r in rows:
-        if r.get("new_tokens") == 0 and "prefill_TFLOPs" in r:
-            print(f"| {r['framework']} | {r['size']} | {r['prefill_ms']:.1f} | "
-                  f"{r['prefill_TFLOPs']:.0f} | {r['mfu_vs_measured'] * 100:.0f}% |")
+    long = [r for r in rows if r.get("new_tokens") == 0 and "prefill_TFLOPs" in r]
+    if long:
+        print("\n## Prefill of 2048 tokens, batch 1\n")
+        print("| framework | size | ms | TFLOP/s | fraction of measured matmul rate |")
+        print("|---|---|---|---|---|")
+    for r in long:
+        print(f"| {r['framework']} | {r['size']} | {r['prefill_ms']:.1f} | "
+              f"{r['prefill_TFLOPs']:.0f} | {r['mfu_vs_measured'] * 100:.0f}% |")
     acc = [r for r in rows if r["framework"] == "int8-accuracy"]
     if acc:
         print("\n## int8 weight-only vs fp16 logits (random weights)\n")

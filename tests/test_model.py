@@ -1,5 +1,7 @@
 """Parity of the pure JAX model with HF transformers' OPTForCausalLM (torch, fp32)."""
 
+import itertools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,6 +9,7 @@ import pytest
 import torch
 
 from optkit import model as M
+from optkit.kernels import decode_attention as K
 from optkit.weights.folder import FolderStore
 from optkit.weights.load import load_params, stack_layers
 from optkit.weights.random import random_state_dict
@@ -41,16 +44,23 @@ def test_decode_steps_match_full_forward(cfg):
     ids, mask = left_padded_batch(cfg, [7, 4, 5, 9], total=9)  # positions 5.. are real
     ref = hf_logits(hf_model(cfg), ids, mask)
     params = params_of(cfg)
-    for layers in ("list", "stacked"):
+    # the fused decode-attention kernel (interpreted here) where it takes the head size
+    kernels = {"xla": None}
+    if K.supported(cfg.head_dim):
+        kernels["pallas"] = lambda qkv, k, v, mask, index, live, scale: K.decode_attention(
+            qkv, k, v, K.mask_bias(mask), index, scale=scale, block_k=4, interpret=True)
+    for (layers, name) in itertools.product(("list", "stacked"), kernels):
         p = params if layers == "list" else stack_layers(params)
         cache = M.init_cache(cfg, ids.shape[0], 12, stacked=layers == "stacked")
         logits, cache = M.prefill(p, cfg, jnp.asarray(ids[:, :5]), jnp.asarray(mask[:, :5]),
                                   cache, all_logits=False)
         assert np.abs(np.asarray(logits) - ref[:, 4])[mask[:, 4] == 1].max() <= 1e-4
-        step = jax.jit(lambda p, t, c: M.decode_step(p, cfg, t, c), donate_argnums=2)
+        step = jax.jit(lambda p, t, c, a=kernels[name]: M.decode_step(p, cfg, t, c,
+                                                                      attention=a),
+                       donate_argnums=2)
         for t in range(5, 9):
             logits, cache = step(p, jnp.asarray(ids[:, t]), cache)
-            assert np.abs(np.asarray(logits) - ref[:, t]).max() <= 1e-4, (layers, t)
+            assert np.abs(np.asarray(logits) - ref[:, t]).max() <= 1e-4, (layers, name, t)
         assert np.asarray(cache["index"]).tolist() == [9] * 4
 
 

@@ -14,7 +14,6 @@ import jax
 from jax.sharding import Mesh, PartitionSpec
 
 from optkit.config import OPTConfig
-from optkit.kernels import decode_attention as kernel
 
 ATTENTION_CHOICES = ("auto", "xla", "pallas")
 KV_AXES = ("batch", "cache_seq", "heads", "head_dim")
@@ -26,18 +25,27 @@ def check_attention(choice: str) -> str:
     return choice
 
 
+def _kernel():
+    """The kernel module, or None and why (Pallas is experimental: a JAX may lack it)."""
+    try:
+        from optkit.kernels import decode_attention
+    except ImportError as e:
+        return None, f"Pallas is unavailable in this JAX ({e})"
+    return decode_attention, None
+
+
 def resolve_attention(choice: str, cfg: OPTConfig, mesh: Mesh, kv_spec: PartitionSpec) -> str:
     """``"xla"`` or ``"pallas"`` for this model on this mesh (``kv_spec``: the cache's
     partitioning); an explicit ``"pallas"`` that cannot run is an error."""
     check_attention(choice)
     if choice == "xla":
         return "xla"
-    why = None
-    if not kernel.supported(cfg.head_dim):
+    kernel, why = _kernel()
+    if why is None and not kernel.supported(cfg.head_dim):
         why = f"head size {cfg.head_dim} is not a power of two >= 16"
-    elif kv_spec[1] is not None or kv_spec[3] is not None:
+    if why is None and (kv_spec[1] is not None or kv_spec[3] is not None):
         why = "the cache's sequence or head_dim axis is split over devices"
-    elif choice == "auto" and any(d.platform != "gpu" for d in mesh.devices.flat):
+    if why is None and choice == "auto" and any(d.platform != "gpu" for d in mesh.devices.flat):
         why = "not on GPUs"
     if why is None:
         return "pallas"
@@ -53,6 +61,7 @@ def decode_attention_fn(choice: str, cfg: OPTConfig, mesh: Mesh, kv_spec: Partit
     ``interpret`` (default: off GPUs) runs the kernel through Pallas' interpreter."""
     if resolve_attention(choice, cfg, mesh, kv_spec) == "xla":
         return None
+    kernel, _ = _kernel()
     if interpret is None:
         interpret = any(d.platform != "gpu" for d in mesh.devices.flat)
     rows, heads = kv_spec[0], kv_spec[2]

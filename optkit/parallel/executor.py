@@ -30,6 +30,13 @@ Rules = Mapping[str, str | tuple[str, ...] | None]
 #: Attention over the KV cache reads positions in multiples of this many (see ``live``).
 LIVE_BUCKET = 128
 
+#: XLA options of the decode jits on GPUs: replay each step's kernels (the decode loop's
+#: body included) as CUDA graphs, however few; a decode step is many small kernels.
+GPU_DECODE_OPTIONS = {
+    "xla_gpu_enable_command_buffer": "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,WHILE,CONDITIONAL",
+    "xla_gpu_graph_min_graph_size": 1,
+}
+
 CACHE_AXES = {
     "kv": ("batch", "cache_seq", "heads", "head_dim"),
     "kv_stacked": ("layers", "batch", "cache_seq", "heads", "head_dim"),
@@ -78,10 +85,14 @@ class Executor:
 
 
 class MeshExecutor(Executor):
-    """Jitted prefill/decode of one model on one mesh under a sharding-rule table."""
+    """Jitted prefill/decode of one model on one mesh under a sharding-rule table.
+
+    ``attention``: see ``optkit.parallel.attention``; ``command_buffers`` (default: on GPUs)
+    compiles the decode jits with :data:`GPU_DECODE_OPTIONS`."""
 
     def __init__(self, cfg: OPTConfig, params: Any, mesh: Mesh | None = None,
-                 rules: Rules | None = None, dtype=None, attention: str = "auto"):
+                 rules: Rules | None = None, dtype=None, attention: str = "auto",
+                 command_buffers: bool | None = None):
         self.cfg = cfg
         self.attention = check_attention(attention)
         self.mesh = mesh or single_device_mesh()
@@ -90,6 +101,9 @@ class MeshExecutor(Executor):
         self.dtype = jnp.dtype(dtype or jax.tree.leaves(params)[0].dtype)
         self.stacked = isinstance(params["layers"], dict)
         self._fns: dict[Any, Callable] = {}
+        if command_buffers is None:
+            command_buffers = all(d.platform == "gpu" for d in self.mesh.devices.flat)
+        self.decode_options = dict(GPU_DECODE_OPTIONS) if command_buffers else {}
 
     # Shardings -----------------------------------------------------------------------------
     def sharding(self, axes: tuple[str | None, ...], shape: tuple[int, ...]) -> NamedSharding:
@@ -171,7 +185,7 @@ class MeshExecutor(Executor):
         attn = self.decode_attention(b, s)
         fn = self._jit(("decode", b, s, n),
                        lambda p, x, c: M.decode_step(p, self.cfg, x, c, n, attn),
-                       donate_argnums=(2,),
+                       donate_argnums=(2,), compiler_options=self.decode_options,
                        out_shardings=(self.logits_sharding((b, self.cfg.vocab_size)),
                                       self.cache_shardings(b, s)))
         return fn(self.params, tokens, cache)
@@ -211,6 +225,7 @@ class MeshExecutor(Executor):
             return jax.lax.fori_loop(0, n, body, (tokens, cache, state, outs))
 
         fn = self._jit(("loop", step_fn, max_steps, b, s, n_live), run, donate_argnums=(2,),
+                       compiler_options=self.decode_options,
                        out_shardings=(None, self.cache_shardings(b, s), None, None))
         tok, cache, state, outs = fn(self.params, tokens, cache, state, jnp.int32(num_steps))
         if num_steps != max_steps:
