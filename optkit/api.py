@@ -212,6 +212,8 @@ def get_model(model_name: str, path: str | os.PathLike | None = None, dtype="aut
     check_attention(attention)
     if quantize and backend == "facebook":
         raise ValueError("quantize= runs on JAX: use jax/ or alpa/ (the same weights)")
+    if attention != "auto" and backend == "facebook":
+        raise ValueError("attention= picks the JAX decode attention: use jax/ or alpa/")
     if cluster is not None:
         from optkit.distributed import load_model
 

@@ -92,6 +92,8 @@ def test_alpa_backend_runs(weights):
     ("jax/opt-9b", {"dummy": True}, ValueError, "unknown OPT model"),
     ("jax/opt-125m", {"dummy": True, "dtype": "int4"}, ValueError, "dtype"),
     ("jax/opt-125m", {"dummy": True, "colour": 1}, TypeError, "colour"),
+    ("jax/opt-125m", {"dummy": True, "attention": "flash"}, ValueError, "choose one of"),
+    ("facebook/opt-125m", {"dummy": True, "attention": "pallas"}, ValueError, "jax/ or alpa/"),
 ])
 def test_bad_arguments(name, kw, err, match):
     with pytest.raises(err, match=match):
