@@ -61,22 +61,27 @@ def main(paths: list[str]) -> None:
         print(f"| {r['framework']} | {key[1]} | {r['size']} | {r['batch']} | {ms:.2f} | "
               f"{r['batch'] / ms * 1e3:.0f} | {f_run:.0f} | {f_design:.0f} | {ratios[0]} | "
               f"{ratios[1]} |")
-    long = [r for r in rows if r.get("new_tokens") == 0 and "prefill_TFLOPs" in r]
-    if long:
-        print("\n## Prefill of 2048 tokens, batch 1\n")
-        print("| framework | size | ms | TFLOP/s | fraction of measured matmul rate |")
-        print("|---|---|---|---|---|")
-    for r in long:
-        print(f"| {r['framework']} | {r['size']} | {r['prefill_ms']:.1f} | "
-              f"{r['prefill_TFLOPs']:.0f} | {r['mfu_vs_measured'] * 100:.0f}% |")
-    acc = [r for r in rows if r["framework"] == "int8-accuracy"]
-    if acc:
-        print("\n## int8 weight-only vs fp16 logits (random weights)\n")
-        print("| size | rel. L2 error | max abs diff | top-1 agreement | mean KL |")
-        print("|---|---|---|---|---|")
-        for r in acc:
-            print(f"| {r['size']} | {r['rel_l2']:.4f} | {r['max_abs_diff']:.3f} | "
-                  f"{r['top1_agree'] * 100:.1f}% | {r['mean_kl']:.2e} |")
+    section("Prefill of 2048 tokens, batch 1",
+            ["framework", "size", "ms", "TFLOP/s", "fraction of measured matmul rate"],
+            [[r["framework"], r["size"], f"{r['prefill_ms']:.1f}", f"{r['prefill_TFLOPs']:.0f}",
+              f"{r['mfu_vs_measured'] * 100:.0f}%"]
+             for r in rows if r.get("new_tokens") == 0 and "prefill_TFLOPs" in r])
+    section("int8 weight-only vs fp16 logits (random weights)",
+            ["size", "rel. L2 error", "max abs diff", "top-1 agreement", "mean KL"],
+            [[r["size"], f"{r['rel_l2']:.4f}", f"{r['max_abs_diff']:.3f}",
+              f"{r['top1_agree'] * 100:.1f}%", f"{r['mean_kl']:.2e}"]
+             for r in rows if r["framework"] == "int8-accuracy"])
+
+
+def section(title: str, header: list[str], cells: list[list[str]]) -> None:
+    """A markdown table under a heading; nothing when there are no rows."""
+    if not cells:
+        return
+    print(f"\n## {title}\n")
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for line in cells:
+        print("| " + " | ".join(line) + " |")
 
 
 def predictions(csv_paths: list[str] | None) -> dict:
