@@ -11,7 +11,7 @@ A program handles one (row, head): it stores the new K/V row, walks the older po
 blocks of ``block_k`` keeping the running max, the running sum of exponentials and the
 weighted sum of values in registers, then adds the new position from registers.  ``bias``
 (B, S) float32 is 0 where a position may be attended and ``MASKED`` where not (left
-padding); it is made once per step, not per layer.
+padding), built from the step's cache mask (the same for every layer).
 
 ``interpret=True`` runs the same kernel through Pallas' interpreter (CPU tests).
 """

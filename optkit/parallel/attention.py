@@ -4,6 +4,8 @@
 ``"pallas"`` is the fused kernel of :mod:`optkit.kernels.decode_attention`, run per shard
 with ``shard_map`` (rows and heads split as the rule table splits the cache; each device
 attends its own heads).  ``"auto"`` takes the kernel on GPUs where it applies, else XLA.
+Off GPUs an explicit ``"pallas"`` runs the kernel through Pallas' interpreter: the same
+numbers, slowly (tests use it).
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ from jax.sharding import Mesh, PartitionSpec
 from optkit.config import OPTConfig
 
 ATTENTION_CHOICES = ("auto", "xla", "pallas")
-KV_AXES = ("batch", "cache_seq", "heads", "head_dim")
 
 
 def check_attention(choice: str) -> str:

@@ -168,9 +168,11 @@ class MeshExecutor(Executor):
         return fn(self.params, tokens, attention_mask, cache)
 
     def live_bucket(self, live: int | None, cache) -> int:
-        """Static attention length for a dispatch: ``live`` rounded up to LIVE_BUCKET."""
+        """Static attention length for a dispatch: ``live`` rounded up to LIVE_BUCKET (the
+        whole cache under the fused kernel, which stops at each row's own index anyway: one
+        compilation instead of one per bucket)."""
         s = cache_len(cache)
-        if live is None:
+        if live is None or self.decode_attention(int(cache["mask"].shape[0]), s) is not None:
             return s
         return min(s, -(-int(live) // LIVE_BUCKET) * LIVE_BUCKET)
 

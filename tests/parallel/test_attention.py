@@ -38,6 +38,14 @@ def test_kernel_matches_xla_under_plans(plan):
                                atol=1e-5)
 
 
+def test_kernel_needs_no_live_buckets():
+    """The kernel stops at each row's index: one compilation serves every live length."""
+    for attention, want in (("xla", 128), ("pallas", 300)):
+        ex = build_executor(CFG, Plan(), None, dtype="float32", progress=False,
+                            attention=attention)
+        assert ex.live_bucket(40, ex.init_cache(2, 300)) == want
+
+
 def test_decode_loop_with_kernel():
     """Several steps per dispatch (the kernel inside the jitted loop) generate the same."""
     m = {a: get_model("alpa/opt-t-attn", dummy=True, config=CFG, plan=Plan(tp=2),
