@@ -13,7 +13,9 @@ weighted sum of values in registers, then adds the new position from registers. 
 (B, S) float32 is 0 where a position may be attended and ``MASKED`` where not (left
 padding), built from the step's cache mask (the same for every layer).
 
-``interpret=True`` runs the same kernel through Pallas' interpreter (CPU tests).
+``interpret=True`` runs the same kernel through Pallas' interpreter (CPU tests).  JAX 0.11
+deprecates Pallas' Triton backend; where a JAX no longer has it, importing this module fails
+and ``optkit.parallel.attention`` falls back to XLA's kernels.
 """
 
 from __future__ import annotations
