@@ -59,8 +59,6 @@ VARIANTS = {
     "default+xla_attn": "",
     # decode jits without optkit's CUDA-graph options (MeshExecutor.decode_options)
     "default+no_cb": "",
-    "graphs_all+xla_attn": _CB + "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,WHILE,CONDITIONAL "
-                           "--xla_gpu_graph_min_graph_size=1",
 }
 #: Environment variables a variant sets besides XLA_FLAGS (recorded in every row).
 VARIANT_ENV = {"ar_ll": {"NCCL_PROTO": "LL"}, "ar_symmetric_ll": {"NCCL_PROTO": "LL"}}
@@ -300,9 +298,9 @@ def planned_executor(cfg, devices, args):
     return ex, planned
 
 
-def ex_attention(ex, batch: int, max_len: int):
-    """The decode attention the executor (or its first pipeline stage) runs."""
-    return getattr(ex, "stages", [ex])[0].decode_attention(batch, max_len)
+def mesh_executors(ex) -> list:
+    """The executor itself, or a pipeline executor's stage executors."""
+    return getattr(ex, "stages", [ex])
 
 
 def optkit_worker(args) -> list[dict]:
@@ -330,7 +328,7 @@ def optkit_worker(args) -> list[dict]:
     t0 = time.perf_counter()
     ex, planned = planned_executor(cfg, devices, args)
     if args.variant.endswith("+no_cb"):
-        for st in getattr(ex, "stages", [ex]):
+        for st in mesh_executors(ex):
             st.decode_options = {}
     params = ex.params
     jax.block_until_ready(params)
@@ -397,8 +395,9 @@ def optkit_worker(args) -> list[dict]:
                      "prefill_ms": prefill_s * 1e3, "step_ms": decode_s / n_dec * 1e3,
                      "first_run_s": compile_s, "init_s": init_s,
                      "steps_per_dispatch": args.steps_per_dispatch,
-                     "attention": "xla" if ex_attention(ex, b, s) is None else "pallas",
-                     "command_buffers": bool(getattr(ex, "stages", [ex])[0].decode_options),
+                     "attention": ("xla" if mesh_executors(ex)[0].decode_attention(b, s) is None
+                                   else "pallas"),
+                     "command_buffers": bool(mesh_executors(ex)[0].decode_options),
                      "resident_GiB": resident,
                      "peak_GiB": device_memory(devices, "peak_bytes_in_use"),
                      **planned.get(b, {})})
