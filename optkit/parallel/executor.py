@@ -126,9 +126,12 @@ class MeshExecutor(Executor):
     def decode_attention(self, batch: int, max_len: int):
         """The ``attention`` argument of ``model.decode_step`` for this batch and cache (see
         ``optkit.parallel.attention``)."""
-        shape = (batch, max_len, self.cfg.num_attention_heads, self.cfg.head_dim)
-        spec = partition_spec(CACHE_AXES["kv"], shape, self.rules, self.mesh)
-        return decode_attention_fn(self.attention, self.cfg, self.mesh, spec)
+        key = ("attention", batch, max_len)
+        if key not in self._fns:  # asked on every dispatch: resolve once per shape
+            shape = (batch, max_len, self.cfg.num_attention_heads, self.cfg.head_dim)
+            spec = partition_spec(CACHE_AXES["kv"], shape, self.rules, self.mesh)
+            self._fns[key] = decode_attention_fn(self.attention, self.cfg, self.mesh, spec)
+        return self._fns[key]
 
     def batch_sharding(self, shape: tuple[int, ...]) -> NamedSharding:
         return self.sharding(("batch",) + (None,) * (len(shape) - 1), shape)
