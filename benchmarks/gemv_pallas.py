@@ -1,11 +1,14 @@
-"""One-row int8 products on a GPU: XLA's fused widen-multiply-reduce vs a Pallas (Triton) kernel.
+"""One-row int8 products on a GPU: XLA's fused widen-multiply-reduce vs Pallas (Triton) kernels.
 
-A decode step of batch 1 reads every int8 matmul kernel once; ``optkit.model.project``
-computes ``y = (x * q).sum(-1) * scale`` over the output-major int8 kernel ``q`` (N, K) as one
-XLA reduction.  This script times that against a hand-written Pallas kernel (a program per
-block of output channels, looping over K in blocks) at the kernel shapes of an opt-6.7b layer
-and of OPT-175B's layer split over two cards, rotating over enough layers' kernels that the
-L2 cache holds none of them, and reports the bytes of ``q`` read per second.
+A decode step of batch 1 reads every int8 matmul kernel once; XLA computes
+``y = (x * q).sum(-1) * scale`` over the output-major int8 kernel ``q`` (N, K) as one
+reduction.  This script times that against two hand-written Pallas kernels (a program per
+block of output channels, looping over K in blocks): ``pallas`` widens each int8 with a
+conversion, ``words`` is ``optkit.kernels.int8_matvec`` (32-bit loads, widened with integer
+masks).  ``read`` (a sum of the same bytes as int32 words) is the shape's read ceiling.  Shapes
+are an opt-6.7b layer's kernels and OPT-175B's split over two cards, rotating over enough
+layers' kernels that the L2 cache holds none of them; it reports the bytes of ``q`` read per
+second.
 
     python benchmarks/gemv_pallas.py --out gemv.jsonl          # on a GPU
     python benchmarks/gemv_pallas.py --check                   # correctness, interpreted (CPU)
@@ -23,6 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
+from optkit.kernels.int8_matvec import int8_matvec
+
 #: (name, N output channels, K inputs) of one layer's four kernels
 SHAPES = {
     "6.7b": [("qkv", 3 * 4096, 4096), ("out", 4096, 4096), ("fc1", 16384, 4096),
@@ -36,6 +41,18 @@ def xla_gemv(x, q, scale):
     """What optkit.model.project does for one row (output-major int8 kernel)."""
     y = jnp.sum(x.astype(jnp.float32)[None, :] * q.astype(jnp.float32), axis=-1)
     return (y * scale).astype(x.dtype)
+
+
+def read_words(x, q, scale):
+    """Read every byte of q (as int32 words) with a trivial reduction: the read ceiling."""
+    del x
+    n, k = q.shape
+    words = jax.lax.bitcast_convert_type(q.reshape(n, k // 4, 4), jnp.int32)
+    return jnp.sum(words, axis=1).astype(jnp.float32) * scale
+
+
+def words_gemv(x, q, scale, **cfg):
+    return int8_matvec(x[None], q, scale, **cfg)[0].astype(x.dtype)
 
 
 def _kernel(x_ref, q_ref, s_ref, o_ref, *, bk: int, k: int):
@@ -82,6 +99,10 @@ def check() -> None:
         err = float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want))
         print(f"check n={n} k={k}: rel err {err:.2e}")
         assert err < 1e-5, err
+        got = words_gemv(x, q, s, block_n=bn, block_k=bk, interpret=True)
+        err = float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want))
+        print(f"check words n={n} k={k}: rel err {err:.2e}")
+        assert err < 1e-5, err
 
 
 def bench(args) -> list[dict]:
@@ -96,12 +117,16 @@ def bench(args) -> list[dict]:
             xs = jax.random.normal(keys[0], (k,), jnp.float16)
             ss = [jnp.full((n,), 0.01, jnp.float32)] * layers
             ref = xla_gemv(xs, qs[0], ss[0]).astype(jnp.float32)
-            configs = [("xla", {})] + [
-                ("pallas", {"bn": bn, "bk": bk, "warps": w, "stages": st})
-                for bn in (8, 16, 32) for bk in (512, 1024) for w in (4, 8)
+            configs = [("xla", {}), ("read", {})] + [
+                ("pallas", {"bn": bn, "bk": bk, "warps": 4, "stages": 3})
+                for bn in (8, 16) for bk in (512, 1024) if n % bn == 0 and k % bk == 0] + [
+                ("words", {"block_n": bn, "block_k": bk, "num_warps": w, "num_stages": st})
+                for bn in (4, 8, 16) for bk in (512, 1024, 2048) for w in (4, 8)
                 for st in (3,) if n % bn == 0 and k % bk == 0]
+            impls = {"xla": xla_gemv, "read": read_words, "pallas": pallas_gemv,
+                     "words": words_gemv}
             for kind, cfg in configs:
-                fn = xla_gemv if kind == "xla" else functools.partial(pallas_gemv, **cfg)
+                fn = functools.partial(impls[kind], **cfg)
 
                 @jax.jit
                 def loop(x, qs, ss, fn=fn):
@@ -163,7 +188,8 @@ def main() -> None:
             if r["GBps"] > best.get(k, {}).get("GBps", 0):
                 best[k] = r
     for (m, kern, impl), r in sorted(best.items()):
-        cfg = {c: r[c] for c in ("bn", "bk", "warps", "stages") if c in r}
+        cfg = {c: r[c] for c in ("bn", "bk", "warps", "stages", "block_n", "block_k",
+                                 "num_warps", "num_stages") if c in r}
         print(f"{m:9} {kern:4} {impl:7} {r['us']:8.1f} us {r['GBps']:7.0f} GB/s {cfg}")
 
 

@@ -54,9 +54,11 @@ VARIANTS = {
     # NCCL's low-latency protocol only (see VARIANT_ENV)
     "ar_ll": "",
     "ar_symmetric_ll": "--xla_gpu_experimental_enable_nccl_symmetric_buffers=true",
-    # decode attention through XLA's kernels instead of the fused Pallas kernel (the default
-    # on GPUs, optkit.parallel.attention)
+    # decode attention / int8 products / both through XLA's code instead of the Pallas
+    # kernels (the default on GPUs, optkit.parallel.kernels)
     "default+xla_attn": "",
+    "default+xla_matvec": "",
+    "default+xla_kernels": "",
     # decode jits without optkit's CUDA-graph options (MeshExecutor.decode_options)
     "default+no_cb": "",
 }
@@ -294,7 +296,7 @@ def planned_executor(cfg, devices, args):
     else:
         plan = Plan(tp=len(devices), dtype="float16")
     ex = build_executor(cfg, plan, None, devices, dtype="float16", progress=False,
-                        quantize=quantize, attention=args.attention)
+                        quantize=quantize, kernels=args.kernels)
     return ex, planned
 
 
@@ -324,7 +326,8 @@ def optkit_worker(args) -> list[dict]:
 
     cfg = OPTConfig.from_name("opt-" + args.size)
     devices = jax.devices()[:args.devices]
-    args.attention = "xla" if args.variant.endswith("+xla_attn") else "auto"
+    args.kernels = {"+xla_attn": "matvec" if args.int8 else "xla", "+xla_matvec": "attention",
+                    "+xla_kernels": "xla"}.get("+" + args.variant.partition("+")[2], "auto")
     t0 = time.perf_counter()
     ex, planned = planned_executor(cfg, devices, args)
     if args.variant.endswith("+no_cb"):
@@ -336,7 +339,7 @@ def optkit_worker(args) -> list[dict]:
         if args.variant.endswith(suffix):
             params = use_transposed_kernels(params, layout)
             ex = MeshExecutor(cfg, params, ex.mesh, ex.rules, dtype=jnp.float16,
-                              attention=args.attention,
+                              kernels=args.kernels,
                               command_buffers=bool(ex.decode_options))
     init_s = time.perf_counter() - t0
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
@@ -395,8 +398,9 @@ def optkit_worker(args) -> list[dict]:
                      "prefill_ms": prefill_s * 1e3, "step_ms": decode_s / n_dec * 1e3,
                      "first_run_s": compile_s, "init_s": init_s,
                      "steps_per_dispatch": args.steps_per_dispatch,
-                     "attention": ("xla" if mesh_executors(ex)[0].decode_attention(b, s) is None
-                                   else "pallas"),
+                     "kernels": args.kernels,
+                     **{k: "xla" if v is None else "pallas"
+                        for k, v in mesh_executors(ex)[0].decode_kernels(b, s).items()},
                      "command_buffers": bool(mesh_executors(ex)[0].decode_options),
                      "resident_GiB": resident,
                      "peak_GiB": device_memory(devices, "peak_bytes_in_use"),

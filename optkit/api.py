@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from optkit.config import OPTConfig, canonical_name
-from optkit.parallel.attention import check_attention
+from optkit.parallel.kernels import check_kernels
 from optkit.quant import check_quantize
 from optkit.weights.folder import WeightError, folder_path, is_weight_folder
 from optkit.weights.sources import open_weights
@@ -183,7 +183,7 @@ def get_model(model_name: str, path: str | os.PathLike | None = None, dtype="aut
               dummy: bool = False, device=None, plan=None, seed: int = 0,
               config: OPTConfig | None = None, checksums: bool = False,
               progress: bool = True, cluster=None, quantize: str | None = None,
-              attention: str = "auto", **kwargs):
+              kernels: str = "auto", **kwargs):
     """Load an OPT model for inference (Alpa's ``get_model``).
 
     Args:
@@ -201,25 +201,25 @@ def get_model(model_name: str, path: str | os.PathLike | None = None, dtype="aut
         every host's devices and the weights must be at ``path`` on every host.
       quantize: ``"int8"``: int8 weight-only matmul kernels, quantized while loading
         (``jax/`` and ``alpa/``; see ``optkit.quant``).
-      attention: decode attention of ``jax/`` and ``alpa/`` models: ``"auto"`` (a fused
-        Pallas kernel on GPUs, XLA elsewhere), ``"xla"`` or ``"pallas"``
-        (``optkit.parallel.attention``).
+      kernels: Pallas kernels in the decode step of ``jax/`` and ``alpa/`` models: ``"auto"``
+        (on GPUs, those that apply: fused attention, int8 products), ``"xla"`` (none),
+        ``"pallas"`` (all), ``"attention"`` or ``"matvec"`` (``optkit.parallel.kernels``).
     """
     backend, short = split_name(model_name)
     if kwargs:
         raise TypeError(f"get_model() got unexpected arguments: {sorted(kwargs)}")
     check_quantize(quantize)
-    check_attention(attention)
+    check_kernels(kernels)
     if quantize and backend == "facebook":
         raise ValueError("quantize= runs on JAX: use jax/ or alpa/ (the same weights)")
-    if attention != "auto" and backend == "facebook":
-        raise ValueError("attention= picks the JAX decode attention: use jax/ or alpa/")
+    if kernels != "auto" and backend == "facebook":
+        raise ValueError("kernels= picks the JAX decode kernels: use jax/ or alpa/")
     if cluster is not None:
         from optkit.distributed import load_model
 
         return load_model(cluster, model_name, path=path, dtype=dtype, dummy=dummy, plan=plan,
                           seed=seed, config=config, checksums=checksums, progress=progress,
-                          quantize=quantize, attention=attention)
+                          quantize=quantize, kernels=kernels)
     if backend == "facebook":
         from optkit.hf_backend import get_hf_model
 
@@ -238,7 +238,7 @@ def get_model(model_name: str, path: str | os.PathLike | None = None, dtype="aut
 
         executor, plan = build_parallel(cfg, store, dtype=dtype, plan=plan, seed=seed,
                                         checksums=checksums, progress=progress,
-                                        quantize=quantize, attention=attention)
+                                        quantize=quantize, kernels=kernels)
         return JaxOPT(executor, name=model_name, backend=backend, plan=plan)
 
     if plan is not None:
@@ -248,5 +248,5 @@ def get_model(model_name: str, path: str | os.PathLike | None = None, dtype="aut
     dev = device or jax.devices()[0]
     executor = build_executor(cfg, Plan(), store, devices=[dev], dtype=dtype, seed=seed,
                               checksums=checksums, progress=progress, quantize=quantize,
-                              attention=attention)
+                              kernels=kernels)
     return JaxOPT(executor, name=model_name, backend=backend)

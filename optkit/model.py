@@ -81,15 +81,18 @@ def layer_norm(p: dict, x: jax.Array, eps: float) -> jax.Array:
 
 #: int8 products of at most this many token rows run as one fused widen-multiply-reduce.
 INT8_REDUCE_ROWS = 1
+#: ... and of at most this many through a ``matvec`` hook, where one is given.
+INT8_KERNEL_ROWS = 4
 
 
-def project(p: dict, x: jax.Array, eq: str) -> jax.Array:
+def project(p: dict, x: jax.Array, eq: str, matvec=None) -> jax.Array:
     """``einsum(eq, x, kernel) + bias``, ``eq`` naming the kernel's input axes first.
 
     An int8 weight-only kernel (``kernel_q``, output-major, one scale per output channel; see
     ``optkit.quant``) is widened inside the product and scaled after it, so only the int8
     bytes are read: for a single row as a multiply + reduction over the input axes (each
-    output's weights contiguous), else as a dot.
+    output's weights contiguous), else as a dot.  ``matvec(x, q, scale)`` (e.g. a kernel,
+    -> scaled fp32 products) replaces both for up to :data:`INT8_KERNEL_ROWS` rows.
     """
     if "kernel_q" not in p:
         return jnp.einsum(eq, x, p["kernel"]) + p["bias"]
@@ -97,7 +100,10 @@ def project(p: dict, x: jax.Array, eq: str) -> jax.Array:
     n_out = scale.ndim
     n_in = q.ndim - n_out
     lead = x.shape[:x.ndim - n_in]
-    if math.prod(lead) <= INT8_REDUCE_ROWS:
+    rows = math.prod(lead)
+    if matvec is not None and rows <= INT8_KERNEL_ROWS:
+        return matvec(x, q, scale).astype(x.dtype) + p["bias"]
+    if rows <= INT8_REDUCE_ROWS:
         xb = x.astype(jnp.float32).reshape(lead + (1,) * n_out + x.shape[x.ndim - n_in:])
         y = jnp.sum(xb * q.astype(jnp.float32), axis=tuple(range(-n_in, 0)))
     else:
@@ -108,8 +114,8 @@ def project(p: dict, x: jax.Array, eq: str) -> jax.Array:
     return (y * scale).astype(x.dtype) + p["bias"]
 
 
-def dense(p: dict, x: jax.Array) -> jax.Array:
-    return project(p, x, "...i,io->...o")
+def dense(p: dict, x: jax.Array, matvec=None) -> jax.Array:
+    return project(p, x, "...i,io->...o", matvec)
 
 
 def positions_from_mask(attention_mask: jax.Array, start: jax.Array | int = 0) -> jax.Array:
@@ -161,39 +167,42 @@ def _write_rows(cache: jax.Array, rows: jax.Array, index: jax.Array, new: jax.Ar
                            mode=jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS)
 
 
-def _layer(lp: dict, cfg: OPTConfig, x: jax.Array, attend) -> tuple[jax.Array, tuple]:
-    """One decoder layer.  ``attend(qkv) -> (out, new_kv)`` hides prefill vs decode."""
+def _layer(lp: dict, cfg: OPTConfig, x: jax.Array, attend,
+           matvec=None) -> tuple[jax.Array, tuple]:
+    """One decoder layer.  ``attend(qkv) -> (out, new_kv)`` hides prefill vs decode;
+    ``matvec`` maps kernel names (qkv, out, fc1, fc2) to int8 product hooks (see project)."""
     eps = cfg.layer_norm_eps
+    mv = matvec or {}
     residual = x
     h = layer_norm(lp["attn_ln"], x, eps) if cfg.do_layer_norm_before else x
-    a, new_kv = attend(project(lp["qkv"], h, "bth,hkad->btkad"))
-    h = project(lp["out"], a, "btad,adh->bth")
+    a, new_kv = attend(project(lp["qkv"], h, "bth,hkad->btkad", mv.get("qkv")))
+    h = project(lp["out"], a, "btad,adh->bth", mv.get("out"))
     h = residual + h
     if not cfg.do_layer_norm_before:
         h = layer_norm(lp["attn_ln"], h, eps)
     residual = h
     m = layer_norm(lp["mlp_ln"], h, eps) if cfg.do_layer_norm_before else h
-    m = dense(lp["fc2"], jax.nn.relu(dense(lp["fc1"], m)))
+    m = dense(lp["fc2"], jax.nn.relu(dense(lp["fc1"], m, mv.get("fc1"))), mv.get("fc2"))
     h = residual + m
     if not cfg.do_layer_norm_before:
         h = layer_norm(lp["mlp_ln"], h, eps)
     return h, new_kv
 
 
-def _run_layers(layers, cfg: OPTConfig, x, ks, vs, make_attend):
+def _run_layers(layers, cfg: OPTConfig, x, ks, vs, make_attend, matvec=None):
     """Apply every layer (unrolled list or scanned stack), threading per-layer caches."""
     if isinstance(layers, dict):  # stacked: leading layer axis, lax.scan
 
         def body(h, xs):
             lp, k_c, v_c = xs
-            h, (k_n, v_n) = _layer(lp, cfg, h, make_attend(k_c, v_c))
+            h, (k_n, v_n) = _layer(lp, cfg, h, make_attend(k_c, v_c), matvec)
             return h, (k_n, v_n)
 
         x, (ks, vs) = jax.lax.scan(body, x, (layers, ks, vs))
         return x, ks, vs
     new_k, new_v = [], []
     for lp, k_c, v_c in zip(layers, ks, vs, strict=True):
-        x, (k_n, v_n) = _layer(lp, cfg, x, make_attend(k_c, v_c))
+        x, (k_n, v_n) = _layer(lp, cfg, x, make_attend(k_c, v_c), matvec)
         new_k.append(k_n)
         new_v.append(v_n)
     return x, new_k, new_v
@@ -241,12 +250,14 @@ def dense_decode_attention(qkv: jax.Array, k: jax.Array, v: jax.Array, mask: jax
 
 
 def decode_layers(layers, cfg: OPTConfig, x: jax.Array, cache: Cache,
-                  live: int | None = None, attention=None) -> tuple[jax.Array, Cache]:
+                  live: int | None = None, attention=None,
+                  matvec=None) -> tuple[jax.Array, Cache]:
     """Run one new position per row (x: (B,1,H)) through ``layers``, writing at ``index``.
 
     ``live`` (static) promises every row's index is below it: attention then reads only the
     first ``live`` cache positions instead of the whole cache.  ``attention`` replaces
-    :func:`dense_decode_attention` (same signature), e.g. with a fused kernel.
+    :func:`dense_decode_attention` (same signature), e.g. with a fused kernel; ``matvec``
+    maps kernel names to int8 product hooks (see :func:`project`).
     """
     b, s = cache["mask"].shape
     live = s if live is None else min(int(live), s)
@@ -263,7 +274,7 @@ def decode_layers(layers, cfg: OPTConfig, x: jax.Array, cache: Cache,
             return out[:, None], (k_n, v_n)
         return attend
 
-    x, ks, vs = _run_layers(layers, cfg, x, cache["k"], cache["v"], make_attend)
+    x, ks, vs = _run_layers(layers, cfg, x, cache["k"], cache["v"], make_attend, matvec)
     return x, {"k": ks, "v": vs, "mask": mask, "index": cache["index"] + 1}
 
 
@@ -286,10 +297,12 @@ def decode_positions(cache: Cache) -> jax.Array:
 
 
 def decode_step(params: Params, cfg: OPTConfig, tokens: jax.Array, cache: Cache,
-                live: int | None = None, attention=None) -> tuple[jax.Array, Cache]:
-    """Feed one token per row (B,) and return next-token logits (B,V) and the new cache."""
+                live: int | None = None, attention=None,
+                matvec=None) -> tuple[jax.Array, Cache]:
+    """Feed one token per row (B,) and return next-token logits (B,V) and the new cache
+    (``attention``, ``matvec``: see :func:`decode_layers`)."""
     x = embed(params, cfg, tokens[:, None], decode_positions(cache))
-    x, cache = decode_layers(params["layers"], cfg, x, cache, live, attention)
+    x, cache = decode_layers(params["layers"], cfg, x, cache, live, attention, matvec)
     return unembed(params, cfg, x[:, 0]), cache
 
 

@@ -92,8 +92,9 @@ def test_alpa_backend_runs(weights):
     ("jax/opt-9b", {"dummy": True}, ValueError, "unknown OPT model"),
     ("jax/opt-125m", {"dummy": True, "dtype": "int4"}, ValueError, "dtype"),
     ("jax/opt-125m", {"dummy": True, "colour": 1}, TypeError, "colour"),
-    ("jax/opt-125m", {"dummy": True, "attention": "flash"}, ValueError, "choose one of"),
-    ("facebook/opt-125m", {"dummy": True, "attention": "pallas"}, ValueError, "jax/ or alpa/"),
+    ("jax/opt-125m", {"dummy": True, "kernels": "flash"}, ValueError, "choose one of"),
+    ("facebook/opt-125m", {"dummy": True, "kernels": "pallas"}, ValueError, "jax/ or alpa/"),
+    ("jax/opt-tiny", {"dummy": True, "kernels": "matvec"}, ValueError, "not int8"),
 ])
 def test_bad_arguments(name, kw, err, match):
     with pytest.raises(err, match=match):

@@ -33,9 +33,10 @@ def test_random_weights_then_generate(tmp_path):
     out = subprocess.run(base + ["--prompt", "Hello", "--quantize", "int8"],
                          capture_output=True, text=True, check=True)
     assert out.stdout.startswith("Hello") and "[length]" in out.stdout
-    # the fused attention kernel (interpreted on CPU) generates what XLA's path does
-    greedy = [subprocess.run(base + ["--prompt", "Hello", "--attention", a], capture_output=True,
-                             text=True, check=True).stdout for a in ("xla", "pallas")]
+    # the Pallas kernels (interpreted on CPU) generate what XLA's path does
+    greedy = [subprocess.run(base + ["--prompt", "Hello", "--quantize", "int8", "--kernels", a],
+                             capture_output=True, text=True, check=True).stdout
+              for a in ("xla", "pallas")]
     assert greedy[0] == greedy[1] and greedy[0].startswith("Hello")
 
 

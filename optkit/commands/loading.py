@@ -4,13 +4,17 @@ from __future__ import annotations
 
 
 def add_loading_options(group) -> None:
-    """``--dtype``, ``--quantize``, ``--attention`` and ``--cluster`` on a parser or group."""
+    """``--dtype``, ``--quantize``, ``--kernels`` and ``--cluster`` on a parser or group."""
     group.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16")
     group.add_argument("--quantize", choices=["int8"],
                        help="int8 weight-only matmul kernels, quantized while loading")
-    group.add_argument("--attention", choices=["auto", "xla", "pallas"], default="auto",
-                       help="decode attention of jax/ and alpa/ models: auto (a fused Pallas "
-                            "kernel on GPUs, XLA elsewhere), xla or pallas (default: auto)")
+    # optkit.parallel.kernels.KERNEL_CHOICES (not imported: --help stays free of JAX)
+    group.add_argument("--kernels", choices=["auto", "xla", "pallas", "attention", "matvec"],
+                       default="auto",
+                       help="Pallas kernels in the decode step of jax/ and alpa/ models: "
+                            "auto (on GPUs, those that apply: fused attention, int8 "
+                            "products), xla (none), pallas (all), attention or matvec "
+                            "(that one) (default: auto)")
     group.add_argument("--cluster", metavar="ADDRESS",
                        help="run an alpa/ model on a Ray cluster: auto (the cluster this "
                             "machine joined with `ray start`), HEAD:6379 or ray://HEAD:10001")
@@ -21,4 +25,4 @@ def load_model(args):
     from optkit import get_model
 
     return get_model(args.model, path=args.path, dummy=args.dummy, dtype=args.dtype,
-                     cluster=args.cluster, quantize=args.quantize, attention=args.attention)
+                     cluster=args.cluster, quantize=args.quantize, kernels=args.kernels)

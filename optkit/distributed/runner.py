@@ -223,7 +223,7 @@ def choose_plan(cfg: OPTConfig, plan, cluster: RayCluster, dtype, progress: bool
 def load_model(cluster: RayCluster | str, model_name: str, path=None, dtype="auto",
                dummy: bool = False, plan=None, seed: int = 0, config: OPTConfig | None = None,
                checksums: bool = False, progress: bool = True,
-               quantize: str | None = None, attention: str = "auto") -> RemoteOPT:
+               quantize: str | None = None, kernels: str = "auto") -> RemoteOPT:
     """``get_model(model_name, ..., cluster=cluster)``: an ``alpa/`` model on a Ray cluster.
 
     ``cluster`` is a :class:`RayCluster` (started if needed) or an address (a cluster this
@@ -249,7 +249,7 @@ def load_model(cluster: RayCluster | str, model_name: str, path=None, dtype="aut
         model_id = cluster.next_model_id()
         spec = {"short": short, "path": path, "dummy": dummy, "config": cfg, "plan": plan,
                 "dtype": dtype, "seed": seed, "checksums": checksums, "quantize": quantize,
-                "attention": attention}
+                "kernels": kernels}
         info = cluster.call("load", model_id, spec, cluster.take_unloads(),
                             what=f"loading {model_name}")[0]
     except BaseException:

@@ -109,7 +109,7 @@ class JaxWorker:
                                   dtype=spec["dtype"], seed=spec["seed"],
                                   checksums=spec["checksums"], progress=False,
                                   quantize=spec["quantize"],
-                                  attention=spec.get("attention", "auto"))
+                                  kernels=spec.get("kernels", "auto"))
         self.models[model_id] = _Model(executor)
         return {"dtype": jnp.dtype(executor.dtype).name}
 

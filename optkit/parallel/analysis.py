@@ -240,9 +240,9 @@ def lower_job(cfg: OPTConfig, job: StageJob, devices: Sequence[jax.Device]):
         raise ValueError(f"unknown job kind {job.kind!r}")
     x = arg((b,), jnp.int32) if job.first else arg((b, 1, h), dtype)
     out = (b, v) if job.last else (b, 1, h)
-    attn = ex.decode_attention(b, s_len)  # the fused kernel on GPUs, as the executor runs
+    kern = ex.decode_kernels(b, s_len)  # Pallas kernels on GPUs, as the executor runs
     fn = jax.jit(lambda p, x, c: stage_decode(p, sub, x, c, first=job.first, last=job.last,
-                                              attention=attn),
+                                              **kern),
                  donate_argnums=(2,),
                  out_shardings=(ex.logits_sharding(out) if job.last else ex.batch_sharding(out),
                                 ex.cache_shardings(b, s_len)))

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from optkit.config import OPTConfig
-from optkit.parallel.attention import check_attention
+from optkit.parallel.kernels import check_kernels
 from optkit.parallel.executor import MeshExecutor
 from optkit.parallel.pipeline import PipelineExecutor
 from optkit.parallel.plan import Plan, PlanError, stage_of
@@ -70,14 +70,14 @@ def zero_params(cfg: OPTConfig, plan: Plan, sharding_for, dtype) -> dict:
 def build_executor(cfg: OPTConfig, plan: Plan, store=None, devices: Sequence | None = None,
                    dtype="auto", seed: int = 0, checksums: bool = False,
                    progress: bool = True, zeros: bool = False, quantize: str | None = None,
-                   attention: str = "auto") -> MeshExecutor | PipelineExecutor:
+                   kernels: str = "auto") -> MeshExecutor | PipelineExecutor:
     """An executor of ``cfg`` under ``plan`` on the first ``plan.num_devices`` of ``devices``
     (default ``jax.devices()``), with weights from ``store`` (random when ``None``, zeros
     with ``zeros``); ``quantize="int8"``: int8 weight-only matmul kernels (``optkit.quant``);
-    ``attention``: decode attention, ``"auto"`` (fused kernel on GPUs), ``"xla"`` or
-    ``"pallas"`` (``optkit.parallel.attention``)."""
+    ``kernels``: the decode step's Pallas kernels, ``"auto"`` (those that apply, on GPUs),
+    ``"xla"``, ``"pallas"``, ``"attention"`` or ``"matvec"`` (``optkit.parallel.kernels``)."""
     check_quantize(quantize)
-    check_attention(attention)
+    check_kernels(kernels)
     if zeros and quantize:
         raise ValueError("zeros=True makes full-precision weights; drop quantize")
     plan.validate(cfg)
@@ -103,14 +103,14 @@ def build_executor(cfg: OPTConfig, plan: Plan, store=None, devices: Sequence | N
                              checksums=checksums, progress=progress)
     if plan.pp == 1:
         return MeshExecutor(cfg, params, meshes[0], plan.rules, dtype=jdtype,
-                            attention=attention)
+                            kernels=kernels)
     stage_params = split_params(params, ranges)
     # The LM head is tied to the token embedding: the last stage gets its own copy.
     embed = next(s for s in param_specs(cfg) if s.path == ("embed_tokens",))
     stage_params[-1]["embed_tokens"] = move(params["embed_tokens"],
                                             sharding_for(embed, stage=plan.pp - 1))
     return PipelineExecutor(cfg, stage_params, plan, devices, dtype=jdtype,
-                            attention=attention)
+                            kernels=kernels)
 
 
 def auto_plan_options(cfg: OPTConfig, plan, dtype, quantize: str | None = None) -> dict:
@@ -132,7 +132,7 @@ def auto_plan_options(cfg: OPTConfig, plan, dtype, quantize: str | None = None) 
 
 def build_parallel(cfg: OPTConfig, store, dtype="auto", plan=None, seed: int = 0,
                    checksums: bool = False, progress: bool = True, devices=None,
-                   quantize: str | None = None, attention: str = "auto"):
+                   quantize: str | None = None, kernels: str = "auto"):
     """``get_model("alpa/...")``: (executor, plan) over all visible devices.
 
     ``plan`` is a :class:`Plan`, ``None``/``"auto"`` (the planner's choice among plans using
@@ -155,5 +155,5 @@ def build_parallel(cfg: OPTConfig, store, dtype="auto", plan=None, seed: int = 0
                         f"{type(plan).__name__}")
     executor = build_executor(cfg, plan, store, devices, dtype=dtype, seed=seed,
                               checksums=checksums, progress=progress, quantize=quantize,
-                              attention=attention)
+                              kernels=kernels)
     return executor, plan

@@ -20,7 +20,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from optkit import model as M
 from optkit.config import OPTConfig
-from optkit.parallel.attention import check_attention, decode_attention_fn
+from optkit.parallel.kernels import check_kernels, decode_kernels
 from optkit.parallel.transfer import move
 from optkit.weights.layout import ParamSpec
 
@@ -87,20 +87,23 @@ class Executor:
 class MeshExecutor(Executor):
     """Jitted prefill/decode of one model on one mesh under a sharding-rule table.
 
-    ``attention``: see ``optkit.parallel.attention``; ``command_buffers`` (default: on GPUs)
+    ``kernels``: see ``optkit.parallel.kernels``; ``command_buffers`` (default: on GPUs)
     compiles the decode jits with :data:`GPU_DECODE_OPTIONS`."""
 
     def __init__(self, cfg: OPTConfig, params: Any, mesh: Mesh | None = None,
-                 rules: Rules | None = None, dtype=None, attention: str = "auto",
+                 rules: Rules | None = None, dtype=None, kernels: str = "auto",
                  command_buffers: bool | None = None):
         self.cfg = cfg
-        self.attention = check_attention(attention)
+        self.kernels = check_kernels(kernels)
         self.mesh = mesh or single_device_mesh()
         self.rules = dict(rules or {})
         self.params = params
         self.dtype = jnp.dtype(dtype or jax.tree.leaves(params)[0].dtype)
         self.stacked = isinstance(params["layers"], dict)
         self._fns: dict[Any, Callable] = {}
+        if self.kernels == "matvec" and not self.int8:
+            raise ValueError("kernels='matvec' runs int8 products, but the model is not int8 "
+                             "(quantize='int8')")
         if command_buffers is None:
             command_buffers = all(d.platform == "gpu" for d in self.mesh.devices.flat)
         self.decode_options = dict(GPU_DECODE_OPTIONS) if command_buffers else {}
@@ -123,14 +126,31 @@ class MeshExecutor(Executor):
         return {"k": kv, "v": kv, "mask": self.sharding(CACHE_AXES["mask"], (batch, max_len)),
                 "index": self.sharding(CACHE_AXES["index"], (batch,))}
 
-    def decode_attention(self, batch: int, max_len: int):
-        """The ``attention`` argument of ``model.decode_step`` for this batch and cache (see
-        ``optkit.parallel.attention``)."""
-        key = ("attention", batch, max_len)
+    @property
+    def int8(self) -> bool:
+        """Whether the model's matmul kernels are int8 (``optkit.quant``)."""
+        layers = self.params["layers"]
+        return "kernel_q" in (layers if self.stacked else layers[0])["qkv"]
+
+    def int8_kernel_specs(self) -> dict:
+        """Kernel name -> (shape, PartitionSpec) of one layer's int8 ``kernel_q``."""
+        from optkit.quant import KERNELS, quantized_specs
+
+        specs = {s.path[2]: s for s in quantized_specs(self.cfg)
+                 if s.path[:2] == ("layers", 0) and s.path[-1] == "kernel_q"}
+        return {name: (specs[name].shape, self.param_sharding(specs[name]).spec)
+                for name in KERNELS}
+
+    def decode_kernels(self, batch: int, max_len: int) -> dict:
+        """Keyword arguments (``attention``, ``matvec``) of ``model.decode_step`` for this
+        batch and cache (see ``optkit.parallel.kernels``)."""
+        key = ("kernels", batch, max_len)
         if key not in self._fns:  # asked on every dispatch: resolve once per shape
             shape = (batch, max_len, self.cfg.num_attention_heads, self.cfg.head_dim)
             spec = partition_spec(CACHE_AXES["kv"], shape, self.rules, self.mesh)
-            self._fns[key] = decode_attention_fn(self.attention, self.cfg, self.mesh, spec)
+            int8 = self.int8
+            self._fns[key] = decode_kernels(self.kernels, self.cfg, self.mesh, spec,
+                                            self.int8_kernel_specs() if int8 else {}, int8)
         return self._fns[key]
 
     def batch_sharding(self, shape: tuple[int, ...]) -> NamedSharding:
@@ -175,7 +195,8 @@ class MeshExecutor(Executor):
         whole cache under the fused kernel, which stops at each row's own index anyway: one
         compilation instead of one per bucket)."""
         s = cache_len(cache)
-        if live is None or self.decode_attention(int(cache["mask"].shape[0]), s) is not None:
+        fused = self.decode_kernels(int(cache["mask"].shape[0]), s)["attention"] is not None
+        if live is None or fused:
             return s
         return min(s, -(-int(live) // LIVE_BUCKET) * LIVE_BUCKET)
 
@@ -187,9 +208,9 @@ class MeshExecutor(Executor):
         tokens = self.put_batch(tokens)
         b, s = tokens.shape[0], cache_len(cache)
         n = self.live_bucket(live, cache)
-        attn = self.decode_attention(b, s)
+        kern = self.decode_kernels(b, s)
         fn = self._jit(("decode", b, s, n),
-                       lambda p, x, c: M.decode_step(p, self.cfg, x, c, n, attn),
+                       lambda p, x, c: M.decode_step(p, self.cfg, x, c, n, **kern),
                        donate_argnums=(2,), compiler_options=self.decode_options,
                        out_shardings=(self.logits_sharding((b, self.cfg.vocab_size)),
                                       self.cache_shardings(b, s)))
@@ -212,7 +233,7 @@ class MeshExecutor(Executor):
             raise ValueError(f"num_steps={num_steps} must be in [1, max_steps={max_steps}]")
         b, s = tokens.shape[0], cache_len(cache)
         n_live = self.live_bucket(live, cache)
-        cfg, attn = self.cfg, self.decode_attention(b, s)
+        cfg, kern = self.cfg, self.decode_kernels(b, s)
 
         def run(params, tokens, cache, state, n):
             logits_shape = jax.ShapeDtypeStruct((b, cfg.vocab_size), jnp.float32)
@@ -221,7 +242,7 @@ class MeshExecutor(Executor):
 
             def body(i, carry):
                 tok, c, st, outs = carry
-                logits, c = M.decode_step(params, cfg, tok, c, n_live, attn)
+                logits, c = M.decode_step(params, cfg, tok, c, n_live, **kern)
                 tok, st, out = step_fn(logits, st)
                 outs = jax.tree.map(
                     lambda buf, o: jax.lax.dynamic_update_index_in_dim(buf, o, i, 0), outs, out)

@@ -34,7 +34,7 @@ class PipelineExecutor(Executor):
 
     def __init__(self, cfg: OPTConfig, stage_params: Sequence[dict], plan: Plan,
                  devices: Sequence[jax.Device] | None = None, dtype=None,
-                 attention: str = "auto"):
+                 kernels: str = "auto"):
         self.cfg = cfg
         self.plan = plan
         self.ranges = plan.stage_ranges(cfg)
@@ -46,7 +46,7 @@ class PipelineExecutor(Executor):
         self.params = list(stage_params)
         self.dtype = jnp.dtype(dtype or jax.tree.leaves(stage_params[0])[0].dtype)
         self.stages = [MeshExecutor(cfg.replace(num_hidden_layers=len(r)), p, m, self.rules,
-                                    dtype=self.dtype, attention=attention)
+                                    dtype=self.dtype, kernels=kernels)
                        for r, p, m in zip(self.ranges, self.params, self.meshes, strict=True)]
         self._fns: dict[Any, Callable] = {}
 
@@ -107,9 +107,9 @@ class PipelineExecutor(Executor):
                 donate = (3,)
             else:
                 out = (b, v) if last else (b, 1, h)
-                attn = st.decode_attention(b, max_len)
+                kern = st.decode_kernels(b, max_len)
                 fn = (lambda p, x, c: stage_decode(p, cfg, x, c, first=first, last=last,
-                                                   live=live, attention=attn))
+                                                   live=live, **kern))
                 donate = (2,)
             out_sh = st.logits_sharding(out) if last else st.batch_sharding(out)
             opts = st.decode_options if kind == "decode" else {}

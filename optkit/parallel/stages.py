@@ -28,14 +28,14 @@ def stage_prefill(params, cfg: OPTConfig, inputs: jax.Array, attention_mask: jax
 
 
 def stage_decode(params, cfg: OPTConfig, inputs: jax.Array, cache, *, first: bool,
-                 last: bool, live: int | None = None, attention=None):
+                 last: bool, live: int | None = None, attention=None, matvec=None):
     """tokens (B,) [first] or hidden (B,1,H) -> hidden (B,1,H) or logits (B,V) [last], cache.
     ``live`` (static) bounds every row's position: attention reads only that much cache;
-    ``attention``: see ``model.decode_layers``."""
+    ``attention``, ``matvec``: see ``model.decode_layers``."""
     x = inputs
     if first:
         x = M.embed(params, cfg, inputs[:, None], M.decode_positions(cache))
-    x, cache = M.decode_layers(params["layers"], cfg, x, cache, live, attention)
+    x, cache = M.decode_layers(params["layers"], cfg, x, cache, live, attention, matvec)
     if last:
         x = M.unembed(params, cfg, x[:, 0])
     return x, cache

@@ -1,0 +1,110 @@
+"""int8 weight-only products of a few rows as one GPU kernel (Pallas on Triton).
+
+``y[m, n] = scale[n] * sum_k x[m, k] * q[n, k]`` over an output-major int8 kernel ``q``
+(N, K).  Decoding a few rows reads every weight once per step, so the product should run at
+the speed of reading ``q``.  XLA widens each int8 with a conversion instruction, which an
+H200 issues at 16 per clock per SM: about the rate HBM delivers bytes, so the conversions,
+not the memory, set the pace (~2.4 TB/s measured).  This kernel reads ``q`` as 32-bit
+words (four weights each) and widens them with integer masks: a byte ``u`` (offset by 128)
+or-ed into the mantissa of 2**23 is the float 2**23 + u, and one subtraction leaves the
+weight, exactly.  Bytes 1 and 3 are masked in place (a float of 256 * weight), so their
+inputs are pre-scaled by 1/256; bytes 2 and 3 come from the word shifted by 16.
+
+A program handles ``block_n`` output channels, looping over K in blocks of ``block_k``
+weights with an fp32 partial sum per (channel, word) and reducing it once at the end.
+``interpret=True`` runs it through Pallas' interpreter (CPU tests).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+_MAGIC = 0x4B000000  # the bits of 2.0 ** 23
+_FLIP = -0x7F7F7F80  # 0x80808080 as int32: turns each signed byte into byte + 128
+#: (mask, the float it leaves above the weight) for the byte in place in a word's low half
+_LOW, _HIGH = (0xFF, 2.0 ** 23 + 128), (0xFF00, 2.0 ** 23 + 128 * 256)
+
+
+def supported(n: int, k: int, block_n: int, block_k: int) -> bool:
+    """Whether the blocks tile an (n, k) kernel."""
+    return n % block_n == 0 and k % block_k == 0 and block_k % 4 == 0
+
+
+def blocks(n: int, k: int) -> tuple[int, int, int]:
+    """(block_n, block_k, num_warps) for an (n, k) kernel: the largest block_k up to 1024
+    weights that tiles k, and enough channels per program for a few thousand programs."""
+    block_k = next((b for b in (1024, 512, 256, 128, 64, 32, 16) if k % b == 0), 0)
+    block_n = next((b for b in (8, 4, 2, 1) if n % b == 0), 1)
+    return block_n, block_k, 4
+
+
+def _split_inputs(x: jax.Array) -> jax.Array:
+    """(M, K) -> (M, 4, K/4) float32: byte j of word w multiplies x[:, 4w + j]; bytes 1 and 3
+    are read as 256 * weight, so their inputs are divided by 256 (exact: a power of two)."""
+    m, k = x.shape
+    parts = x.astype(jnp.float32).reshape(m, k // 4, 4).transpose(0, 2, 1)
+    return parts * jnp.asarray([1.0, 1 / 256, 1.0, 1 / 256], jnp.float32)[None, :, None]
+
+
+def _widen(word: jax.Array, mask: int, offset: float) -> jax.Array:
+    bits = jax.lax.bitwise_or(jax.lax.bitwise_and(word, jnp.int32(mask)), jnp.int32(_MAGIC))
+    return jax.lax.bitcast_convert_type(bits, jnp.float32) - jnp.float32(offset)
+
+
+def _kernel(x_ref, q_ref, s_ref, o_ref, *, rows: int, block_w: int):
+    bn, words = q_ref.shape
+
+    def body(i, accs):
+        cols = pl.ds(pl.multiple_of(i * block_w, block_w), block_w)
+        w = jax.lax.bitwise_xor(q_ref[:, cols], jnp.int32(_FLIP))
+        hi = jax.lax.shift_right_logical(w, jnp.int32(16))
+        parts = (_widen(w, *_LOW), _widen(w, *_HIGH), _widen(hi, *_LOW), _widen(hi, *_HIGH))
+        out = []
+        for m, acc in enumerate(accs):
+            for j, part in enumerate(parts):
+                acc = acc + part * x_ref[m, j, cols][None, :]
+            out.append(acc)
+        return tuple(out)
+
+    init = tuple(jnp.zeros((bn, block_w), jnp.float32) for _ in range(rows))
+    accs = jax.lax.fori_loop(0, words // block_w, body, init)
+    scale = s_ref[...]
+    for m, acc in enumerate(accs):
+        o_ref[m, :] = jnp.sum(acc, axis=1) * scale
+
+
+@functools.partial(jax.jit, static_argnames=("block_n", "block_k", "num_warps", "num_stages",
+                                             "interpret"))
+def int8_matvec(x: jax.Array, q: jax.Array, scale: jax.Array, *, block_n: int | None = None,
+                block_k: int | None = None, num_warps: int | None = None,
+                num_stages: int = 3, interpret: bool = False) -> jax.Array:
+    """``x`` (M, K) times the int8 kernel ``q`` (N, K), scaled per channel by ``scale`` (N,)
+    -> (M, N) float32.  Meant for a few rows (every row costs a multiply per weight)."""
+    (m, k), (n, kq) = x.shape, q.shape
+    if q.dtype != jnp.int8 or kq != k or scale.shape != (n,):
+        raise ValueError(f"int8_matvec: x {x.shape}, q {q.shape} {q.dtype}, "
+                         f"scale {scale.shape}")
+    bn, bk, warps = blocks(n, k)
+    bn, bk, warps = block_n or bn, block_k or bk, num_warps or warps
+    if not bk or not supported(n, k, bn, bk):
+        raise ValueError(f"int8_matvec: blocks ({bn}, {bk}) do not tile ({n}, {k})")
+    words = jax.lax.bitcast_convert_type(q.reshape(n, k // 4, 4), jnp.int32)
+    params = {}
+    if not interpret:
+        params["compiler_params"] = plgpu.CompilerParams(num_warps=warps,
+                                                         num_stages=num_stages)
+    return pl.pallas_call(
+        functools.partial(_kernel, rows=m, block_w=bk // 4),
+        out_shape=jax.ShapeDtypeStruct((m, n), jnp.float32),
+        grid=(n // bn,),
+        in_specs=[pl.BlockSpec((m, 4, k // 4), lambda i: (0, 0, 0)),
+                  pl.BlockSpec((bn, k // 4), lambda i: (i, 0)),
+                  pl.BlockSpec((bn,), lambda i: (i,))],
+        out_specs=pl.BlockSpec((m, bn), lambda i: (0, i)),
+        interpret=interpret, **params)(_split_inputs(x), words,
+                                       scale.astype(jnp.float32))

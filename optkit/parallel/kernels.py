@@ -1,0 +1,191 @@
+"""Which GPU kernels an executor's decode step calls, placed on its mesh.
+
+Two Pallas kernels can replace XLA's code in a decode step (``optkit.kernels``):
+
+* ``attention``: the fused cache write + attention of :mod:`optkit.kernels.decode_attention`
+  instead of :func:`optkit.model.dense_decode_attention` (needs a power-of-two head size);
+* ``matvec``: the int8 product of :mod:`optkit.kernels.int8_matvec` for int8 models' products
+  of a few rows (``optkit.model.project``).
+
+``kernels=`` picks them: ``"auto"`` takes each on GPUs where it applies, else XLA; ``"xla"``
+none; ``"pallas"`` both (the matvec only for int8 models); ``"attention"`` or ``"matvec"``
+that one alone.  A kernel asked for by name that cannot run is an error.  Each runs per
+shard under ``shard_map``, split as the rule table splits its operands (an int8 product
+whose input axes are split sums its partial products with ``psum``).  Off GPUs an explicit
+choice runs the kernels through Pallas' interpreter: the same numbers, slowly (tests).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+from jax.sharding import Mesh, PartitionSpec
+
+from optkit.config import OPTConfig
+from optkit.quant import KERNELS
+
+KERNEL_CHOICES = ("auto", "xla", "pallas", "attention", "matvec")
+
+
+def check_kernels(choice: str) -> str:
+    if choice not in KERNEL_CHOICES:
+        raise ValueError(f"kernels={choice!r}: choose one of {', '.join(KERNEL_CHOICES)}")
+    return choice
+
+
+def _wants(choice: str, kernel: str) -> tuple[bool, bool]:
+    """(use ``kernel`` if it can run, its absence is an error) under ``choice``."""
+    check_kernels(choice)
+    explicit = choice in ("pallas", kernel)
+    return choice == "auto" or explicit, explicit
+
+
+def _module(name: str):
+    """The kernel module, or None and why (Pallas is experimental: a JAX may lack it)."""
+    try:
+        import importlib
+
+        return importlib.import_module(f"optkit.kernels.{name}"), None
+    except ImportError as e:
+        return None, f"Pallas is unavailable in this JAX ({e})"
+
+
+def _off_gpu(mesh: Mesh) -> bool:
+    return any(d.platform != "gpu" for d in mesh.devices.flat)
+
+
+def _decide(choice: str, kernel: str, why: str | None, mesh: Mesh) -> bool:
+    """Whether to run ``kernel``; raises where it was asked for by name and cannot run."""
+    want, explicit = _wants(choice, kernel)
+    if not want:
+        return False
+    if why is None and not explicit and _off_gpu(mesh):
+        why = "not on GPUs"
+    if why is None:
+        return True
+    if explicit:
+        raise ValueError(f"kernels={choice!r}: the {kernel} kernel cannot run here: {why}")
+    return False
+
+
+# ---------------------------------------------------------------------------------------------
+# Decode attention
+# ---------------------------------------------------------------------------------------------
+def resolve_attention(choice: str, cfg: OPTConfig, mesh: Mesh, kv_spec: PartitionSpec) -> str:
+    """``"xla"`` or ``"pallas"``: the decode attention for this model on this mesh
+    (``kv_spec``: the cache's partitioning)."""
+    kernel, why = _module("decode_attention")
+    if why is None and not kernel.supported(cfg.head_dim):
+        why = f"head size {cfg.head_dim} is not a power of two >= 16"
+    if why is None and (kv_spec[1] is not None or kv_spec[3] is not None):
+        why = "the cache's sequence or head_dim axis is split over devices"
+    return "pallas" if _decide(choice, "attention", why, mesh) else "xla"
+
+
+def decode_attention_fn(choice: str, cfg: OPTConfig, mesh: Mesh, kv_spec: PartitionSpec,
+                        interpret: bool | None = None):
+    """The ``attention`` argument for ``model.decode_layers``: None (the model's own) or the
+    fused kernel, wrapped in ``shard_map`` over ``mesh`` when the mesh has several devices.
+    ``interpret`` (default: off GPUs) runs the kernel through Pallas' interpreter."""
+    if resolve_attention(choice, cfg, mesh, kv_spec) == "xla":
+        return None
+    kernel, _ = _module("decode_attention")
+    interpret = _off_gpu(mesh) if interpret is None else interpret
+    rows, heads = kv_spec[0], kv_spec[2]
+
+    def attend(qkv, k, v, mask, index, live, scale):
+        del live  # the kernel stops at each row's own index
+        call = functools.partial(kernel.decode_attention, scale=scale, interpret=interpret)
+        bias = kernel.mask_bias(mask)
+        if mesh.devices.size == 1:
+            return call(qkv, k, v, bias, index)
+        heads_spec = PartitionSpec(rows, heads, None)
+        kv = PartitionSpec(rows, None, heads, None)
+        fn = jax.shard_map(call, mesh=mesh, check_vma=False,
+                           in_specs=(PartitionSpec(rows, None, heads, None), kv, kv,
+                                     PartitionSpec(rows, None), PartitionSpec(rows)),
+                           out_specs=(heads_spec, kv, kv))
+        return fn(qkv, k, v, bias, index)
+
+    return attend
+
+
+# ---------------------------------------------------------------------------------------------
+# int8 products
+# ---------------------------------------------------------------------------------------------
+def _names(spec) -> tuple[str, ...]:
+    """Mesh axis names of one PartitionSpec entry."""
+    return () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
+
+
+def _local(shape, specs, mesh: Mesh) -> int:
+    """Elements per device of dims ``shape`` split as ``specs``."""
+    parts = math.prod(mesh.shape[n] for s in specs for n in _names(s))
+    return math.prod(shape) // parts
+
+
+def matvec_fns(choice: str, cfg: OPTConfig, mesh: Mesh, q_specs: dict, int8: bool,
+               interpret: bool | None = None) -> dict | None:
+    """The ``matvec`` argument for ``model.decode_layers``: kernel name -> the int8 product
+    kernel over ``mesh``, or None (XLA's products).  ``q_specs``: kernel name ->
+    (shape, PartitionSpec) of one layer's ``kernel_q``; ``int8``: whether the model is."""
+    kernel, why = _module("int8_matvec")
+    want, explicit = _wants(choice, "matvec")
+    if not want or (not int8 and choice != "matvec"):
+        return None
+    if why is None and not int8:
+        why = "the model is not int8 (get_model(..., quantize='int8'))"
+    blocks = {}
+    if why is None:
+        for name, (shape, spec) in q_specs.items():
+            n_out = len(shape) - KERNELS[name]
+            n = _local(shape[:n_out], spec[:n_out], mesh)
+            k = _local(shape[n_out:], spec[n_out:], mesh)
+            blocks[name] = n_out, kernel.blocks(n, k)
+            if not blocks[name][1][1] or k % 4:
+                why = f"{name}'s kernel ({n} x {k} per device) has no block tiling"
+    if not _decide(choice, "matvec", why, mesh):
+        return None
+    interpret = _off_gpu(mesh) if interpret is None else interpret
+    return {name: _placed_matvec(kernel, n_out, q_specs[name][1], bs, mesh, interpret)
+            for name, (n_out, bs) in blocks.items()}
+
+
+def _placed_matvec(kernel, n_out: int, q_spec: PartitionSpec, blocks, mesh: Mesh,
+                   interpret: bool):
+    """``(x, q, scale) -> scaled fp32 products`` for one kernel split as ``q_spec``."""
+    block_n, block_k, warps = blocks
+    out_spec, in_spec = tuple(q_spec[:n_out]), tuple(q_spec[n_out:])
+    summed = tuple(n for s in in_spec for n in _names(s))
+
+    def local(x, q, scale):
+        n_in = q.ndim - n_out
+        lead, out = x.shape[:x.ndim - n_in], q.shape[:n_out]
+        k = math.prod(q.shape[n_out:])
+        y = kernel.int8_matvec(x.reshape(-1, k), q.reshape(-1, k), scale.reshape(-1),
+                               block_n=block_n, block_k=block_k, num_warps=warps,
+                               interpret=interpret)
+        y = y.reshape(lead + out)
+        return jax.lax.psum(y, summed) if summed else y
+
+    def matvec(x, q, scale):
+        if mesh.devices.size == 1:
+            return local(x, q, scale)
+        rows = (None,) * (x.ndim - (q.ndim - n_out))  # a few rows: every device takes all
+        fn = jax.shard_map(local, mesh=mesh, check_vma=False,
+                           in_specs=(PartitionSpec(*rows, *in_spec), q_spec,
+                                     PartitionSpec(*out_spec)),
+                           out_specs=PartitionSpec(*rows, *out_spec))
+        return fn(x, q, scale)
+
+    return matvec
+
+
+def decode_kernels(choice: str, cfg: OPTConfig, mesh: Mesh, kv_spec: PartitionSpec,
+                   q_specs: dict, int8: bool) -> dict:
+    """Keyword arguments (``attention``, ``matvec``) of ``model.decode_step`` under
+    ``choice`` (see the module docstring)."""
+    return {"attention": decode_attention_fn(choice, cfg, mesh, kv_spec),
+            "matvec": matvec_fns(choice, cfg, mesh, q_specs, int8)}

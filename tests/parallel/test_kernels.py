@@ -1,0 +1,94 @@
+"""Decode kernel choice: the Pallas kernels (interpreted on fake CPU devices) under every
+kind of plan give the XLA path's logits; 'auto' keeps XLA off GPUs."""
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec
+
+from optkit import get_model
+from optkit.config import OPTConfig
+from optkit.parallel import Plan, build_executor
+from optkit.parallel.executor import single_device_mesh
+from optkit.parallel.kernels import check_kernels, matvec_fns, resolve_attention
+from tests.conftest import left_padded_batch
+
+CFG = OPTConfig(vocab_size=500, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                ffn_dim=128, max_position_embeddings=64, name="t-attn")
+KV = PartitionSpec(None, None, None, None)
+PLANS = [Plan(), Plan(tp=2), Plan(dp=2, tp=2), Plan(pp=2, micro_batches=2)]
+
+
+def decode_logits(plan, kernels, steps=4, quantize=None, rows=(7, 3, 5, 6)):
+    ex = build_executor(CFG, plan, None, dtype="float32", progress=False, kernels=kernels,
+                        quantize=quantize)
+    ids, mask = left_padded_batch(CFG, list(rows), seed=1)
+    cache = ex.init_cache(len(rows), 16)
+    logits, cache = ex.prefill(ids, mask, cache)
+    out = []
+    for i in range(steps):
+        tok = np.asarray(logits).argmax(-1)
+        logits, cache = ex.decode(tok, cache, live=ids.shape[1] + i + 1)
+        out.append(np.asarray(logits))
+    return np.stack(out)
+
+
+@pytest.mark.parametrize("plan", PLANS, ids=lambda p: p.name)
+def test_attention_kernel_matches_xla_under_plans(plan):
+    np.testing.assert_allclose(decode_logits(plan, "attention"), decode_logits(plan, "xla"),
+                               atol=1e-5)
+
+
+@pytest.mark.parametrize("plan", PLANS, ids=lambda p: p.name)
+def test_int8_kernels_match_xla_under_plans(plan):
+    """Both kernels on an int8 model; the int8 product takes a few rows (2 here), its
+    partial sums psum'ed where tensor parallelism splits a kernel's inputs."""
+    kw = {"quantize": "int8", "rows": (7, 3)}
+    np.testing.assert_allclose(decode_logits(plan, "pallas", **kw),
+                               decode_logits(plan, "xla", **kw), atol=1e-4)
+
+
+def test_kernel_needs_no_live_buckets():
+    """The kernel stops at each row's index: one compilation serves every live length."""
+    for kernels, want in (("xla", 128), ("attention", 300), ("matvec", 128)):
+        ex = build_executor(CFG, Plan(), None, dtype="float32", progress=False,
+                            kernels=kernels, quantize="int8")
+        assert ex.live_bucket(40, ex.init_cache(2, 300)) == want
+        matvec = ex.decode_kernels(2, 300)["matvec"]
+        assert (sorted(matvec) if matvec else None) == (
+            ["fc1", "fc2", "out", "qkv"] if kernels == "matvec" else None)
+
+
+def test_decode_loop_with_kernels():
+    """Several steps per dispatch (the kernels inside the jitted loop) generate the same."""
+    m = {a: get_model("alpa/opt-t-attn", dummy=True, config=CFG, plan=Plan(tp=2),
+                      progress=False, kernels=a, quantize="int8") for a in ("xla", "pallas")}
+    ids, mask = left_padded_batch(CFG, [5], seed=3)
+    outs = [m[a].generate(input_ids=ids, attention_mask=mask, max_new_tokens=6,
+                          steps_per_dispatch=4) for a in ("xla", "pallas")]
+    np.testing.assert_array_equal(outs[0], outs[1])
+
+
+def test_auto_is_xla_off_gpus_and_named_kernels_refuse_what_they_cannot_run():
+    mesh = single_device_mesh()
+    assert jax.devices()[0].platform == "cpu"
+    assert resolve_attention("auto", CFG, mesh, KV) == "xla"
+    assert resolve_attention("pallas", CFG, mesh, KV) == "pallas"
+    assert resolve_attention("matvec", CFG, mesh, KV) == "xla"
+    odd = CFG.replace(hidden_size=80, num_attention_heads=4)  # head size 20
+    assert resolve_attention("auto", odd, mesh, KV) == "xla"
+    with pytest.raises(ValueError, match="power of two"):
+        resolve_attention("pallas", odd, mesh, KV)
+    with pytest.raises(ValueError, match="sequence"):
+        resolve_attention("attention", CFG, mesh, PartitionSpec(None, "tensor", None, None))
+    with pytest.raises(ValueError, match="choose one of"):
+        check_kernels("flash")
+    q = {"fc1": ((128, 64), PartitionSpec(None, None))}
+    assert matvec_fns("auto", CFG, mesh, q, int8=True) is None
+    assert matvec_fns("pallas", CFG, mesh, q, int8=False) is None
+    assert set(matvec_fns("pallas", CFG, mesh, q, int8=True)) == {"fc1"}
+    with pytest.raises(ValueError, match="not int8"):
+        matvec_fns("matvec", CFG, mesh, q, int8=False)
+    with pytest.raises(ValueError, match="no block tiling"):
+        matvec_fns("matvec", CFG, mesh, {"fc1": ((128, 40), PartitionSpec(None, None))},
+                   int8=True)
