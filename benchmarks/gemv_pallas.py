@@ -38,21 +38,38 @@ SHAPES = {
 
 
 def xla_gemv(x, q, scale):
-    """What optkit.model.project does for one row (output-major int8 kernel)."""
-    y = jnp.sum(x.astype(jnp.float32)[None, :] * q.astype(jnp.float32), axis=-1)
+    """What optkit.model.project does without a kernel: one row (K,) as a multiply-reduce,
+    several (M, K) as a dot over the widened kernel."""
+    if x.ndim == 2:
+        y = jnp.einsum("mk,nk->mn", x, q.astype(x.dtype), preferred_element_type=jnp.float32)
+    else:
+        y = jnp.sum(x.astype(jnp.float32)[None, :] * q.astype(jnp.float32), axis=-1)
     return (y * scale).astype(x.dtype)
 
 
 def read_words(x, q, scale):
     """Read every byte of q (as int32 words) with a trivial reduction: the read ceiling."""
-    del x
     n, k = q.shape
     words = jax.lax.bitcast_convert_type(q.reshape(n, k // 4, 4), jnp.int32)
-    return jnp.sum(words, axis=1).astype(jnp.float32) * scale
+    y = jnp.sum(words, axis=1).astype(jnp.float32) * scale
+    return jnp.broadcast_to(y, x.shape[:-1] + y.shape)
 
 
 def words_gemv(x, q, scale, **cfg):
-    return int8_matvec(x[None], q, scale, **cfg)[0].astype(x.dtype)
+    y = int8_matvec(x.reshape(-1, x.shape[-1]), q, scale, **cfg).astype(x.dtype)
+    return y.reshape(x.shape[:-1] + y.shape[1:])
+
+
+def grid(text: str) -> dict[str, tuple[int, ...]]:
+    """``"block_n=8,16;block_k=2048"`` -> {"block_n": (8, 16), "block_k": (2048,)}."""
+    out = {"block_n": (4, 8, 16), "block_k": (512, 1024, 2048), "num_warps": (4, 8),
+           "num_stages": (3,)}
+    for part in filter(None, text.split(";")):
+        key, _, values = part.partition("=")
+        if key not in out:
+            raise SystemExit(f"--words-grid: unknown key {key!r}; use {sorted(out)}")
+        out[key] = tuple(int(v) for v in values.split(","))
+    return out
 
 
 def _kernel(x_ref, q_ref, s_ref, o_ref, *, bk: int, k: int):
@@ -114,15 +131,18 @@ def bench(args) -> list[dict]:
             keys = jax.random.split(jax.random.key(0), layers + 1)
             # separate buffers (a slice of one stacked array would be copied for the call)
             qs = [jax.random.randint(kk, (n, k), -127, 128, jnp.int8) for kk in keys[1:]]
-            xs = jax.random.normal(keys[0], (k,), jnp.float16)
+            xs = jax.random.normal(keys[0], (args.rows, k)[2 - min(args.rows, 2):],
+                                   jnp.float16)
             ss = [jnp.full((n,), 0.01, jnp.float32)] * layers
             ref = xla_gemv(xs, qs[0], ss[0]).astype(jnp.float32)
+            g = grid(args.words_grid)
             configs = [("xla", {}), ("read", {})] + [
                 ("pallas", {"bn": bn, "bk": bk, "warps": 4, "stages": 3})
-                for bn in (8, 16) for bk in (512, 1024) if n % bn == 0 and k % bk == 0] + [
+                for bn in (8, 16) for bk in (512, 1024)
+                if args.old_kernel and args.rows == 1 and n % bn == 0 and k % bk == 0] + [
                 ("words", {"block_n": bn, "block_k": bk, "num_warps": w, "num_stages": st})
-                for bn in (4, 8, 16) for bk in (512, 1024, 2048) for w in (4, 8)
-                for st in (3,) if n % bn == 0 and k % bk == 0]
+                for bn in g["block_n"] for bk in g["block_k"] for w in g["num_warps"]
+                for st in g["num_stages"] if n % bn == 0 and k % bk == 0]
             impls = {"xla": xla_gemv, "read": read_words, "pallas": pallas_gemv,
                      "words": words_gemv}
             for kind, cfg in configs:
@@ -133,12 +153,12 @@ def bench(args) -> list[dict]:
                     def body(i, acc):
                         for q, s in zip(qs, ss, strict=True):
                             # x depends on acc: nothing is hoisted out of the loop
-                            xi = x + (acc[0] * 1e-30).astype(x.dtype)
+                            xi = x + (acc.reshape(-1)[0] * 1e-30).astype(x.dtype)
                             acc = acc + fn(xi, q, s).astype(jnp.float32)
                         return acc
                     rounds = max(1, args.iters // len(qs))
-                    return jax.lax.fori_loop(0, rounds, body,
-                                             jnp.zeros((qs[0].shape[0],), jnp.float32))
+                    shape = jax.eval_shape(fn, x, qs[0], ss[0]).shape
+                    return jax.lax.fori_loop(0, rounds, body, jnp.zeros(shape, jnp.float32))
 
                 try:
                     out = loop(xs, qs, ss).block_until_ready()
@@ -150,7 +170,8 @@ def bench(args) -> list[dict]:
                         loop(xs, qs, ss).block_until_ready()
                         ts.append(time.perf_counter() - t0)
                     t = sorted(ts)[len(ts) // 2] / (max(1, args.iters // layers) * layers)
-                    row = {"model": model, "kernel": name, "n": n, "k": k, "impl": kind, **cfg,
+                    row = {"model": model, "kernel": name, "n": n, "k": k, "rows": args.rows,
+                           "impl": kind, **cfg,
                            "us": t * 1e6, "GBps": n * k / t / 1e9, "rel_err": err,
                            "card": dev.device_kind, "jax": jax.__version__}
                     del out
@@ -169,10 +190,16 @@ def main() -> None:
     p.add_argument("--check", action="store_true", help="check the kernel (interpreted)")
     p.add_argument("--models", default="6.7b,175b/tp2")
     p.add_argument("--iters", type=int, default=200, help="products per timed call")
+    p.add_argument("--rows", type=int, default=1, help="rows of x (more than 1: XLA's dot)")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--rotate-bytes", type=float, default=400e6,
                    help="rotate over this many bytes of kernels (far more than L2)")
     p.add_argument("--out", default="gemv_pallas.jsonl")
+    p.add_argument("--words-grid", default="",
+                   help='settings of the words kernel to sweep, e.g. "block_k=2048,4096;'
+                        'num_stages=2,3,4" (keys block_n, block_k, num_warps, num_stages)')
+    p.add_argument("--no-old-kernel", dest="old_kernel", action="store_false",
+                   help="skip the conversion kernel")
     args = p.parse_args()
     if args.check:
         check()

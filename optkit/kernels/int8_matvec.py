@@ -36,9 +36,10 @@ def supported(n: int, k: int, block_n: int, block_k: int) -> bool:
 
 
 def blocks(n: int, k: int) -> tuple[int, int, int]:
-    """(block_n, block_k, num_warps) for an (n, k) kernel: the largest block_k up to 1024
-    weights that tiles k, and enough channels per program for a few thousand programs."""
-    block_k = next((b for b in (1024, 512, 256, 128, 64, 32, 16) if k % b == 0), 0)
+    """(block_n, block_k, num_warps) for an (n, k) kernel: the largest block_k up to 2048
+    weights that tiles k, 8 channels per program (best for OPT-175B's kernels split over two
+    cards on an H200, ``benchmarks/gemv_pallas.py``)."""
+    block_k = next((b for b in (2048, 1024, 512, 256, 128, 64, 32, 16) if k % b == 0), 0)
     block_n = next((b for b in (8, 4, 2, 1) if n % b == 0), 1)
     return block_n, block_k, 4
 

@@ -15,8 +15,8 @@ import jax
 import jax.numpy as jnp
 
 from optkit.config import OPTConfig
-from optkit.parallel.kernels import check_kernels
 from optkit.parallel.executor import MeshExecutor
+from optkit.parallel.kernels import check_kernels
 from optkit.parallel.pipeline import PipelineExecutor
 from optkit.parallel.plan import Plan, PlanError, stage_of
 from optkit.parallel.stages import split_params
