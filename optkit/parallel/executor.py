@@ -130,7 +130,8 @@ class MeshExecutor(Executor):
     def int8(self) -> bool:
         """Whether the model's matmul kernels are int8 (``optkit.quant``)."""
         layers = self.params["layers"]
-        return "kernel_q" in (layers if self.stacked else layers[0])["qkv"]
+        first = layers if self.stacked else layers[0] if layers else {}  # a stage may have none
+        return "kernel_q" in first.get("qkv", {})
 
     def int8_kernel_specs(self) -> dict:
         """Kernel name -> (shape, PartitionSpec) of one layer's int8 ``kernel_q``."""

@@ -40,9 +40,12 @@ def test_attention_kernel_matches_xla_under_plans(plan):
 
 
 @pytest.mark.parametrize("plan", PLANS, ids=lambda p: p.name)
-def test_int8_kernels_match_xla_under_plans(plan):
-    """Both kernels on an int8 model; the int8 product takes a few rows (2 here), its
-    partial sums psum'ed where tensor parallelism splits a kernel's inputs."""
+def test_int8_kernels_match_xla_under_plans(plan, monkeypatch):
+    """Both kernels on an int8 model; the int8 product takes 2 rows here (its default is
+    one), its partial sums psum'ed where tensor parallelism splits a kernel's inputs."""
+    from optkit import model as M
+
+    monkeypatch.setattr(M, "INT8_KERNEL_ROWS", 2)
     kw = {"quantize": "int8", "rows": (7, 3)}
     np.testing.assert_allclose(decode_logits(plan, "pallas", **kw),
                                decode_logits(plan, "xla", **kw), atol=1e-4)
