@@ -15,7 +15,7 @@ padding), built from the step's cache mask (the same for every layer).
 
 ``interpret=True`` runs the same kernel through Pallas' interpreter (CPU tests).  JAX 0.11
 deprecates Pallas' Triton backend; where a JAX no longer has it, importing this module fails
-and ``optkit.parallel.attention`` falls back to XLA's kernels.
+and ``optkit.parallel.kernels`` falls back to XLA's kernels.
 """
 
 from __future__ import annotations

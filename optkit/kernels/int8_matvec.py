@@ -2,9 +2,10 @@
 
 ``y[m, n] = scale[n] * sum_k x[m, k] * q[n, k]`` over an output-major int8 kernel ``q``
 (N, K).  Decoding a few rows reads every weight once per step, so the product should run at
-the speed of reading ``q``.  XLA widens each int8 with a conversion instruction, which an
-H200 issues at 16 per clock per SM: about the rate HBM delivers bytes, so the conversions,
-not the memory, set the pace (~2.4 TB/s measured).  This kernel reads ``q`` as 32-bit
+the speed of reading ``q``.  XLA widens each int8 with a conversion instruction, which
+Hopper issues at 16 per clock per SM (CUDA's throughput table): about the rate an H200's HBM
+delivers bytes, which is our reading of why XLA's product reads only ~2.4 TB/s there (of
+~4.1).  This kernel, at 3.3-3.4 TB/s on OPT-175B's shards, reads ``q`` as 32-bit
 words (four weights each) and widens them with integer masks: a byte ``u`` (offset by 128)
 or-ed into the mantissa of 2**23 is the float 2**23 + u, and one subtraction leaves the
 weight, exactly.  Bytes 1 and 3 are masked in place (a float of 256 * weight), so their
