@@ -49,6 +49,9 @@ VARIANTS = {
     "ar_symmetric": "--xla_gpu_experimental_enable_nccl_symmetric_buffers=true",
     "graphs_collectives": _CB + "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,COLLECTIVES,WHILE,"
                           "CONDITIONAL --xla_gpu_graph_min_graph_size=1",
+    # the same without optkit's own decode compiler options (which would override the flag)
+    "graphs_collectives+no_cb": _CB + "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,COLLECTIVES,WHILE,"
+                                "CONDITIONAL --xla_gpu_graph_min_graph_size=1",
     "ar_oneshot+sync": "--xla_gpu_unsupported_use_all_reduce_one_shot_kernel=true "
                        "--xla_gpu_disable_async_collectives=ALLREDUCE",
     # NCCL's low-latency protocol only (see VARIANT_ENV)
@@ -61,6 +64,8 @@ VARIANTS = {
     "default+xla_kernels": "",
     # decode jits without optkit's CUDA-graph options (MeshExecutor.decode_options)
     "default+no_cb": "",
+    # optkit's decode options plus collectives in the CUDA graphs (decode jits only)
+    "default+cb_collectives": "",
 }
 #: Environment variables a variant sets besides XLA_FLAGS (recorded in every row).
 VARIANT_ENV = {"ar_ll": {"NCCL_PROTO": "LL"}, "ar_symmetric_ll": {"NCCL_PROTO": "LL"}}
@@ -333,6 +338,9 @@ def optkit_worker(args) -> list[dict]:
     if args.variant.endswith("+no_cb"):
         for st in mesh_executors(ex):
             st.decode_options = {}
+    if args.variant.endswith("+cb_collectives"):
+        for st in mesh_executors(ex):
+            st.decode_options["xla_gpu_enable_command_buffer"] += ",COLLECTIVES"
     params = ex.params
     jax.block_until_ready(params)
     for suffix, layout in (("+gemvT", "reduce"), ("+dotT", "dot")):
