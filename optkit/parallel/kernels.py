@@ -144,7 +144,7 @@ def matvec_fns(choice: str, cfg: OPTConfig, mesh: Mesh, q_specs: dict, int8: boo
             n = _local(shape[:n_out], spec[:n_out], mesh)
             k = _local(shape[n_out:], spec[n_out:], mesh)
             blocks[name] = n_out, kernel.blocks(n, k)
-            if not blocks[name][1][1] or k % 4:
+            if not blocks[name][1][1]:
                 why = f"{name}'s kernel ({n} x {k} per device) has no block tiling"
     if not _decide(choice, "matvec", why, mesh):
         return None
