@@ -43,3 +43,16 @@ def test_random_weights_then_generate(tmp_path):
 def test_no_command_prints_help(capsys):
     assert main([]) == 2
     assert "convert" in capsys.readouterr().out
+
+
+def test_kernels_choices_match_the_package():
+    """--kernels lists its choices without importing JAX; they must stay the package's."""
+    import argparse
+
+    from optkit.commands.loading import add_loading_options
+    from optkit.parallel.kernels import KERNEL_CHOICES
+
+    parser = argparse.ArgumentParser()
+    add_loading_options(parser)
+    action = next(a for a in parser._actions if a.dest == "kernels")
+    assert tuple(action.choices) == KERNEL_CHOICES and action.default == "auto"
