@@ -49,9 +49,6 @@ VARIANTS = {
     "ar_symmetric": "--xla_gpu_experimental_enable_nccl_symmetric_buffers=true",
     "graphs_collectives": _CB + "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,COLLECTIVES,WHILE,"
                           "CONDITIONAL --xla_gpu_graph_min_graph_size=1",
-    # the same without optkit's own decode compiler options (which would override the flag)
-    "graphs_collectives+no_cb": _CB + "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,COLLECTIVES,WHILE,"
-                                "CONDITIONAL --xla_gpu_graph_min_graph_size=1",
     "ar_oneshot+sync": "--xla_gpu_unsupported_use_all_reduce_one_shot_kernel=true "
                        "--xla_gpu_disable_async_collectives=ALLREDUCE",
     # NCCL's low-latency protocol only (see VARIANT_ENV)
@@ -67,6 +64,9 @@ VARIANTS = {
     # optkit's decode options plus collectives in the CUDA graphs (decode jits only)
     "default+cb_collectives": "",
 }
+# collectives in CUDA graphs without optkit's decode compiler options (which would override
+# the flag)
+VARIANTS["graphs_collectives+no_cb"] = VARIANTS["graphs_collectives"]
 #: Environment variables a variant sets besides XLA_FLAGS (recorded in every row).
 VARIANT_ENV = {"ar_ll": {"NCCL_PROTO": "LL"}, "ar_symmetric_ll": {"NCCL_PROTO": "LL"}}
 sys.path.insert(0, str(ROOT))

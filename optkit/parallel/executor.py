@@ -133,6 +133,7 @@ class MeshExecutor(Executor):
         first = layers if self.stacked else layers[0] if layers else {}  # a stage may have none
         return "kernel_q" in first.get("qkv", {})
 
+    @functools.cached_property
     def int8_kernel_specs(self) -> dict:
         """Kernel name -> (shape, PartitionSpec) of one layer's int8 ``kernel_q``."""
         from optkit.quant import KERNELS, quantized_specs
@@ -151,7 +152,7 @@ class MeshExecutor(Executor):
             spec = partition_spec(CACHE_AXES["kv"], shape, self.rules, self.mesh)
             int8 = self.int8
             self._fns[key] = decode_kernels(self.kernels, self.cfg, self.mesh, spec,
-                                            self.int8_kernel_specs() if int8 else {}, int8)
+                                            self.int8_kernel_specs if int8 else {}, int8)
         return self._fns[key]
 
     def batch_sharding(self, shape: tuple[int, ...]) -> NamedSharding:

@@ -18,10 +18,11 @@ choice runs the kernels through Pallas' interpreter: the same numbers, slowly (t
 from __future__ import annotations
 
 import functools
+import importlib
 import math
 
 import jax
-from jax.sharding import Mesh, PartitionSpec
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from optkit.config import OPTConfig
 from optkit.quant import KERNELS
@@ -45,8 +46,6 @@ def _wants(choice: str, kernel: str) -> tuple[bool, bool]:
 def _module(name: str):
     """The kernel module, or None and why (Pallas is experimental: a JAX may lack it)."""
     try:
-        import importlib
-
         return importlib.import_module(f"optkit.kernels.{name}"), None
     except ImportError as e:
         return None, f"Pallas is unavailable in this JAX ({e})"
@@ -120,12 +119,6 @@ def _names(spec) -> tuple[str, ...]:
     return () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
 
 
-def _local(shape, specs, mesh: Mesh) -> int:
-    """Elements per device of dims ``shape`` split as ``specs``."""
-    parts = math.prod(mesh.shape[n] for s in specs for n in _names(s))
-    return math.prod(shape) // parts
-
-
 def matvec_fns(choice: str, cfg: OPTConfig, mesh: Mesh, q_specs: dict, int8: bool,
                interpret: bool | None = None) -> dict | None:
     """The ``matvec`` argument for ``model.decode_layers``: kernel name -> the int8 product
@@ -141,8 +134,8 @@ def matvec_fns(choice: str, cfg: OPTConfig, mesh: Mesh, q_specs: dict, int8: boo
     if why is None:
         for name, (shape, spec) in q_specs.items():
             n_out = len(shape) - KERNELS[name]
-            n = _local(shape[:n_out], spec[:n_out], mesh)
-            k = _local(shape[n_out:], spec[n_out:], mesh)
+            local = NamedSharding(mesh, spec).shard_shape(shape)
+            n, k = math.prod(local[:n_out]), math.prod(local[n_out:])
             blocks[name] = n_out, kernel.blocks(n, k)
             if not blocks[name][1][1]:
                 why = f"{name}'s kernel ({n} x {k} per device) has no block tiling"
