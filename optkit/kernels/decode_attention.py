@@ -120,4 +120,5 @@ def decode_attention(qkv: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array
                   pl.BlockSpec((1,), lambda i, h: (i,))],
         out_specs=(head, cache, cache),
         input_output_aliases={1: 1, 2: 2},
-        interpret=interpret, **params)(qkv, k, v, bias, index.astype(jnp.int32))
+        name="decode_attention", interpret=interpret,
+        **params)(qkv, k, v, bias, index.astype(jnp.int32))

@@ -122,5 +122,5 @@ def int8_matvec(x: jax.Array, q: jax.Array, scale: jax.Array, *, block_n: int | 
                   pl.BlockSpec((bn, k // 4), lambda i: (i, 0)),
                   pl.BlockSpec((bn,), lambda i: (i,))],
         out_specs=pl.BlockSpec((m, bn), lambda i: (0, i)),
-        interpret=interpret, **params)(_split_inputs(x), words,
-                                       scale.astype(jnp.float32))
+        name="int8_matvec", interpret=interpret,
+        **params)(_split_inputs(x), words, scale.astype(jnp.float32))
