@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import time
 from pathlib import Path
 
@@ -38,6 +39,17 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--top", type=int, default=15, help="longest kernels to list")
     p.add_argument("--out", default="profile_decode.jsonl")
+    p.add_argument("--logits", choices=("sharded", "replicated"), default="sharded",
+                   help="greedy step on the logits as the LM head leaves them (split over "
+                        "the vocabulary) or gathered first")
+    p.add_argument("--loop", choices=("executor", "static"), default="executor",
+                   help="the executor's decode loop (dynamic trip count) or one jit with a "
+                        "static trip count")
+    p.add_argument("--lookup", choices=("placed", "xla"), default="placed",
+                   help="token lookup: the executor's (optkit.parallel.lookup) or XLA's own "
+                        "partitioning of a plain take")
+    p.add_argument("--around", default="all-gather",
+                   help="list the kernels around a middle kernel matching this pattern")
     p.add_argument("--tag", default="", help="free text recorded in the row")
     args = p.parse_args()
 
@@ -47,8 +59,10 @@ def main() -> None:
     import jax
     import jax.numpy as jnp
     import numpy as np
+    from jax.sharding import NamedSharding, PartitionSpec
 
-    from optkit.bench.trace import profile
+    from optkit import model as M
+    from optkit.bench.trace import around, profile, summarize
     from optkit.config import OPTConfig
     from optkit.parallel import Plan
     from optkit.parallel.build import build_executor
@@ -63,12 +77,18 @@ def main() -> None:
                         quantize="int8" if args.int8 else None, kernels=args.kernels)
     if args.no_graphs:
         ex.decode_options = {}
+    if args.lookup == "xla":
+        ex.embed_lookup = None
     jax.block_until_ready(ex.params)
     init_s = time.perf_counter() - t0
     b, s = args.batch, args.prompt + 2 * args.steps + 2
     ids = np.random.default_rng(0).integers(4, 50000, (b, args.prompt)).astype(np.int32)
 
+    replicated = NamedSharding(ex.mesh, PartitionSpec())
+
     def step(logits, state):
+        if args.logits == "replicated":
+            logits = jax.lax.with_sharding_constraint(logits, replicated)
         tok = jnp.argmax(logits, -1).astype(jnp.int32)
         return tok, state, tok
 
@@ -77,7 +97,21 @@ def main() -> None:
         logits, cache = ex.prefill(ids, np.ones_like(ids), cache)
         return jnp.argmax(logits, -1).astype(jnp.int32), cache
 
+    kern = ex.decode_kernels(b, s)
+
+    def static(params, tok, cache):
+        def body(_, carry):
+            tok, cache = carry
+            logits, cache = M.decode_step(params, cfg, tok, cache, lookup=ex.embed_lookup,
+                                          **kern)
+            return step(logits, ())[0], cache
+        return jax.lax.fori_loop(0, args.steps, body, (tok, cache))
+
+    static = jax.jit(static, donate_argnums=(2,), compiler_options=ex.decode_options)
+
     def loop(tok, cache):
+        if args.loop == "static":
+            return static(ex.params, tok, cache)
         return ex.decode_loop(step, tok, cache, (), args.steps)
 
     times = []
@@ -88,21 +122,27 @@ def main() -> None:
         times.append(time.perf_counter() - t)
     step_ms = sorted(times[1:])[len(times[1:]) // 2] / args.steps * 1e3
     tok, cache = jax.block_until_ready(fresh())
-    _, prof = profile(loop, tok, cache, steps=args.steps, top=args.top)
-    kinds = {k: v for k, v in ex.decode_kernels(b, s).items()}
+    _, events = profile(loop, tok, cache)
+    prof = summarize(events, args.steps, args.top)
+    hits = sum(1 for e in events if e.device == events[0].device and
+               re.search(args.around, f"{e.name}|{e.op}")) if events else 0
+    near = around(events, args.around, nth=hits // 2) if hits else {}
     row = {"card": jax.devices()[0].device_kind, "jax": jax.__version__,
            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "tag": args.tag,
            "size": args.size, "layers": cfg.num_hidden_layers, "devices": args.devices,
            "int8": args.int8, "kernels": args.kernels,
-           **{k: "xla" if v is None else "pallas" for k, v in kinds.items()},
+           **{k: "xla" if v is None else "pallas" for k, v in kern.items()},
+           "logits": args.logits, "loop": args.loop, "lookup": args.lookup,
            "graphs": bool(ex.decode_options), "batch": b, "prompt": args.prompt,
            "steps": args.steps, "init_s": init_s, "step_ms": step_ms,
-           "per_layer_us": step_ms * 1e3 / cfg.num_hidden_layers, "profile": prof}
+           "per_layer_us": step_ms * 1e3 / cfg.num_hidden_layers, "profile": prof,
+           "around": {"pattern": args.around, "kernels": near}}
     with open(args.out, "a") as f:
         f.write(json.dumps(row) + "\n")
     print(f"{args.size} x{cfg.num_hidden_layers} layers, {args.devices} device(s), "
           f"{'int8' if args.int8 else 'fp16'}, batch {b}: {step_ms:.3f} ms/step "
-          f"({row['per_layer_us']:.1f} µs/layer)")
+          f"({row['per_layer_us']:.1f} µs/layer), logits {args.logits}, loop {args.loop}, "
+          f"lookup {args.lookup}")
     for dev, d in prof.items():
         print(f"  {dev}: span {d['span_us']:.0f} busy {d['busy_us']:.0f} idle "
               f"{d['idle_us']:.0f} µs/step, {d['kernels']:.0f} kernels/step; by kind (µs): "
@@ -110,6 +150,10 @@ def main() -> None:
         for t in d["top"]:
             print(f"    {t['us']:9.1f} µs {t['count']:6.1f}x  {t['kind']:<10} {t['op'][:30]:<30} "
                   f"{t['name'][:60]}")
+    for dev, evs in near.items():
+        print(f"  {dev} around {args.around!r} (start µs from it, µs):")
+        for name, op, start, dur in evs:
+            print(f"    {start:10.1f} {dur:9.1f}  {op[:30]:<30} {name}")
 
 
 if __name__ == "__main__":

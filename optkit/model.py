@@ -126,11 +126,18 @@ def positions_from_mask(attention_mask: jax.Array, start: jax.Array | int = 0) -
     return pos
 
 
-def embed(params: Params, cfg: OPTConfig, tokens: jax.Array, positions: jax.Array) -> jax.Array:
-    x = jnp.take(params["embed_tokens"], tokens, axis=0)
+def embed(params: Params, cfg: OPTConfig, tokens: jax.Array, positions: jax.Array,
+          lookup=None) -> jax.Array:
+    """Token + position embeddings; ``lookup(table, ids)`` replaces the token rows' take
+    (e.g. one placed for a table split over devices)."""
+    x = (lookup or _take_rows)(params["embed_tokens"], tokens)
     if cfg.has_projections:
         x = jnp.matmul(x, params["project_in"])
     return x + jnp.take(params["embed_positions"], positions, axis=0).astype(x.dtype)
+
+
+def _take_rows(table: jax.Array, ids: jax.Array) -> jax.Array:
+    return jnp.take(table, ids, axis=0)
 
 
 def unembed(params: Params, cfg: OPTConfig, x: jax.Array) -> jax.Array:
@@ -280,12 +287,13 @@ def decode_layers(layers, cfg: OPTConfig, x: jax.Array, cache: Cache,
 
 
 def prefill(params: Params, cfg: OPTConfig, tokens: jax.Array, attention_mask: jax.Array,
-            cache: Cache, all_logits: bool = True) -> tuple[jax.Array, Cache]:
+            cache: Cache, all_logits: bool = True, lookup=None) -> tuple[jax.Array, Cache]:
     """Process left-padded prompts ``tokens`` (B,T) into an empty ``cache``.
 
-    Returns logits (B,T,V) (or (B,V) for the last position when ``all_logits=False``).
+    Returns logits (B,T,V) (or (B,V) for the last position when ``all_logits=False``);
+    ``lookup``: see :func:`embed`.
     """
-    x = embed(params, cfg, tokens, positions_from_mask(attention_mask))
+    x = embed(params, cfg, tokens, positions_from_mask(attention_mask), lookup)
     x, cache = prefill_layers(params["layers"], cfg, x, attention_mask, cache)
     if not all_logits:
         x = x[:, -1]
@@ -298,11 +306,11 @@ def decode_positions(cache: Cache) -> jax.Array:
 
 
 def decode_step(params: Params, cfg: OPTConfig, tokens: jax.Array, cache: Cache,
-                live: int | None = None, attention=None,
-                matvec=None) -> tuple[jax.Array, Cache]:
+                live: int | None = None, attention=None, matvec=None,
+                lookup=None) -> tuple[jax.Array, Cache]:
     """Feed one token per row (B,) and return next-token logits (B,V) and the new cache
-    (``attention``, ``matvec``: see :func:`decode_layers`)."""
-    x = embed(params, cfg, tokens[:, None], decode_positions(cache))
+    (``attention``, ``matvec``: see :func:`decode_layers`; ``lookup``: :func:`embed`)."""
+    x = embed(params, cfg, tokens[:, None], decode_positions(cache), lookup)
     x, cache = decode_layers(params["layers"], cfg, x, cache, live, attention, matvec)
     return unembed(params, cfg, x[:, 0]), cache
 

@@ -1,11 +1,12 @@
 """Where a device's time goes: kernel time by kind from a JAX profiler trace.
 
-:func:`profile` runs a function under ``jax.profiler.trace`` and reads the trace back with
-``jax.profiler.ProfileData`` (no TensorBoard needed); :func:`kernel_events` lists the kernels
-each device ran, :func:`summarize` adds them up per step: busy and idle time of each device,
-time by kind (:data:`KINDS`, a rule table on kernel and HLO op names) and the kernels that
-took longest.  On GPUs the kernels are those on the CUDA stream lines; on CPUs the XLA ops
-that the host threads ran.
+:func:`profile` runs a function under ``jax.profiler.trace`` and reads the kernels each
+device ran back from the trace (:func:`kernel_events`, through ``jax.profiler.ProfileData``:
+no TensorBoard needed); :func:`summarize` adds them up per step: busy and idle time of each
+device, time by kind (:data:`KINDS`, a rule table on kernel and HLO op names) and the kernels
+that took longest; :func:`around` lists the kernels around one of them.  On GPUs the kernels
+are those on the CUDA stream lines (kernels inside a CUDA graph that holds a whole loop are
+not traced one by one); on CPUs the XLA ops that the host threads ran.
 """
 
 from __future__ import annotations
@@ -118,9 +119,9 @@ def summarize(events: list[Event], steps: int = 1, top: int = 12) -> dict:
     return out
 
 
-def profile(fn, *args, steps: int = 1, top: int = 12, trace_dir: str | None = None):
-    """``(fn(*args) made ready, summarize(...))`` of one traced call of ``fn`` that runs
-    ``steps`` steps; the trace stays in ``trace_dir`` when one is given."""
+def profile(fn, *args, trace_dir: str | None = None):
+    """``(fn(*args) made ready, its kernel events)`` from one traced call of ``fn``; the
+    trace stays in ``trace_dir`` when one is given (else a temporary folder)."""
     import jax
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -131,4 +132,25 @@ def profile(fn, *args, steps: int = 1, top: int = 12, trace_dir: str | None = No
                        key=os.path.getmtime)
         if not files:
             raise RuntimeError(f"profile: jax.profiler.trace wrote no .xplane.pb under {where}")
-        return result, summarize(kernel_events(files[-1]), steps, top)
+        return result, kernel_events(files[-1])
+
+
+def around(events: list[Event], pattern: str, before: int = 6, after: int = 3,
+           nth: int = 0) -> dict:
+    """Per device, the kernels just before and after the ``nth`` kernel whose name or op
+    matches ``pattern``: ``[(name, op, start µs from that kernel's start, µs)]``, to see what
+    a collective waits for (device clocks are the host's, so devices line up)."""
+    out = {}
+    per = defaultdict(list)
+    for e in events:
+        per[e.device].append(e)
+    for device, evs in sorted(per.items()):
+        evs.sort(key=lambda e: e.start_ns)
+        hits = [i for i, e in enumerate(evs) if re.search(pattern, f"{e.name}|{e.op}")]
+        if len(hits) <= nth:
+            continue
+        i = hits[nth]
+        t0 = evs[i].start_ns
+        out[device] = [(e.name[:60], e.op, (e.start_ns - t0) / 1e3, e.dur_ns / 1e3)
+                       for e in evs[max(0, i - before):i + after + 1]]
+    return out

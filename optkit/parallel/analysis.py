@@ -223,6 +223,7 @@ def lower_job(cfg: OPTConfig, job: StageJob, devices: Sequence[jax.Device]):
     cache = _abstract(jax.eval_shape(lambda: M.init_cache(sub, b, s_len, dtype)),
                       ex.cache_shardings(b, s_len))
     h, v = cfg.hidden_size, cfg.vocab_size
+    lookup = ex.embed_lookup if job.first else None  # as the executors look tokens up
 
     def arg(shape, dt):
         return jax.ShapeDtypeStruct(shape, dt, sharding=ex.batch_sharding(shape))
@@ -231,7 +232,7 @@ def lower_job(cfg: OPTConfig, job: StageJob, devices: Sequence[jax.Device]):
         x = arg((b, t), jnp.int32) if job.first else arg((b, t, h), dtype)
         out = (b, v) if job.last else (b, t, h)
         fn = jax.jit(lambda p, x, m, c: stage_prefill(p, sub, x, m, c, first=job.first,
-                                                       last=job.last),
+                                                       last=job.last, lookup=lookup),
                      donate_argnums=(3,),
                      out_shardings=(ex.logits_sharding(out) if job.last else
                                     ex.batch_sharding(out), ex.cache_shardings(b, s_len)))
@@ -242,7 +243,7 @@ def lower_job(cfg: OPTConfig, job: StageJob, devices: Sequence[jax.Device]):
     out = (b, v) if job.last else (b, 1, h)
     kern = ex.decode_kernels(b, s_len)  # Pallas kernels on GPUs, as the executor runs
     fn = jax.jit(lambda p, x, c: stage_decode(p, sub, x, c, first=job.first, last=job.last,
-                                              **kern),
+                                              lookup=lookup, **kern),
                  donate_argnums=(2,),
                  out_shardings=(ex.logits_sharding(out) if job.last else ex.batch_sharding(out),
                                 ex.cache_shardings(b, s_len)))

@@ -21,8 +21,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from optkit import model as M
 from optkit.config import OPTConfig
 from optkit.parallel.kernels import check_kernels, decode_kernels
+from optkit.parallel.lookup import vocab_lookup
 from optkit.parallel.transfer import move
-from optkit.weights.layout import ParamSpec
+from optkit.weights.layout import ParamSpec, param_specs
 
 #: Logical axis name -> mesh axis name (or tuple of names, or None for replicated).
 Rules = Mapping[str, str | tuple[str, ...] | None]
@@ -143,6 +144,14 @@ class MeshExecutor(Executor):
         return {name: (specs[name].shape, self.param_sharding(specs[name]).spec)
                 for name in KERNELS}
 
+    @functools.cached_property
+    def embed_lookup(self) -> Callable | None:
+        """The token lookup ``model.embed`` takes on this mesh (``optkit.parallel.lookup``):
+        None unless the rules split the table's vocabulary."""
+        spec = next(s for s in param_specs(self.cfg) if s.path == ("embed_tokens",))
+        return vocab_lookup(self.mesh, self.param_sharding(spec).spec,
+                            lambda shape: self.batch_sharding(shape).spec)
+
     def decode_kernels(self, batch: int, max_len: int) -> dict:
         """Keyword arguments (``attention``, ``matvec``) of ``model.decode_step`` for this
         batch and cache (see ``optkit.parallel.kernels``)."""
@@ -187,7 +196,8 @@ class MeshExecutor(Executor):
         s = cache_len(cache)
         shape = (b, t, self.cfg.vocab_size) if all_logits else (b, self.cfg.vocab_size)
         fn = self._jit(("prefill", all_logits, b, t, s),
-                       lambda p, x, m, c: M.prefill(p, self.cfg, x, m, c, all_logits=all_logits),
+                       lambda p, x, m, c: M.prefill(p, self.cfg, x, m, c, all_logits=all_logits,
+                                                    lookup=self.embed_lookup),
                        donate_argnums=(3,),
                        out_shardings=(self.logits_sharding(shape), self.cache_shardings(b, s)))
         return fn(self.params, tokens, attention_mask, cache)
@@ -212,7 +222,8 @@ class MeshExecutor(Executor):
         n = self.live_bucket(live, cache)
         kern = self.decode_kernels(b, s)
         fn = self._jit(("decode", b, s, n),
-                       lambda p, x, c: M.decode_step(p, self.cfg, x, c, n, **kern),
+                       lambda p, x, c: M.decode_step(p, self.cfg, x, c, n,
+                                                     lookup=self.embed_lookup, **kern),
                        donate_argnums=(2,), compiler_options=self.decode_options,
                        out_shardings=(self.logits_sharding((b, self.cfg.vocab_size)),
                                       self.cache_shardings(b, s)))
@@ -235,7 +246,7 @@ class MeshExecutor(Executor):
             raise ValueError(f"num_steps={num_steps} must be in [1, max_steps={max_steps}]")
         b, s = tokens.shape[0], cache_len(cache)
         n_live = self.live_bucket(live, cache)
-        cfg, kern = self.cfg, self.decode_kernels(b, s)
+        cfg, kern, lookup = self.cfg, self.decode_kernels(b, s), self.embed_lookup
 
         def run(params, tokens, cache, state, n):
             logits_shape = jax.ShapeDtypeStruct((b, cfg.vocab_size), jnp.float32)
@@ -244,7 +255,7 @@ class MeshExecutor(Executor):
 
             def body(i, carry):
                 tok, c, st, outs = carry
-                logits, c = M.decode_step(params, cfg, tok, c, n_live, **kern)
+                logits, c = M.decode_step(params, cfg, tok, c, n_live, lookup=lookup, **kern)
                 tok, st, out = step_fn(logits, st)
                 outs = jax.tree.map(
                     lambda buf, o: jax.lax.dynamic_update_index_in_dim(buf, o, i, 0), outs, out)

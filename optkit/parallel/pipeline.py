@@ -98,18 +98,19 @@ class PipelineExecutor(Executor):
         st = self.stages[s]
         first, last = s == 0, s == self.plan.pp - 1
         cfg, h, v = st.cfg, self.cfg.hidden_size, self.cfg.vocab_size
+        lookup = st.embed_lookup if first else None
 
         def make():
             if kind == "prefill":
                 out = ((b, t, v) if all_logits else (b, v)) if last else (b, t, h)
                 fn = (lambda p, x, m, c: stage_prefill(p, cfg, x, m, c, first=first, last=last,
-                                                       all_logits=all_logits))
+                                                       all_logits=all_logits, lookup=lookup))
                 donate = (3,)
             else:
                 out = (b, v) if last else (b, 1, h)
                 kern = st.decode_kernels(b, max_len)
                 fn = (lambda p, x, c: stage_decode(p, cfg, x, c, first=first, last=last,
-                                                   live=live, **kern))
+                                                   live=live, lookup=lookup, **kern))
                 donate = (2,)
             out_sh = st.logits_sharding(out) if last else st.batch_sharding(out)
             opts = st.decode_options if kind == "decode" else {}

@@ -16,11 +16,12 @@ from optkit.parallel.plan import FIRST_STAGE, LAST_STAGE
 
 
 def stage_prefill(params, cfg: OPTConfig, inputs: jax.Array, attention_mask: jax.Array,
-                  cache, *, first: bool, last: bool, all_logits: bool = False):
-    """tokens (B,T) [first] or hidden (B,T,H) -> hidden (B,T,H) or logits [last], cache."""
+                  cache, *, first: bool, last: bool, all_logits: bool = False, lookup=None):
+    """tokens (B,T) [first] or hidden (B,T,H) -> hidden (B,T,H) or logits [last], cache
+    (``lookup``: see ``model.embed``)."""
     x = inputs
     if first:
-        x = M.embed(params, cfg, inputs, M.positions_from_mask(attention_mask))
+        x = M.embed(params, cfg, inputs, M.positions_from_mask(attention_mask), lookup)
     x, cache = M.prefill_layers(params["layers"], cfg, x, attention_mask, cache)
     if last:
         x = M.unembed(params, cfg, x if all_logits else x[:, -1])
@@ -28,13 +29,14 @@ def stage_prefill(params, cfg: OPTConfig, inputs: jax.Array, attention_mask: jax
 
 
 def stage_decode(params, cfg: OPTConfig, inputs: jax.Array, cache, *, first: bool,
-                 last: bool, live: int | None = None, attention=None, matvec=None):
+                 last: bool, live: int | None = None, attention=None, matvec=None,
+                 lookup=None):
     """tokens (B,) [first] or hidden (B,1,H) -> hidden (B,1,H) or logits (B,V) [last], cache.
     ``live`` (static) bounds every row's position: attention reads only that much cache;
-    ``attention``, ``matvec``: see ``model.decode_layers``."""
+    ``attention``, ``matvec``: see ``model.decode_layers``; ``lookup``: ``model.embed``."""
     x = inputs
     if first:
-        x = M.embed(params, cfg, inputs[:, None], M.decode_positions(cache))
+        x = M.embed(params, cfg, inputs[:, None], M.decode_positions(cache), lookup)
     x, cache = M.decode_layers(params["layers"], cfg, x, cache, live, attention, matvec)
     if last:
         x = M.unembed(params, cfg, x[:, 0])

@@ -2,7 +2,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from optkit.bench.trace import Event, _busy, kind, profile, summarize
+from optkit.bench.trace import Event, _busy, around, kind, profile, summarize
 
 
 @pytest.mark.parametrize("name,op,expected", [
@@ -48,9 +48,19 @@ def test_profile_reads_back_this_process_ops():
             x = f(x)
         return x
 
-    out, s = profile(three, x, steps=3)
+    out, events = profile(three, x)
     assert out.shape == (128, 128)
+    s = summarize(events, steps=3)
     (dev,) = s.values()
     assert dev["kernels"] >= 1 and dev["busy_us"] > 0
     assert dev["span_us"] >= dev["busy_us"]
     assert sum(dev["by_kind_us"].values()) >= dev["busy_us"] * 0.99
+
+
+def test_around_lists_neighbours_from_the_match():
+    ev = [Event("gpu:0", f"k{i}", "", 1000 * i, 500) for i in range(6)]
+    ev.insert(3, Event("gpu:0", "ncclDevKernel_AllGather", "all-gather.1", 2500, 100))
+    got = around(ev, "all-gather", before=2, after=1)["gpu:0"]
+    assert [g[0] for g in got] == ["k1", "k2", "ncclDevKernel_AllGather", "k3"]
+    assert got[2][2] == 0 and got[0][2] == pytest.approx(-1.5)
+    assert around(ev, "all-gather", nth=1) == {}
