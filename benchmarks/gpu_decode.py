@@ -202,9 +202,9 @@ def use_transposed_kernels(params: dict, mode: str, max_rows: int = 8) -> dict:
                 p["kernel_t"] = transpose(p.pop("kernel"), c)
                 jax.block_until_ready(p["kernel_t"])
 
-    def project(p, x, eq):
+    def project(p, x, eq, matvec=None, relu=False):
         if "kernel_t" not in p:
-            return dot(p, x, eq)
+            return dot(p, x, eq, matvec, relu)
         w = p["kernel_t"]
         c = w.shape[1]
         n = 1
@@ -218,7 +218,8 @@ def use_transposed_kernels(params: dict, mode: str, max_rows: int = 8) -> dict:
         else:
             y = jnp.einsum("rc,oc->ro", x2, w.astype(x.dtype),
                            preferred_element_type=jnp.float32)
-        return y.astype(x.dtype).reshape(*lead, *p["bias"].shape) + p["bias"]
+        y = y.astype(x.dtype).reshape(*lead, *p["bias"].shape) + p["bias"]
+        return jax.nn.relu(y) if relu else y
 
     M.project = project
     return params
@@ -236,15 +237,15 @@ def use_packed_int8() -> None:
 
     dot = M.project
 
-    def project(p, x, eq):
+    def project(p, x, eq, matvec=None, relu=False):
         if "kernel_q" not in p:
-            return dot(p, x, eq)
+            return dot(p, x, eq, matvec, relu)
         q, scale = p["kernel_q"], p["kernel_scale"]
         n_out = scale.ndim
         n_in = q.ndim - n_out
         lead = x.shape[:x.ndim - n_in]
         if math.prod(lead) > 1 or q.shape[-1] % 4:
-            return dot(p, x, eq)
+            return dot(p, x, eq, matvec, relu)
         w = jax.lax.bitcast_convert_type(q.reshape(q.shape[:-1] + (q.shape[-1] // 4, 4)),
                                          jnp.int32)
         xs = x.astype(jnp.float32).reshape(lead + (1,) * n_out + x.shape[x.ndim - n_in:-1]
@@ -253,7 +254,8 @@ def use_packed_int8() -> None:
             jax.lax.shift_left(w, jnp.int32(24 - 8 * k)), jnp.int32(24)).astype(jnp.float32)
             for k in range(4))
         y = jnp.sum(prod, axis=tuple(range(-n_in, 0)))
-        return (y * scale).astype(x.dtype) + p["bias"]
+        y = (y * scale).astype(x.dtype) + p["bias"]
+        return jax.nn.relu(y) if relu else y
 
     M.project = project
 

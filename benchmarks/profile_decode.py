@@ -50,6 +50,10 @@ def main() -> None:
                         "partitioning of a plain take")
     p.add_argument("--around", default="all-gather",
                    help="list the kernels around a middle kernel matching this pattern")
+    p.add_argument("--around-span", default="6,3",
+                   help="how many kernels before,after it to list")
+    p.add_argument("--cb-collectives", action="store_true",
+                   help="also put collectives into the decode loop's CUDA graphs")
     p.add_argument("--tag", default="", help="free text recorded in the row")
     args = p.parse_args()
 
@@ -77,6 +81,8 @@ def main() -> None:
                         quantize="int8" if args.int8 else None, kernels=args.kernels)
     if args.no_graphs:
         ex.decode_options = {}
+    if args.cb_collectives:
+        ex.decode_options["xla_gpu_enable_command_buffer"] += ",COLLECTIVES"
     if args.lookup == "xla":
         ex.embed_lookup = None
     jax.block_until_ready(ex.params)
@@ -126,14 +132,16 @@ def main() -> None:
     prof = summarize(events, args.steps, args.top)
     hits = sum(1 for e in events if e.device == events[0].device and
                re.search(args.around, f"{e.name}|{e.op}")) if events else 0
-    near = around(events, args.around, nth=hits // 2) if hits else {}
+    before, after = (int(n) for n in args.around_span.split(","))
+    near = around(events, args.around, before, after, nth=hits // 2) if hits else {}
     row = {"card": jax.devices()[0].device_kind, "jax": jax.__version__,
            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "tag": args.tag,
            "size": args.size, "layers": cfg.num_hidden_layers, "devices": args.devices,
            "int8": args.int8, "kernels": args.kernels,
            **{k: "xla" if v is None else "pallas" for k, v in kern.items()},
            "logits": args.logits, "loop": args.loop, "lookup": args.lookup,
-           "graphs": bool(ex.decode_options), "batch": b, "prompt": args.prompt,
+           "graphs": bool(ex.decode_options), "cb_collectives": args.cb_collectives,
+           "batch": b, "prompt": args.prompt,
            "steps": args.steps, "init_s": init_s, "step_ms": step_ms,
            "per_layer_us": step_ms * 1e3 / cfg.num_hidden_layers, "profile": prof,
            "around": {"pattern": args.around, "kernels": near}}

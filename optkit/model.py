@@ -86,24 +86,27 @@ INT8_REDUCE_ROWS = 1
 INT8_KERNEL_ROWS = 1
 
 
-def project(p: dict, x: jax.Array, eq: str, matvec=None) -> jax.Array:
-    """``einsum(eq, x, kernel) + bias``, ``eq`` naming the kernel's input axes first.
+def project(p: dict, x: jax.Array, eq: str, matvec=None, relu: bool = False) -> jax.Array:
+    """``einsum(eq, x, kernel) + bias`` (then ReLU if ``relu``), ``eq`` naming the kernel's
+    input axes first.
 
     An int8 weight-only kernel (``kernel_q``, output-major, one scale per output channel; see
     ``optkit.quant``) is widened inside the product and scaled after it, so only the int8
     bytes are read: for a single row as a multiply + reduction over the input axes (each
-    output's weights contiguous), else as a dot.  ``matvec(x, q, scale)`` (e.g. a kernel,
-    -> scaled fp32 products) replaces both for up to :data:`INT8_KERNEL_ROWS` rows.
+    output's weights contiguous), else as a dot.  ``matvec(x, q, scale, bias, relu)`` (e.g. a
+    kernel, -> the finished output in x's dtype) replaces both for up to
+    :data:`INT8_KERNEL_ROWS` rows.
     """
     if "kernel_q" not in p:
-        return jnp.einsum(eq, x, p["kernel"]) + p["bias"]
+        y = jnp.einsum(eq, x, p["kernel"]) + p["bias"]
+        return jax.nn.relu(y) if relu else y
     q, scale = p["kernel_q"], p["kernel_scale"]
     n_out = scale.ndim
     n_in = q.ndim - n_out
     lead = x.shape[:x.ndim - n_in]
     rows = math.prod(lead)
     if matvec is not None and rows <= INT8_KERNEL_ROWS:
-        return matvec(x, q, scale).astype(x.dtype) + p["bias"]
+        return matvec(x, q, scale, p["bias"], relu)
     if rows <= INT8_REDUCE_ROWS:
         xb = x.astype(jnp.float32).reshape(lead + (1,) * n_out + x.shape[x.ndim - n_in:])
         y = jnp.sum(xb * q.astype(jnp.float32), axis=tuple(range(-n_in, 0)))
@@ -112,11 +115,12 @@ def project(p: dict, x: jax.Array, eq: str, matvec=None) -> jax.Array:
         lhs, rhs = operands.split(",")
         y = jnp.einsum(f"{lhs},{rhs[n_in:]}{rhs[:n_in]}->{out}", x, q.astype(x.dtype),
                        preferred_element_type=jnp.float32)
-    return (y * scale).astype(x.dtype) + p["bias"]
+    y = (y * scale).astype(x.dtype) + p["bias"]
+    return jax.nn.relu(y) if relu else y
 
 
-def dense(p: dict, x: jax.Array, matvec=None) -> jax.Array:
-    return project(p, x, "...i,io->...o", matvec)
+def dense(p: dict, x: jax.Array, matvec=None, relu: bool = False) -> jax.Array:
+    return project(p, x, "...i,io->...o", matvec, relu)
 
 
 def positions_from_mask(attention_mask: jax.Array, start: jax.Array | int = 0) -> jax.Array:
@@ -190,7 +194,7 @@ def _layer(lp: dict, cfg: OPTConfig, x: jax.Array, attend,
         h = layer_norm(lp["attn_ln"], h, eps)
     residual = h
     m = layer_norm(lp["mlp_ln"], h, eps) if cfg.do_layer_norm_before else h
-    m = dense(lp["fc2"], jax.nn.relu(dense(lp["fc1"], m, mv.get("fc1"))), mv.get("fc2"))
+    m = dense(lp["fc2"], dense(lp["fc1"], m, mv.get("fc1"), relu=True), mv.get("fc2"))
     h = residual + m
     if not cfg.do_layer_norm_before:
         h = layer_norm(lp["mlp_ln"], h, eps)

@@ -148,30 +148,36 @@ def matvec_fns(choice: str, cfg: OPTConfig, mesh: Mesh, q_specs: dict, int8: boo
 
 def _placed_matvec(kernel, n_out: int, q_spec: PartitionSpec, blocks, mesh: Mesh,
                    interpret: bool):
-    """``(x, q, scale) -> scaled fp32 products`` for one kernel split as ``q_spec``."""
+    """``(x, q, scale, bias, relu) -> outputs`` in x's dtype for one kernel split as
+    ``q_spec``.  Where the input axes are split, the kernel's fp32 partial products are
+    psum'ed and the bias added after; else bias and ReLU run in the kernel."""
     block_n, block_k, warps = blocks
     out_spec, in_spec = tuple(q_spec[:n_out]), tuple(q_spec[n_out:])
     summed = tuple(n for s in in_spec for n in _names(s))
 
-    def local(x, q, scale):
+    def local(x, q, scale, bias, relu):
         n_in = q.ndim - n_out
         lead, out = x.shape[:x.ndim - n_in], q.shape[:n_out]
         k = math.prod(q.shape[n_out:])
-        y = kernel.int8_matvec(x.reshape(-1, k), q.reshape(-1, k), scale.reshape(-1),
-                               block_n=block_n, block_k=block_k, num_warps=warps,
-                               interpret=interpret)
-        y = y.reshape(lead + out)
-        return jax.lax.psum(y, summed) if summed else y
+        call = functools.partial(kernel.int8_matvec, block_n=block_n, block_k=block_k,
+                                 num_warps=warps, interpret=interpret)
+        x2, q2, s2, b2 = x.reshape(-1, k), q.reshape(-1, k), scale.reshape(-1), bias.reshape(-1)
+        if not summed:
+            return call(x2, q2, s2, b2, relu=relu, out_dtype=x.dtype).reshape(lead + out)
+        y = jax.lax.psum(call(x2, q2, s2).reshape(lead + out), summed)
+        y = y.astype(x.dtype) + bias
+        return jax.nn.relu(y) if relu else y
 
-    def matvec(x, q, scale):
+    def matvec(x, q, scale, bias, relu=False):
+        fn = functools.partial(local, relu=relu)
         if mesh.devices.size == 1:
-            return local(x, q, scale)
+            return fn(x, q, scale, bias)
         rows = (None,) * (x.ndim - (q.ndim - n_out))  # a few rows: every device takes all
-        fn = jax.shard_map(local, mesh=mesh, check_vma=False,
-                           in_specs=(PartitionSpec(*rows, *in_spec), q_spec,
-                                     PartitionSpec(*out_spec)),
+        channels = PartitionSpec(*out_spec)
+        fn = jax.shard_map(fn, mesh=mesh, check_vma=False,
+                           in_specs=(PartitionSpec(*rows, *in_spec), q_spec, channels, channels),
                            out_specs=PartitionSpec(*rows, *out_spec))
-        return fn(x, q, scale)
+        return fn(x, q, scale, bias)
 
     return matvec
 

@@ -51,11 +51,29 @@ def test_half_precision_inputs_and_default_blocks():
     assert K.blocks(8, 40)[1] == 0  # no block tiles 40 weights
 
 
+@pytest.mark.parametrize("relu", [False, True])
+def test_bias_relu_and_output_dtype(relu):
+    rng = np.random.default_rng(5)
+    q = rng.integers(-128, 128, (16, 128)).astype(np.int8)
+    x = rng.standard_normal((2, 128)).astype(np.float16)
+    s = np.full(16, 0.01, np.float32)
+    b = rng.standard_normal(16).astype(np.float16)
+    got = K.int8_matvec(jnp.asarray(x), jnp.asarray(q), jnp.asarray(s), jnp.asarray(b),
+                        relu=relu, out_dtype=jnp.float16, block_n=8, block_k=64,
+                        interpret=True)
+    want = exact(x, q, s) + b.astype(np.float64)
+    want = np.maximum(want, 0) if relu else want
+    assert got.dtype == jnp.float16 and (np.asarray(got) < 0).any() != relu
+    np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=2e-3, atol=2e-3)
+
+
 def test_bad_shapes():
     q = jnp.zeros((8, 64), jnp.int8)
     with pytest.raises(ValueError, match="int8_matvec"):
         K.int8_matvec(jnp.zeros((1, 32)), q, jnp.ones(8), interpret=True)
     with pytest.raises(ValueError, match="int8_matvec"):
         K.int8_matvec(jnp.zeros((1, 64)), q.astype(jnp.int16), jnp.ones(8), interpret=True)
+    with pytest.raises(ValueError, match="bias"):
+        K.int8_matvec(jnp.zeros((1, 64)), q, jnp.ones(8), jnp.ones(4), interpret=True)
     with pytest.raises(ValueError, match="do not tile"):
         K.int8_matvec(jnp.zeros((1, 64)), q, jnp.ones(8), block_k=48, interpret=True)
