@@ -9,7 +9,8 @@
 * ``results`` — :func:`append_rows` / :func:`read_rows` for ``.csv`` and ``.jsonl`` files;
 * ``plots``   — throughput, speed-up, roofline, load percentiles, parallel strategies;
 * ``report``  — run the notebooks with papermill, render HTML (:func:`make_report`);
-* ``textgen`` — backends side by side on built-in prompts (``optkit bench textgen``).
+* ``textgen`` — backends side by side on built-in prompts (``optkit bench textgen``);
+* ``trace``   — where a device's time goes: kernel time by kind from a JAX profiler trace.
 
 CLI: ``optkit bench sweep | load | report | textgen``.
 """

@@ -20,7 +20,8 @@ from collections import defaultdict
 
 #: (kind, pattern searched in "kernel name|HLO op"), first match wins; the rest is "fusion".
 KINDS = (
-    ("collective", r"nccl|all-reduce|all-gather|reduce-scatter|collective-permute|all-to-all"),
+    ("collective", r"nccl|all-reduce|all-gather|reduce-scatter|collective-permute|all-to-all"
+                   r"|psum"),
     ("copy", r"memcpy|memset|copy-start|copy-done"),
     ("pallas", r"int8_matvec|decode_attention"),
     ("gemm", r"gemm|gemv|cutlass|xmma|nvjet|cublas|\bdot\b|dot\.|convolution"),

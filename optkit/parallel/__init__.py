@@ -4,6 +4,8 @@
 * ``plan``     -- :class:`Plan` (dp x tp x pp, micro-batches, dtype, stage split, rules).
 * ``executor`` -- :class:`MeshExecutor`: one SPMD mesh (single device, dp, tp, dp x tp).
 * ``pipeline`` -- :class:`PipelineExecutor`: stages on sub-meshes, micro-batches in flight.
+* ``kernels``  -- which Pallas kernels a decode step calls, placed on the mesh.
+* ``lookup``   -- the token lookup from a vocabulary-split embedding table, placed.
 * ``build``    -- sharded loading under a plan; ``build_parallel`` for ``get_model("alpa/")``.
 * ``devices``  -- device descriptions and presets (V100-16GB ... H200-141GB), clusters.
 * ``analysis`` -- abstract compiles (no weights) read through XLA's memory/cost analyses.

@@ -8,6 +8,7 @@ from optkit.bench.trace import Event, _busy, around, kind, profile, summarize
 @pytest.mark.parametrize("name,op,expected", [
     ("ncclDevKernel_AllReduce_Sum_f16_RING_LL", "all-reduce-start.3", "collective"),
     ("loop_fusion", "all-reduce.1", "collective"),
+    ("psum_176_0_fusion_1", "psum.176.0-fusion.1", "collective"),  # XLA's own all-reduce
     ("int8_matvec", "custom-call.7", "pallas"),
     ("decode_attention", "custom-call.2", "pallas"),
     ("sm90_xmma_gemm_f16f16_f16f32", "custom-call.1", "gemm"),
