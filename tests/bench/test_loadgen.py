@@ -130,7 +130,11 @@ def test_reports_the_servers_known_delays(fake_server):
     # the mean also carries a loaded machine's scheduling delays (bounded by the server's)
     assert 40 * 0.95 <= s["itl_mean_ms"] < 40 * 1.15
     assert s["tpot_mean_ms"] == pytest.approx(40, rel=0.05)
-    assert s["e2e_mean_ms"] == pytest.approx(250 + 11 * 40, rel=0.05)
+    # end to end = first token + 11 gaps: consistent with the means above, and like the
+    # inter-token mean bounded by the nominal delays below and a loaded machine's above
+    assert s["e2e_mean_ms"] == pytest.approx(s["ttft_mean_ms"] + 11 * s["itl_mean_ms"],
+                                             rel=0.03)
+    assert (250 + 11 * 40) * 0.95 <= s["e2e_mean_ms"] < (250 + 11 * 40) * 1.15
     assert s["mean_output_tokens"] == 12 and s["mean_prompt_tokens"] == 5
     assert s["request_throughput"] == pytest.approx(4 / s["duration_s"])
     assert s["output_token_throughput"] == pytest.approx(48 / s["duration_s"])
