@@ -40,6 +40,8 @@ def vocab_lookup(mesh: Mesh, table_spec: PartitionSpec,
     def lookup(table, ids):
         spec = tuple(ids_spec(tuple(ids.shape)))
         spec += (None,) * (ids.ndim - len(spec))
+        # ids split over an axis that also splits the vocabulary: each device needs them all
+        spec = tuple(None if set(_names(e)) & set(vocab) else e for e in spec)
         fn = jax.shard_map(local, mesh=mesh, check_vma=False,
                            in_specs=(table_spec, PartitionSpec(*spec)),
                            out_specs=PartitionSpec(*spec, embed))

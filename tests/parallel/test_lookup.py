@@ -37,6 +37,16 @@ def test_lookup_matches_take(dp, tp, vocab_axes):
     np.testing.assert_array_equal(np.asarray(got), np.asarray(table)[ids])
 
 
+def test_ids_split_over_the_vocabulary_axis_are_gathered_first():
+    m = mesh(1, 2)
+    lookup = vocab_lookup(m, PartitionSpec("tensor", None), lambda shape: PartitionSpec("tensor"))
+    table = jnp.arange(32.0).reshape(16, 2)
+    ids = np.array([[0, 15], [8, 7]], np.int32)
+    got = jax.jit(lookup)(jax.device_put(table, NamedSharding(m, PartitionSpec("tensor"))),
+                          jax.device_put(ids, NamedSharding(m, PartitionSpec("tensor"))))
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(table)[ids])
+
+
 def test_no_placed_lookup_without_a_vocab_split():
     spec = lambda shape: PartitionSpec()  # noqa: E731
     assert vocab_lookup(mesh(1, 2), PartitionSpec(None, None), spec) is None
