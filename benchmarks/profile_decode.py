@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import json
 import re
+import sys
 import time
 from pathlib import Path
 
@@ -56,8 +57,6 @@ def main() -> None:
                    help="also put collectives into the decode loop's CUDA graphs")
     p.add_argument("--tag", default="", help="free text recorded in the row")
     args = p.parse_args()
-
-    import sys
 
     sys.path.insert(0, str(ROOT))
     import jax
