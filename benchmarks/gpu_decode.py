@@ -63,6 +63,9 @@ VARIANTS = {
     "default+no_cb": "",
     # optkit's decode options plus collectives in the CUDA graphs (decode jits only)
     "default+cb_collectives": "",
+    # collectives in the CUDA graphs but no WHILE/CONDITIONAL graphs: NCCL collectives in a
+    # graph with conditional nodes fail cudaGraphInstantiate (NVIDIA/nccl#1986)
+    "default+cb_collectives_nowhile": "",
 }
 # collectives in CUDA graphs without optkit's decode compiler options (which would override
 # the flag)
@@ -343,6 +346,10 @@ def optkit_worker(args) -> list[dict]:
     if args.variant.endswith("+cb_collectives"):
         for st in mesh_executors(ex):
             st.decode_options["xla_gpu_enable_command_buffer"] += ",COLLECTIVES"
+    if args.variant.endswith("+cb_collectives_nowhile"):
+        for st in mesh_executors(ex):
+            st.decode_options["xla_gpu_enable_command_buffer"] = \
+                "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,COLLECTIVES"
     params = ex.params
     jax.block_until_ready(params)
     for suffix, layout in (("+gemvT", "reduce"), ("+dotT", "dot")):

@@ -55,6 +55,10 @@ def main() -> None:
                    help="how many kernels before,after it to list")
     p.add_argument("--cb-collectives", action="store_true",
                    help="also put collectives into the decode loop's CUDA graphs")
+    p.add_argument("--command-buffer", default=None,
+                   help="the decode jits' xla_gpu_enable_command_buffer instead of optkit's, "
+                        "e.g. FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,COLLECTIVES (no WHILE: "
+                        "NCCL in graphs with conditional nodes fails to instantiate)")
     p.add_argument("--tag", default="", help="free text recorded in the row")
     args = p.parse_args()
 
@@ -80,6 +84,9 @@ def main() -> None:
                         quantize="int8" if args.int8 else None, kernels=args.kernels)
     if args.no_graphs:
         ex.decode_options = {}
+    if args.command_buffer is not None:
+        ex.decode_options = {**ex.decode_options,
+                             "xla_gpu_enable_command_buffer": args.command_buffer}
     if args.cb_collectives:
         ex.decode_options["xla_gpu_enable_command_buffer"] += ",COLLECTIVES"
     if args.lookup == "xla":
@@ -140,6 +147,7 @@ def main() -> None:
            **{k: "xla" if v is None else "pallas" for k, v in kern.items()},
            "logits": args.logits, "loop": args.loop, "lookup": args.lookup,
            "graphs": bool(ex.decode_options), "cb_collectives": args.cb_collectives,
+           "command_buffer": ex.decode_options.get("xla_gpu_enable_command_buffer"),
            "batch": b, "prompt": args.prompt,
            "steps": args.steps, "init_s": init_s, "step_ms": step_ms,
            "per_layer_us": step_ms * 1e3 / cfg.num_hidden_layers, "profile": prof,
