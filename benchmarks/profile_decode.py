@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import re
 import sys
 import time
 from pathlib import Path
@@ -136,10 +135,8 @@ def main() -> None:
     tok, cache = jax.block_until_ready(fresh())
     _, events = profile(loop, tok, cache)
     prof = summarize(events, args.steps, args.top)
-    hits = sum(1 for e in events if e.device == events[0].device and
-               re.search(args.around, f"{e.name}|{e.op}")) if events else 0
     before, after = (int(n) for n in args.around_span.split(","))
-    near = around(events, args.around, before, after, nth=hits // 2) if hits else {}
+    near = around(events, args.around, before, after, nth=None)
     row = {"card": jax.devices()[0].device_kind, "jax": jax.__version__,
            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "tag": args.tag,
            "size": args.size, "layers": cfg.num_hidden_layers, "devices": args.devices,

@@ -77,6 +77,14 @@ def kernel_events(path: str) -> list[Event]:
     return out
 
 
+def _per_device(events: list[Event]) -> dict[str, list[Event]]:
+    """Events by device, each device's in start order."""
+    per = defaultdict(list)
+    for e in sorted(events, key=lambda e: e.start_ns):
+        per[e.device].append(e)
+    return dict(sorted(per.items()))
+
+
 def _busy(intervals: list[tuple[float, float]]) -> float:
     """Length of the union of (start, end) intervals."""
     total, end = 0.0, float("-inf")
@@ -92,11 +100,8 @@ def summarize(events: list[Event], steps: int = 1, top: int = 12) -> dict:
     ``busy`` (some kernel running), ``idle`` (span - busy), ``kernels`` (count per step),
     ``by_kind`` (summed kernel time; overlapping kernels count twice) and the ``top`` kernels
     by summed time with their kind, HLO op and count per step."""
-    per = defaultdict(list)
-    for e in events:
-        per[e.device].append(e)
     out = {}
-    for device, evs in sorted(per.items()):
+    for device, evs in _per_device(events).items():
         spans = [(e.start_ns, e.start_ns + e.dur_ns) for e in evs]
         span = max(e for _, e in spans) - min(s for s, _ in spans)
         busy = _busy(spans)
@@ -137,20 +142,18 @@ def profile(fn, *args, trace_dir: str | None = None):
 
 
 def around(events: list[Event], pattern: str, before: int = 6, after: int = 3,
-           nth: int = 0) -> dict:
-    """Per device, the kernels just before and after the ``nth`` kernel whose name or op
-    matches ``pattern``: ``[(name, op, start µs from that kernel's start, µs)]``, to see what
-    a collective waits for (device clocks are the host's, so devices line up)."""
+           nth: int | None = 0) -> dict:
+    """Per device, the kernels just before and after the ``nth`` kernel (None: the middle
+    one) whose name or op matches ``pattern``: ``[(name, op, start µs from that kernel's
+    start, µs)]``, to see what a collective waits for (device clocks are the host's, so
+    devices line up)."""
     out = {}
-    per = defaultdict(list)
-    for e in events:
-        per[e.device].append(e)
-    for device, evs in sorted(per.items()):
-        evs.sort(key=lambda e: e.start_ns)
+    for device, evs in _per_device(events).items():
         hits = [i for i, e in enumerate(evs) if re.search(pattern, f"{e.name}|{e.op}")]
-        if len(hits) <= nth:
+        n = len(hits) // 2 if nth is None else nth
+        if len(hits) <= n:
             continue
-        i = hits[nth]
+        i = hits[n]
         t0 = evs[i].start_ns
         out[device] = [(e.name[:60], e.op, (e.start_ns - t0) / 1e3, e.dur_ns / 1e3)
                        for e in evs[max(0, i - before):i + after + 1]]

@@ -22,7 +22,7 @@ from optkit.parallel.plan import Plan, PlanError, stage_of
 from optkit.parallel.stages import split_params
 from optkit.parallel.transfer import move
 from optkit.quant import check_quantize, load_int8_params, random_int8_params
-from optkit.weights.layout import ParamSpec, param_specs, tree_from_specs
+from optkit.weights.layout import ParamSpec, embed_tokens_spec, param_specs, tree_from_specs
 from optkit.weights.load import load_params
 from optkit.weights.random import random_params
 
@@ -106,9 +106,9 @@ def build_executor(cfg: OPTConfig, plan: Plan, store=None, devices: Sequence | N
                             kernels=kernels)
     stage_params = split_params(params, ranges)
     # The LM head is tied to the token embedding: the last stage gets its own copy.
-    embed = next(s for s in param_specs(cfg) if s.path == ("embed_tokens",))
     stage_params[-1]["embed_tokens"] = move(params["embed_tokens"],
-                                            sharding_for(embed, stage=plan.pp - 1))
+                                            sharding_for(embed_tokens_spec(cfg),
+                                                         stage=plan.pp - 1))
     return PipelineExecutor(cfg, stage_params, plan, devices, dtype=jdtype,
                             kernels=kernels)
 

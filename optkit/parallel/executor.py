@@ -22,8 +22,9 @@ from optkit import model as M
 from optkit.config import OPTConfig
 from optkit.parallel.kernels import check_kernels, decode_kernels
 from optkit.parallel.lookup import vocab_lookup
+from optkit.parallel.rules import axis_names
 from optkit.parallel.transfer import move
-from optkit.weights.layout import ParamSpec, param_specs
+from optkit.weights.layout import ParamSpec, embed_tokens_spec
 
 #: Logical axis name -> mesh axis name (or tuple of names, or None for replicated).
 Rules = Mapping[str, str | tuple[str, ...] | None]
@@ -60,8 +61,7 @@ def partition_spec(axes: tuple[str | None, ...], shape: tuple[int, ...], rules: 
         if target is None:
             out.append(None)
             continue
-        names = (target,) if isinstance(target, str) else tuple(target)
-        names = tuple(n for n in names if n in mesh.shape and n not in used)
+        names = tuple(n for n in axis_names(target) if n in mesh.shape and n not in used)
         size = int(np.prod([mesh.shape[n] for n in names])) if names else 1
         if size == 1 or dim % size:
             out.append(None)
@@ -148,8 +148,7 @@ class MeshExecutor(Executor):
     def embed_lookup(self) -> Callable | None:
         """The token lookup ``model.embed`` takes on this mesh (``optkit.parallel.lookup``):
         None unless the rules split the table's vocabulary."""
-        spec = next(s for s in param_specs(self.cfg) if s.path == ("embed_tokens",))
-        return vocab_lookup(self.mesh, self.param_sharding(spec).spec,
+        return vocab_lookup(self.mesh, self.param_sharding(embed_tokens_spec(self.cfg)).spec,
                             lambda shape: self.batch_sharding(shape).spec)
 
     def decode_kernels(self, batch: int, max_len: int) -> dict:

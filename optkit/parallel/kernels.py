@@ -25,6 +25,7 @@ import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from optkit.config import OPTConfig
+from optkit.parallel.rules import axis_names
 from optkit.quant import KERNELS
 
 KERNEL_CHOICES = ("auto", "xla", "pallas", "attention", "matvec")
@@ -114,11 +115,6 @@ def decode_attention_fn(choice: str, cfg: OPTConfig, mesh: Mesh, kv_spec: Partit
 # ---------------------------------------------------------------------------------------------
 # int8 products
 # ---------------------------------------------------------------------------------------------
-def _names(spec) -> tuple[str, ...]:
-    """Mesh axis names of one PartitionSpec entry."""
-    return () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
-
-
 def matvec_fns(choice: str, cfg: OPTConfig, mesh: Mesh, q_specs: dict, int8: bool,
                interpret: bool | None = None) -> dict | None:
     """The ``matvec`` argument for ``model.decode_layers``: kernel name -> the int8 product
@@ -153,7 +149,7 @@ def _placed_matvec(kernel, n_out: int, q_spec: PartitionSpec, blocks, mesh: Mesh
     psum'ed and the bias added after; else bias and ReLU run in the kernel."""
     block_n, block_k, warps = blocks
     out_spec, in_spec = tuple(q_spec[:n_out]), tuple(q_spec[n_out:])
-    summed = tuple(n for s in in_spec for n in _names(s))
+    summed = tuple(n for s in in_spec for n in axis_names(s))
 
     def local(x, q, scale, bias, relu):
         n_in = q.ndim - n_out

@@ -15,9 +15,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
 
-
-def _names(entry) -> tuple[str, ...]:
-    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+from optkit.parallel.rules import axis_names
 
 
 def vocab_lookup(mesh: Mesh, table_spec: PartitionSpec,
@@ -25,7 +23,7 @@ def vocab_lookup(mesh: Mesh, table_spec: PartitionSpec,
     """``lookup(table, ids) -> rows`` for ``model.embed`` when ``table_spec`` splits the
     vocabulary (else None: a plain take).  ``ids_spec(shape)``: how the token ids (and so
     the rows looked up, besides the embedding axis) are split, e.g. batch rows over data."""
-    vocab = _names(table_spec[0]) if len(table_spec) else ()
+    vocab = axis_names(table_spec[0]) if len(table_spec) else ()
     if not vocab or mesh.devices.size == 1:
         return None
     embed = table_spec[1] if len(table_spec) > 1 else None
@@ -41,7 +39,7 @@ def vocab_lookup(mesh: Mesh, table_spec: PartitionSpec,
         spec = tuple(ids_spec(tuple(ids.shape)))
         spec += (None,) * (ids.ndim - len(spec))
         # ids split over an axis that also splits the vocabulary: each device needs them all
-        spec = tuple(None if set(_names(e)) & set(vocab) else e for e in spec)
+        spec = tuple(None if set(axis_names(e)) & set(vocab) else e for e in spec)
         fn = jax.shard_map(local, mesh=mesh, check_vma=False,
                            in_specs=(table_spec, PartitionSpec(*spec)),
                            out_specs=PartitionSpec(*spec, embed))

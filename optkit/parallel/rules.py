@@ -33,13 +33,18 @@ TENSOR_RULES = {**DATA_PARALLEL, **TENSOR_PARALLEL}
 DEFAULT_RULES = {**TENSOR_RULES, **PIPELINE_PARALLEL}
 
 
+def axis_names(target) -> tuple[str, ...]:
+    """Mesh axis names of one rule target or PartitionSpec entry (None, a name, or names)."""
+    return () if target is None else (target,) if isinstance(target, str) else tuple(target)
+
+
 def check_rules(rules: Mapping[str, str | tuple[str, ...] | None]) -> dict:
     """A copy of ``rules`` after checking every name (typos would silently replicate)."""
     out = {}
     for name, target in rules.items():
         if name not in LOGICAL_AXES:
             raise ValueError(f"unknown logical axis {name!r} in rules; use {LOGICAL_AXES}")
-        targets = () if target is None else (target,) if isinstance(target, str) else target
+        targets = axis_names(target)
         for t in targets:
             if t not in MESH_AXES:
                 raise ValueError(f"rule {name!r} -> {t!r}: mesh axes are {MESH_AXES}")

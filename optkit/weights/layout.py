@@ -185,13 +185,18 @@ def _layer_specs(cfg: OPTConfig, i: int) -> dict[str, ParamSpec]:
     }
 
 
+def embed_tokens_spec(cfg: OPTConfig) -> ParamSpec:
+    """The token embedding (tied to the LM head)."""
+    return _one(("embed_tokens",), (cfg.vocab_size, cfg.word_embed_proj_dim),
+                ("vocab", "embed"), "normal", "decoder.embed_tokens.weight")
+
+
 def param_specs(cfg: OPTConfig, stacked: bool = False) -> list[ParamSpec]:
     """All parameters of ``cfg``; with ``stacked`` the layers share a leading ``layers`` axis."""
-    h, e, v = cfg.hidden_size, cfg.word_embed_proj_dim, cfg.vocab_size
+    h, e = cfg.hidden_size, cfg.word_embed_proj_dim
     positions = functools.partial(_positions, rows=cfg.num_positions)
     specs = [
-        _one(("embed_tokens",), (v, e), ("vocab", "embed"), "normal",
-             "decoder.embed_tokens.weight"),
+        embed_tokens_spec(cfg),
         _one(("embed_positions",), (cfg.num_positions, h), (None, "embed"), "positions",
              "decoder.embed_positions.weight", positions),
     ]

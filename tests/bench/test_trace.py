@@ -65,3 +65,5 @@ def test_around_lists_neighbours_from_the_match():
     assert [g[0] for g in got] == ["k1", "k2", "ncclDevKernel_AllGather", "k3"]
     assert got[2][2] == 0 and got[0][2] == pytest.approx(-1.5)
     assert around(ev, "all-gather", nth=1) == {}
+    middle = around(ev, r"^k\d", before=0, after=0, nth=None)["gpu:0"]  # k0..k5: the 4th
+    assert [m[0] for m in middle] == ["k3"]
