@@ -141,10 +141,8 @@ def bench(args) -> list[dict]:
                 for bn in (8, 16) for bk in (512, 1024)
                 if args.old_kernel and args.rows == 1 and n % bn == 0 and k % bk == 0] + [
                 ("words", {"block_n": bn, "block_k": bk, "num_warps": w, "num_stages": st,
-                           **({"inputs": "direct"} if o == "direct" else {}),
-                           **({"prefetch": True} if "prefetch" in o else {}),
-                           **({"evict": "evict_first"} if "evict" in o else {})})
-                for o in args.options.split(",")
+                           "evict": None if ev == "none" else ev})
+                for ev in args.evict.split(",")
                 for bn in g["block_n"] for bk in g["block_k"] for w in g["num_warps"]
                 for st in g["num_stages"] if n % bn == 0 and k % bk == 0]
             impls = {"xla": xla_gemv, "read": read_words, "pallas": pallas_gemv,
@@ -202,10 +200,9 @@ def main() -> None:
     p.add_argument("--words-grid", default="",
                    help='settings of the words kernel to sweep, e.g. "block_k=2048,4096;'
                         'num_stages=2,3,4" (keys block_n, block_k, num_warps, num_stages)')
-    p.add_argument("--options", default="plain",
-                   help="words kernel variants to time, comma-separated: plain, direct "
-                        "(inputs as they are, no transpose), prefetch (next block's words "
-                        "loaded first), evict (weights loaded evict_first), prefetch+evict")
+    p.add_argument("--evict", default="evict_first",
+                   help="the words kernel's weight-load eviction policies to time, e.g. "
+                        "evict_first,none")
     p.add_argument("--no-old-kernel", dest="old_kernel", action="store_false",
                    help="skip the conversion kernel")
     args = p.parse_args()
@@ -219,8 +216,7 @@ def main() -> None:
     best = {}
     for r in rows:
         if "GBps" in r:
-            opt = "+".join(o for o in ("inputs", "prefetch", "evict") if r.get(o))
-            k = (r["model"], r["kernel"], r["impl"] + ("/" + opt if opt else ""))
+            k = (r["model"], r["kernel"], r["impl"] + ("/" + r["evict"] if r.get("evict") else ""))
             if r["GBps"] > best.get(k, {}).get("GBps", 0):
                 best[k] = r
     for (m, kern, impl), r in sorted(best.items()):

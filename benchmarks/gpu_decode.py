@@ -14,6 +14,7 @@ ignored.  Bandwidth floor of a step = (weight bytes + live KV bytes read) / read
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import subprocess
@@ -24,6 +25,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 _CB = "--xla_gpu_enable_command_buffer="
 #: Named XLA flag sets tried for optkit (recorded in every row).
+_NCCL_SYNC = ("--xla_gpu_unsupported_use_all_reduce_one_shot_kernel=false "
+              "--xla_gpu_disable_async_collectives=ALLREDUCE")
 VARIANTS = {
     "default": "",
     "graphs_all": _CB + "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL "
@@ -61,11 +64,22 @@ VARIANTS = {
     "default+xla_kernels": "",
     # decode jits without optkit's CUDA-graph options (MeshExecutor.decode_options)
     "default+no_cb": "",
-    # optkit's decode options plus collectives in the CUDA graphs (decode jits only)
+    # the one-device decode options plus collectives in the CUDA graphs (decode jits only)
     "default+cb_collectives": "",
+    # several GPUs with the one-device decode options (WHILE graphs, collectives outside
+    # them through XLA's one-shot kernel): optkit's default until 2026-11-26
+    "default+while_graphs": "",
     # collectives in the CUDA graphs but no WHILE/CONDITIONAL graphs: NCCL collectives in a
     # graph with conditional nodes fail cudaGraphInstantiate (NVIDIA/nccl#1986)
     "default+cb_collectives_nowhile": "",
+    # every all-reduce through NCCL (not XLA's one-shot kernel, which stays outside CUDA
+    # graphs), on the compute stream, inside CUDA graphs without WHILE/CONDITIONAL nodes:
+    # a whole decode step becomes one graph
+    "nccl_sync+cb_collectives_nowhile": _NCCL_SYNC,
+    # ... and the int8 kernel's weights loaded evict_first (since then its default)
+    "nccl_sync+cb_collectives_nowhile+evict": _NCCL_SYNC,
+    # the int8 kernel's weight loads without an eviction policy (before: evict_first)
+    "default+no_evict": "",
 }
 # collectives in CUDA graphs without optkit's decode compiler options (which would override
 # the flag)
@@ -326,13 +340,18 @@ def optkit_worker(args) -> list[dict]:
         use_sdpa_attention("cudnn")
     if args.variant.endswith("+packed"):
         use_packed_int8()
+    if {"evict", "no_evict"} & set(args.variant.split("+")):
+        from optkit.kernels import int8_matvec as K
+
+        evict = "evict_first" if "evict" in args.variant.split("+") else None
+        K.int8_matvec = functools.partial(K.int8_matvec, evict=evict)
     if args.variant.endswith("+rows8"):
         from optkit import model as M
 
         M.INT8_REDUCE_ROWS = 8
 
     from optkit.config import OPTConfig
-    from optkit.parallel.executor import MeshExecutor
+    from optkit.parallel.executor import GPU_DECODE_OPTIONS, MeshExecutor
 
     cfg = OPTConfig.from_name("opt-" + args.size)
     devices = jax.devices()[:args.devices]
@@ -345,8 +364,13 @@ def optkit_worker(args) -> list[dict]:
             st.decode_options = {}
     if args.variant.endswith("+cb_collectives"):
         for st in mesh_executors(ex):
-            st.decode_options["xla_gpu_enable_command_buffer"] += ",COLLECTIVES"
-    if args.variant.endswith("+cb_collectives_nowhile"):
+            st.decode_options = {**GPU_DECODE_OPTIONS, "xla_gpu_enable_command_buffer":
+                                 GPU_DECODE_OPTIONS["xla_gpu_enable_command_buffer"]
+                                 + ",COLLECTIVES"}
+    if args.variant.endswith("+while_graphs"):  # several GPUs as optkit ran them until
+        for st in mesh_executors(ex):            # 2026-11-26: the one-device options
+            st.decode_options = dict(GPU_DECODE_OPTIONS)
+    if "cb_collectives_nowhile" in args.variant.split("+"):
         for st in mesh_executors(ex):
             st.decode_options["xla_gpu_enable_command_buffer"] = \
                 "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,COLLECTIVES"

@@ -53,11 +53,16 @@ def main() -> None:
     p.add_argument("--around-span", default="6,3",
                    help="how many kernels before,after it to list")
     p.add_argument("--cb-collectives", action="store_true",
-                   help="also put collectives into the decode loop's CUDA graphs")
+                   help="the one-device decode options (WHILE graphs) plus collectives")
     p.add_argument("--command-buffer", default=None,
                    help="the decode jits' xla_gpu_enable_command_buffer instead of optkit's, "
                         "e.g. FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,COLLECTIVES (no WHILE: "
                         "NCCL in graphs with conditional nodes fails to instantiate)")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="an XLA debug option for the decode jits (repeatable), e.g. "
+                        "xla_gpu_experimental_enable_triton_softmax_priority_fusion=true; "
+                        "set through jit's compiler_options, so options that XLA_FLAGS "
+                        "does not know work too")
     p.add_argument("--tag", default="", help="free text recorded in the row")
     args = p.parse_args()
 
@@ -72,6 +77,7 @@ def main() -> None:
     from optkit.config import OPTConfig
     from optkit.parallel import Plan
     from optkit.parallel.build import build_executor
+    from optkit.parallel.executor import GPU_DECODE_OPTIONS
 
     cfg = OPTConfig.from_name("opt-" + args.size)
     if args.layers:
@@ -87,7 +93,13 @@ def main() -> None:
         ex.decode_options = {**ex.decode_options,
                              "xla_gpu_enable_command_buffer": args.command_buffer}
     if args.cb_collectives:
-        ex.decode_options["xla_gpu_enable_command_buffer"] += ",COLLECTIVES"
+        ex.decode_options = {**GPU_DECODE_OPTIONS, "xla_gpu_enable_command_buffer":
+                             GPU_DECODE_OPTIONS["xla_gpu_enable_command_buffer"]
+                             + ",COLLECTIVES"}
+    for item in args.option:
+        key, _, value = item.partition("=")
+        ex.decode_options = {**ex.decode_options,
+                             key: {"true": True, "false": False}.get(value.lower(), value)}
     if args.lookup == "xla":
         ex.embed_lookup = None
     jax.block_until_ready(ex.params)
@@ -145,6 +157,7 @@ def main() -> None:
            "logits": args.logits, "loop": args.loop, "lookup": args.lookup,
            "graphs": bool(ex.decode_options), "cb_collectives": args.cb_collectives,
            "command_buffer": ex.decode_options.get("xla_gpu_enable_command_buffer"),
+           "options": args.option,
            "batch": b, "prompt": args.prompt,
            "steps": args.steps, "init_s": init_s, "step_ms": step_ms,
            "per_layer_us": step_ms * 1e3 / cfg.num_hidden_layers, "profile": prof,

@@ -6,7 +6,8 @@ import pytest
 
 from optkit import get_model
 from optkit.config import OPTConfig
-from optkit.parallel import MeshExecutor, PipelineExecutor, Plan, PlanError
+from optkit.parallel import MeshExecutor, PipelineExecutor, Plan, PlanError, build_executor
+from optkit.parallel.executor import GPU_DECODE_OPTIONS, GPU_MULTI_DECODE_OPTIONS
 from optkit.weights.random import write_random_folder
 from tests.conftest import CONFIGS, left_padded_batch
 
@@ -131,3 +132,31 @@ def test_devices_are_taken_in_order_from_a_list():
     grid = plan.device_grid(devs)
     assert grid.shape == (2, 1, 2)
     assert [d.id for d in grid.reshape(-1)] == [d.id for d in devs[:4]]
+
+
+def test_decode_graph_options_follow_the_device_count():
+    """One device: CUDA graphs around the decode loop's WHILE too; several: collectives in
+    the graphs through NCCL and no WHILE/CONDITIONAL graphs.  XLA accepts both sets (the
+    CPU backend compiles with them) and the tokens do not change."""
+    cfg = OPTConfig(vocab_size=256, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                    ffn_dim=64, max_position_embeddings=64, name="t-graphs")
+    tokens = {}
+    for tp, want in ((1, GPU_DECODE_OPTIONS), (2, GPU_MULTI_DECODE_OPTIONS)):
+        ex = build_executor(cfg, Plan(tp=tp), None, dtype="float32", progress=False)
+        assert ex.decode_options == {}  # off GPUs
+        ex = MeshExecutor(cfg, ex.params, ex.mesh, ex.rules, command_buffers=True)
+        assert ex.decode_options == want
+        ids = np.array([[5, 6, 7, 8]], np.int32)
+        cache = ex.init_cache(1, 16)
+        logits, cache = ex.prefill(ids, np.ones_like(ids), cache)
+        tok = jax.numpy.argmax(logits, -1).astype(np.int32)
+
+        def step(logits, state):
+            nxt = jax.numpy.argmax(logits, -1).astype(np.int32)
+            return nxt, state, nxt
+
+        *_, outs = ex.decode_loop(step, tok, cache, (), 4)
+        tokens[tp] = np.asarray(outs)[:4]
+    assert "COLLECTIVES" in GPU_MULTI_DECODE_OPTIONS["xla_gpu_enable_command_buffer"]
+    assert "WHILE" not in GPU_MULTI_DECODE_OPTIONS["xla_gpu_enable_command_buffer"]
+    np.testing.assert_array_equal(tokens[1], tokens[2])
