@@ -1,5 +1,8 @@
 """The int8 product kernel (run through Pallas' interpreter) against exact products."""
 
+import functools
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -77,3 +80,21 @@ def test_bad_shapes():
         K.int8_matvec(jnp.zeros((1, 64)), q, jnp.ones(8), jnp.ones(4), interpret=True)
     with pytest.raises(ValueError, match="do not tile"):
         K.int8_matvec(jnp.zeros((1, 64)), q, jnp.ones(8), block_k=48, interpret=True)
+
+
+def test_lowers_for_gpus_with_each_weight_eviction_policy():
+    """The Triton lowering (run here without a GPU) takes the weight loads' eviction policy;
+    an unknown one is refused."""
+    x = jax.ShapeDtypeStruct((1, 2048), jnp.float16)
+    q = jax.ShapeDtypeStruct((64, 2048), jnp.int8)
+    s = jax.ShapeDtypeStruct((64,), jnp.float32)
+
+    def lower(evict):
+        fn = jax.jit(functools.partial(K.int8_matvec, evict=evict))
+        return fn.trace(x, q, s).lower(lowering_platforms=("cuda",)).as_text()
+
+    texts = {evict: lower(evict) for evict in (None, "evict_first")}
+    assert all("int8_matvec" in t for t in texts.values())
+    assert texts[None] != texts["evict_first"]  # the policy reaches the kernel
+    with pytest.raises(ValueError, match="eviction policy"):
+        lower("evict_sometimes")

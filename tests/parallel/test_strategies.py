@@ -137,7 +137,7 @@ def test_devices_are_taken_in_order_from_a_list():
 def test_decode_graph_options_follow_the_device_count():
     """One device: CUDA graphs around the decode loop's WHILE too; several: collectives in
     the graphs through NCCL and no WHILE/CONDITIONAL graphs.  XLA accepts both sets (the
-    CPU backend compiles with them) and the tokens do not change."""
+    CPU backend compiles with them) and the two-device decode gives the one-device tokens."""
     cfg = OPTConfig(vocab_size=256, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                     ffn_dim=64, max_position_embeddings=64, name="t-graphs")
     tokens = {}
