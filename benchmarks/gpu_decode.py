@@ -86,6 +86,8 @@ VARIANTS = {
 VARIANTS["graphs_collectives+no_cb"] = VARIANTS["graphs_collectives"]
 #: Environment variables a variant sets besides XLA_FLAGS (recorded in every row).
 VARIANT_ENV = {"ar_ll": {"NCCL_PROTO": "LL"}, "ar_symmetric_ll": {"NCCL_PROTO": "LL"}}
+#: ... and those set by the caller that change what optkit runs (recorded too).
+RECORDED_ENV = ("OPTKIT_CUDA_GRAPHS", "NCCL_PROTO", "XLA_FLAGS")
 sys.path.insert(0, str(ROOT))
 
 
@@ -689,7 +691,8 @@ def main() -> None:
                 row = annotate(json.loads(line), ceil)
                 row.update({"card": card, "time": stamp, **versions(),
                             "variant": variant, "xla_flags": VARIANTS[variant],
-                            "env": VARIANT_ENV.get(variant, {}),
+                            "env": {**{k: os.environ[k] for k in RECORDED_ENV
+                                       if k in os.environ}, **VARIANT_ENV.get(variant, {})},
                             "ceilings": ceil})
                 f.write(json.dumps(row) + "\n")
         tmp.unlink()

@@ -10,6 +10,7 @@ parallelism composes several of them (``optkit.parallel.pipeline``).
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -48,6 +49,22 @@ GPU_MULTI_DECODE_OPTIONS = {
     "xla_gpu_graph_min_graph_size": 1,
     "xla_gpu_unsupported_use_all_reduce_one_shot_kernel": False,
 }
+#: Environment variable choosing the decode jits' graph options on GPUs: ``auto`` (the
+#: above by device count), ``single`` (:data:`GPU_DECODE_OPTIONS` on any mesh: collectives
+#: stay outside the graphs, as before 2026-11-26), ``off`` (no graph options).
+GRAPHS_ENV = "OPTKIT_CUDA_GRAPHS"
+
+
+def decode_graph_options(num_devices: int) -> dict:
+    """The decode jits' XLA options on GPUs for a mesh of ``num_devices`` (see
+    :data:`GRAPHS_ENV`)."""
+    choice = os.environ.get(GRAPHS_ENV, "auto").strip().lower() or "auto"
+    if choice not in ("auto", "single", "off"):
+        raise ValueError(f"{GRAPHS_ENV}={choice!r}: choose auto, single or off")
+    if choice == "off":
+        return {}
+    multi = num_devices > 1 and choice == "auto"
+    return dict(GPU_MULTI_DECODE_OPTIONS if multi else GPU_DECODE_OPTIONS)
 
 CACHE_AXES = {
     "kv": ("batch", "cache_seq", "heads", "head_dim"),
@@ -100,7 +117,7 @@ class MeshExecutor(Executor):
 
     ``kernels``: see ``optkit.parallel.kernels``; ``command_buffers`` (default: on GPUs)
     compiles the decode jits with :data:`GPU_DECODE_OPTIONS` (one device) or
-    :data:`GPU_MULTI_DECODE_OPTIONS` (several)."""
+    :data:`GPU_MULTI_DECODE_OPTIONS` (several; :data:`GRAPHS_ENV` overrides)."""
 
     def __init__(self, cfg: OPTConfig, params: Any, mesh: Mesh | None = None,
                  rules: Rules | None = None, dtype=None, kernels: str = "auto",
@@ -118,8 +135,8 @@ class MeshExecutor(Executor):
                              "(quantize='int8')")
         if command_buffers is None:
             command_buffers = all(d.platform == "gpu" for d in self.mesh.devices.flat)
-        options = GPU_DECODE_OPTIONS if self.mesh.devices.size == 1 else GPU_MULTI_DECODE_OPTIONS
-        self.decode_options = dict(options) if command_buffers else {}
+        self.decode_options = (decode_graph_options(self.mesh.devices.size)
+                               if command_buffers else {})
 
     # Shardings -----------------------------------------------------------------------------
     def sharding(self, axes: tuple[str | None, ...], shape: tuple[int, ...]) -> NamedSharding:

@@ -7,7 +7,12 @@ import pytest
 from optkit import get_model
 from optkit.config import OPTConfig
 from optkit.parallel import MeshExecutor, PipelineExecutor, Plan, PlanError, build_executor
-from optkit.parallel.executor import GPU_DECODE_OPTIONS, GPU_MULTI_DECODE_OPTIONS
+from optkit.parallel.executor import (
+    GPU_DECODE_OPTIONS,
+    GPU_MULTI_DECODE_OPTIONS,
+    GRAPHS_ENV,
+    decode_graph_options,
+)
 from optkit.weights.random import write_random_folder
 from tests.conftest import CONFIGS, left_padded_batch
 
@@ -160,3 +165,14 @@ def test_decode_graph_options_follow_the_device_count():
     assert "COLLECTIVES" in GPU_MULTI_DECODE_OPTIONS["xla_gpu_enable_command_buffer"]
     assert "WHILE" not in GPU_MULTI_DECODE_OPTIONS["xla_gpu_enable_command_buffer"]
     np.testing.assert_array_equal(tokens[1], tokens[2])
+
+
+def test_graph_options_can_be_chosen_by_environment(monkeypatch):
+    assert decode_graph_options(2) == GPU_MULTI_DECODE_OPTIONS
+    monkeypatch.setenv(GRAPHS_ENV, "single")
+    assert decode_graph_options(2) == decode_graph_options(1) == GPU_DECODE_OPTIONS
+    monkeypatch.setenv(GRAPHS_ENV, "OFF")
+    assert decode_graph_options(1) == {}
+    monkeypatch.setenv(GRAPHS_ENV, "sometimes")
+    with pytest.raises(ValueError, match="OPTKIT_CUDA_GRAPHS='sometimes': choose auto"):
+        decode_graph_options(2)
