@@ -10,6 +10,7 @@ parallelism composes several of them (``optkit.parallel.pipeline``).
 from __future__ import annotations
 
 import functools
+import math
 import os
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -39,7 +40,8 @@ GPU_DECODE_OPTIONS = {
     "xla_gpu_enable_command_buffer": "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,WHILE,CONDITIONAL",
     "xla_gpu_graph_min_graph_size": 1,
 }
-#: ... on several GPUs: the collectives go into the graphs too, through NCCL (XLA's own
+#: ... where a decode step has collectives (weights split over devices): they go into the
+#: graphs too, through NCCL (XLA's own
 #: one-shot all-reduce kernel runs outside them), and the loop's WHILE/CONDITIONAL nodes
 #: do not (NCCL collectives fail to instantiate in graphs with conditional nodes,
 #: NVIDIA/nccl#1986): a decode step is one graph (two H200s, the same options set through
@@ -50,20 +52,20 @@ GPU_MULTI_DECODE_OPTIONS = {
     "xla_gpu_unsupported_use_all_reduce_one_shot_kernel": False,
 }
 #: Environment variable choosing the decode jits' graph options on GPUs: ``auto`` (the
-#: above by device count), ``single`` (:data:`GPU_DECODE_OPTIONS` on any mesh: collectives
-#: stay outside the graphs, as before 2026-11-26), ``off`` (no graph options).
+#: above, by whether a step has collectives), ``single`` (:data:`GPU_DECODE_OPTIONS`
+#: everywhere: collectives stay outside the graphs, as before 2026-11-26), ``off`` (none).
 GRAPHS_ENV = "OPTKIT_CUDA_GRAPHS"
 
 
-def decode_graph_options(num_devices: int) -> dict:
-    """The decode jits' XLA options on GPUs for a mesh of ``num_devices`` (see
-    :data:`GRAPHS_ENV`)."""
+def decode_graph_options(collectives: bool) -> dict:
+    """The decode jits' XLA options on GPUs, for a step with or without ``collectives``
+    (see :data:`GRAPHS_ENV`)."""
     choice = os.environ.get(GRAPHS_ENV, "auto").strip().lower() or "auto"
     if choice not in ("auto", "single", "off"):
         raise ValueError(f"{GRAPHS_ENV}={choice!r}: choose auto, single or off")
     if choice == "off":
         return {}
-    multi = num_devices > 1 and choice == "auto"
+    multi = collectives and choice == "auto"
     return dict(GPU_MULTI_DECODE_OPTIONS if multi else GPU_DECODE_OPTIONS)
 
 CACHE_AXES = {
@@ -116,8 +118,8 @@ class MeshExecutor(Executor):
     """Jitted prefill/decode of one model on one mesh under a sharding-rule table.
 
     ``kernels``: see ``optkit.parallel.kernels``; ``command_buffers`` (default: on GPUs)
-    compiles the decode jits with :data:`GPU_DECODE_OPTIONS` (one device) or
-    :data:`GPU_MULTI_DECODE_OPTIONS` (several; :data:`GRAPHS_ENV` overrides)."""
+    compiles the decode jits with :data:`GPU_MULTI_DECODE_OPTIONS` where weights are split
+    over devices, else :data:`GPU_DECODE_OPTIONS` (:data:`GRAPHS_ENV` overrides)."""
 
     def __init__(self, cfg: OPTConfig, params: Any, mesh: Mesh | None = None,
                  rules: Rules | None = None, dtype=None, kernels: str = "auto",
@@ -135,8 +137,16 @@ class MeshExecutor(Executor):
                              "(quantize='int8')")
         if command_buffers is None:
             command_buffers = all(d.platform == "gpu" for d in self.mesh.devices.flat)
-        self.decode_options = (decode_graph_options(self.mesh.devices.size)
+        self.decode_options = (decode_graph_options(self.splits_weights)
                                if command_buffers else {})
+
+    @property
+    def splits_weights(self) -> bool:
+        """Whether some axis besides the batch is split over several devices (so a decode
+        step has collectives; data parallelism alone has none)."""
+        sizes = dict(zip(self.mesh.axis_names, self.mesh.devices.shape, strict=True))
+        return any(math.prod(sizes.get(a, 1) for a in axis_names(target)) > 1
+                   for name, target in self.rules.items() if name != "batch")
 
     # Shardings -----------------------------------------------------------------------------
     def sharding(self, axes: tuple[str | None, ...], shape: tuple[int, ...]) -> NamedSharding:

@@ -139,10 +139,11 @@ def test_devices_are_taken_in_order_from_a_list():
     assert [d.id for d in grid.reshape(-1)] == [d.id for d in devs[:4]]
 
 
-def test_decode_graph_options_follow_the_device_count():
-    """One device: CUDA graphs around the decode loop's WHILE too; several: collectives in
-    the graphs through NCCL and no WHILE/CONDITIONAL graphs.  XLA accepts both sets (the
-    CPU backend compiles with them) and the two-device decode gives the one-device tokens."""
+def test_decode_graph_options_follow_the_collectives():
+    """One device (or data parallelism alone): CUDA graphs around the decode loop's WHILE
+    too; weights split over devices: collectives in the graphs through NCCL and no
+    WHILE/CONDITIONAL graphs.  XLA accepts both sets (the CPU backend compiles with them)
+    and the two-device decode gives the one-device tokens."""
     cfg = OPTConfig(vocab_size=256, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                     ffn_dim=64, max_position_embeddings=64, name="t-graphs")
     tokens = {}
@@ -162,17 +163,22 @@ def test_decode_graph_options_follow_the_device_count():
 
         *_, outs = ex.decode_loop(step, tok, cache, (), 4)
         tokens[tp] = np.asarray(outs)[:4]
+    dp = build_executor(cfg, Plan(dp=2), None, dtype="float32", progress=False)
+    assert not dp.splits_weights and ex.splits_weights
+    dp = MeshExecutor(cfg, dp.params, dp.mesh, dp.rules, command_buffers=True)
+    assert dp.decode_options == GPU_DECODE_OPTIONS
     assert "COLLECTIVES" in GPU_MULTI_DECODE_OPTIONS["xla_gpu_enable_command_buffer"]
     assert "WHILE" not in GPU_MULTI_DECODE_OPTIONS["xla_gpu_enable_command_buffer"]
     np.testing.assert_array_equal(tokens[1], tokens[2])
 
 
 def test_graph_options_can_be_chosen_by_environment(monkeypatch):
-    assert decode_graph_options(2) == GPU_MULTI_DECODE_OPTIONS
+    assert decode_graph_options(True) == GPU_MULTI_DECODE_OPTIONS
+    assert decode_graph_options(False) == GPU_DECODE_OPTIONS
     monkeypatch.setenv(GRAPHS_ENV, "single")
-    assert decode_graph_options(2) == decode_graph_options(1) == GPU_DECODE_OPTIONS
+    assert decode_graph_options(True) == GPU_DECODE_OPTIONS
     monkeypatch.setenv(GRAPHS_ENV, "OFF")
-    assert decode_graph_options(1) == {}
+    assert decode_graph_options(False) == {}
     monkeypatch.setenv(GRAPHS_ENV, "sometimes")
     with pytest.raises(ValueError, match="OPTKIT_CUDA_GRAPHS='sometimes': choose auto"):
-        decode_graph_options(2)
+        decode_graph_options(True)
