@@ -87,7 +87,7 @@ def generation_flops(cfg: OPTConfig, rows: int, prompt_len: int, new_tokens: int
     return float(rows * (per_token * fed + 4 * h * n_layers * pairs + head + proj))
 
 
-#: Environment variables that change CPU timings (recorded, and shown in the command).
+#: Environment variables that change timings (recorded, and shown in the command).
 ENV_VARS = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "XLA_FLAGS", "JAX_PLATFORMS",
             "CUDA_VISIBLE_DEVICES", "OPTKIT_CUDA_GRAPHS")
 

@@ -41,11 +41,11 @@ GPU_DECODE_OPTIONS = {
     "xla_gpu_graph_min_graph_size": 1,
 }
 #: ... where a decode step has collectives (weights split over devices): they go into the
-#: graphs too, through NCCL (XLA's own
-#: one-shot all-reduce kernel runs outside them), and the loop's WHILE/CONDITIONAL nodes
-#: do not (NCCL collectives fail to instantiate in graphs with conditional nodes,
-#: NVIDIA/nccl#1986): a decode step is one graph (two H200s, the same options set through
-#: XLA_FLAGS with synchronous all-reduces: OPT-175B int8 1.2%, opt-13b 1.1% faster a step).
+#: graphs too, through NCCL (XLA's own one-shot all-reduce kernel runs outside them), and
+#: the loop's WHILE/CONDITIONAL nodes do not (NCCL collectives fail to instantiate in graphs
+#: with conditional nodes, NVIDIA/nccl#1986): a decode step is one graph (two H200s, the
+#: same options set through XLA_FLAGS with synchronous all-reduces: OPT-175B int8 1.2%,
+#: opt-13b 1.1% faster a step).
 GPU_MULTI_DECODE_OPTIONS = {
     "xla_gpu_enable_command_buffer": "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,COLLECTIVES",
     "xla_gpu_graph_min_graph_size": 1,
