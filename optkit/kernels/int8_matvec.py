@@ -72,7 +72,7 @@ def _kernel(x_ref, q_ref, s_ref, *refs, rows: int, block_w: int, relu: bool,
     bn, words = q_ref.shape
 
     def load(c, cols):  # channel c's words; each is read once per call
-        if evict is None:
+        if evict is None:  # (Pallas' interpreter cannot take plgpu.load at index c)
             return q_ref[c, cols]
         return plgpu.load(q_ref.at[c, cols], eviction_policy=evict)
 

@@ -144,8 +144,7 @@ class MeshExecutor(Executor):
     def splits_weights(self) -> bool:
         """Whether some axis besides the batch is split over several devices (so a decode
         step has collectives; data parallelism alone has none)."""
-        sizes = dict(zip(self.mesh.axis_names, self.mesh.devices.shape, strict=True))
-        return any(math.prod(sizes.get(a, 1) for a in axis_names(target)) > 1
+        return any(math.prod(self.mesh.shape.get(a, 1) for a in axis_names(target)) > 1
                    for name, target in self.rules.items() if name != "batch")
 
     # Shardings -----------------------------------------------------------------------------
