@@ -353,7 +353,11 @@ def optkit_worker(args) -> list[dict]:
         M.INT8_REDUCE_ROWS = 8
 
     from optkit.config import OPTConfig
-    from optkit.parallel.executor import GPU_DECODE_OPTIONS, MeshExecutor
+    from optkit.parallel.executor import (
+        GPU_DECODE_OPTIONS,
+        GPU_MULTI_DECODE_OPTIONS,
+        MeshExecutor,
+    )
 
     cfg = OPTConfig.from_name("opt-" + args.size)
     devices = jax.devices()[:args.devices]
@@ -375,7 +379,7 @@ def optkit_worker(args) -> list[dict]:
     if "cb_collectives_nowhile" in args.variant.split("+"):
         for st in mesh_executors(ex):
             st.decode_options["xla_gpu_enable_command_buffer"] = \
-                "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,COLLECTIVES"
+                GPU_MULTI_DECODE_OPTIONS["xla_gpu_enable_command_buffer"]
     params = ex.params
     jax.block_until_ready(params)
     for suffix, layout in (("+gemvT", "reduce"), ("+dotT", "dot")):
