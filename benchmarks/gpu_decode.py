@@ -78,6 +78,10 @@ VARIANTS = {
     "nccl_sync+cb_collectives_nowhile": _NCCL_SYNC,
     # ... and the int8 kernel's weights loaded evict_first (since then its default)
     "nccl_sync+cb_collectives_nowhile+evict": _NCCL_SYNC,
+    # int8 products on the CUDA cores (optkit.kernels.int8_matvec) everywhere, not the
+    # tensor-core kernel (optkit.kernels.int8_mma, the default since 2026-11-26 for fp16)
+    "default+words": "",
+    "default+words+while_graphs": "",
     # the int8 kernel's weight loads without an eviction policy (before: evict_first)
     "default+no_evict": "",
 }
@@ -347,6 +351,10 @@ def optkit_worker(args) -> list[dict]:
 
         evict = "evict_first" if "evict" in args.variant.split("+") else None
         K.int8_matvec = functools.partial(K.int8_matvec, evict=evict)
+    if "words" in args.variant.split("+"):
+        from optkit.kernels import int8_mma
+
+        int8_mma.plan = lambda n, k: None
     if args.variant.endswith("+rows8"):
         from optkit import model as M
 

@@ -4,8 +4,9 @@ Two Pallas kernels can replace XLA's code in a decode step (``optkit.kernels``):
 
 * ``attention``: the fused cache write + attention of :mod:`optkit.kernels.decode_attention`
   instead of :func:`optkit.model.dense_decode_attention` (needs a power-of-two head size);
-* ``matvec``: the int8 product of :mod:`optkit.kernels.int8_matvec` for int8 models' products
-  of a few rows (``optkit.model.project``).
+* ``matvec``: the int8 products of int8 models' few-row products (``optkit.model.project``):
+  :mod:`optkit.kernels.int8_mma` (tensor cores) for fp16 inputs where its blocks tile the
+  kernel, else :mod:`optkit.kernels.int8_matvec` (CUDA cores).
 
 ``kernels=`` picks them: ``"auto"`` takes each on GPUs where it applies, else XLA; ``"xla"``
 none; ``"pallas"`` both (the matvec only for int8 models); ``"attention"`` or ``"matvec"``
@@ -22,6 +23,7 @@ import importlib
 import math
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from optkit.config import OPTConfig
@@ -155,8 +157,14 @@ def _placed_matvec(kernel, n_out: int, q_spec: PartitionSpec, blocks, mesh: Mesh
         n_in = q.ndim - n_out
         lead, out = x.shape[:x.ndim - n_in], q.shape[:n_out]
         k = math.prod(q.shape[n_out:])
-        call = functools.partial(kernel.int8_matvec, block_n=block_n, block_k=block_k,
-                                 num_warps=warps, interpret=interpret)
+        mma, _ = _module("int8_mma")
+        tiles = mma.plan(math.prod(out), k) if mma and x.dtype == jnp.float16 else None
+        if tiles:
+            call = functools.partial(mma.int8_mma, block_n=tiles[0], block_k=tiles[1],
+                                     split=tiles[2], interpret=interpret)
+        else:
+            call = functools.partial(kernel.int8_matvec, block_n=block_n, block_k=block_k,
+                                     num_warps=warps, interpret=interpret)
         x2, q2, s2, b2 = x.reshape(-1, k), q.reshape(-1, k), scale.reshape(-1), bias.reshape(-1)
         if not summed:
             return call(x2, q2, s2, b2, relu=relu, out_dtype=x.dtype).reshape(lead + out)

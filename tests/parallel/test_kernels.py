@@ -19,10 +19,11 @@ KV = PartitionSpec(None, None, None, None)
 PLANS = [Plan(), Plan(tp=2), Plan(dp=2, tp=2), Plan(pp=2, micro_batches=2)]
 
 
-def decode_logits(plan, kernels, steps=4, quantize=None, rows=(7, 3, 5, 6)):
-    ex = build_executor(CFG, plan, None, dtype="float32", progress=False, kernels=kernels,
+def decode_logits(plan, kernels, steps=4, quantize=None, rows=(7, 3, 5, 6), cfg=CFG,
+                  dtype="float32"):
+    ex = build_executor(cfg, plan, None, dtype=dtype, progress=False, kernels=kernels,
                         quantize=quantize)
-    ids, mask = left_padded_batch(CFG, list(rows), seed=1)
+    ids, mask = left_padded_batch(cfg, list(rows), seed=1)
     cache = ex.init_cache(len(rows), 16)
     logits, cache = ex.prefill(ids, mask, cache)
     out = []
@@ -49,6 +50,31 @@ def test_int8_kernels_match_xla_under_plans(plan, monkeypatch):
     kw = {"quantize": "int8", "rows": (7, 3)}
     np.testing.assert_allclose(decode_logits(plan, "pallas", **kw),
                                decode_logits(plan, "xla", **kw), atol=1e-4)
+
+
+@pytest.mark.parametrize("plan", [Plan(), Plan(tp=2)], ids=lambda p: p.name)
+def test_fp16_int8_products_take_the_tensor_core_kernel(plan, monkeypatch):
+    """fp16 inputs and kernels its blocks tile: optkit.kernels.int8_mma (fc2 split along K;
+    out's tensor-parallel shard, 128 inputs, stays on the CUDA-core kernel), the same logits
+    as XLA's products up to fp16 rounding."""
+    from optkit.kernels import int8_mma
+
+    cfg = OPTConfig(vocab_size=500, hidden_size=256, num_hidden_layers=2,
+                    num_attention_heads=4, ffn_dim=1024, max_position_embeddings=64,
+                    name="t-mma")
+    calls, real = [], int8_mma.int8_mma
+
+    def spy(x, q, *args, **kw):
+        calls.append((q.shape, kw["split"]))
+        return real(x, q, *args, **kw)
+
+    monkeypatch.setattr(int8_mma, "int8_mma", spy)
+    kw = {"quantize": "int8", "rows": (5,), "cfg": cfg, "dtype": "float16", "steps": 2}
+    got = decode_logits(plan, "matvec", **kw)
+    assert set(calls) == ({((768, 256), 1), ((256, 256), 1), ((1024, 256), 1),
+                           ((256, 1024), 2)} if plan.tp == 1 else
+                          {((384, 256), 1), ((512, 256), 1), ((256, 512), 2)})
+    np.testing.assert_allclose(got, decode_logits(plan, "xla", **kw), atol=2e-2)
 
 
 def test_kernel_needs_no_live_buckets():

@@ -1,0 +1,128 @@
+"""int8 weight-only products of up to 16 rows on the tensor cores (Pallas on Triton).
+
+``y[m, n] = scale[n] * sum_k x[m, k] * q[n, k]`` over an output-major int8 kernel ``q``
+(N, K), as :mod:`optkit.kernels.int8_matvec` computes on the CUDA cores.  Here the rows of
+``x`` (fp16) are padded to 16, a tensor-core tile's least height, and each program takes
+``block_n`` output channels, looping over K in blocks of ``block_k``: it widens its int8
+tile to fp16 and multiplies it on the tensor cores with fp32 accumulation.  The widening
+takes five PTX instructions per four weights: a byte-wise xor with 0x80 makes each byte
+``b + 128``, ``prmt`` sets it under fp16's exponent of 1024 (whose ulp is 1) to give
+``1024 + 128 + b`` exactly, and ``sub.f16x2`` takes 1152 off two weights at a time.  The
+CUDA-core kernel spends ~14 instructions per four weights and kept an H200 issuing on two
+thirds of its cycles (Nsight Compute); this one reads OPT-175B's fc1 shard at ~3.8 TB/s
+against ~3.4 (``benchmarks/gemv_variants.py``).  Padding costs nothing in bandwidth: the
+tensor cores are far from busy.
+
+``split`` programs share each block of channels, each taking a part of K, their partial sums
+added after the kernel: kernels with few blocks of channels (OPT-175B's out and fc2 on two
+cards: 192 programs for an H200's 132 multiprocessors) then fill the card more evenly.
+``interpret=True`` runs it through Pallas' interpreter (the widening as a conversion).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+#: Rows a product may have (a tensor-core tile's height; fewer are padded to it).
+ROWS = 16
+#: Programs below which a kernel's K is split in two (~2 per multiprocessor of an H200).
+SPLIT_BELOW = 256
+
+#: four int8 weights (one 32-bit register) -> four fp16 weights (two registers), exactly
+_WIDEN = """{
+.reg .b32 u, e, o;
+xor.b32 u, $2, 0x80808080;
+mov.b32 e, 0x64646464;
+mov.b32 o, 0x64806480;
+prmt.b32 $0, u, e, 0x5150;
+prmt.b32 $1, u, e, 0x5352;
+sub.f16x2 $0, $0, o;
+sub.f16x2 $1, $1, o;
+}"""
+
+
+def plan(n: int, k: int) -> tuple[int, int, int] | None:
+    """(block_n, block_k, split) for an (n, k) kernel, the best measured on an H200 at
+    OPT-175B's shapes (64 channels x 256 weights), or None where they do not tile."""
+    block_n, block_k = 64, 256
+    if n % block_n or k % block_k:
+        return None
+    split = 2 if n // block_n < SPLIT_BELOW and k % (2 * block_k) == 0 else 1
+    return block_n, block_k, split
+
+
+def _widen(w: jax.Array, interpret: bool) -> jax.Array:
+    if interpret:
+        return w.astype(jnp.float16)
+    return plgpu.elementwise_inline_asm(
+        _WIDEN, args=[w], constraints="=r,=r,r", pack=4,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(w.shape, jnp.float16)])[0]
+
+
+def _kernel(x_ref, q_ref, s_ref, *refs, rows: int, block_k: int, relu: bool,
+            evict: str | None, interpret: bool):
+    b_ref, o_ref = refs if len(refs) == 2 else (None, refs[0])
+    bn, k = q_ref.shape
+
+    def body(i, acc):
+        cols = pl.ds(pl.multiple_of(i * block_k, block_k), block_k)
+        w = (q_ref[:, cols] if evict is None
+             else plgpu.load(q_ref.at[:, cols], eviction_policy=evict))
+        return acc + plgpu.dot(x_ref[:, cols], _widen(w, interpret), trans_b=True)
+
+    acc = jax.lax.fori_loop(0, k // block_k, body, jnp.zeros((ROWS, bn), jnp.float32))
+    y = acc * s_ref[...].astype(jnp.float32)[None, :]
+    if b_ref is not None:
+        y = y + b_ref[...].astype(jnp.float32)[None, :]
+    if relu:
+        y = jnp.maximum(y, 0.0)
+    row = jax.lax.broadcasted_iota(jnp.int32, y.shape, 0)
+    for m in range(rows):
+        o_ref[m, :] = jnp.sum(jnp.where(row == m, y, 0.0), axis=0).astype(o_ref.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("relu", "out_dtype", "block_n", "block_k",
+                                             "split", "num_warps", "num_stages", "evict",
+                                             "interpret"))
+def int8_mma(x: jax.Array, q: jax.Array, scale: jax.Array, bias: jax.Array | None = None,
+             *, relu: bool = False, out_dtype=jnp.float32, block_n: int | None = None,
+             block_k: int | None = None, split: int | None = None, num_warps: int = 4,
+             num_stages: int = 3, evict: str | None = "evict_first",
+             interpret: bool = False) -> jax.Array:
+    """``x`` (M <= 16, K) fp16 times the int8 kernel ``q`` (N, K), scaled per channel by
+    ``scale`` (N,), plus ``bias`` (N,) if given, then ReLU if ``relu`` -> (M, N)
+    ``out_dtype``.  Blocks default to :func:`plan`; ``evict``: as in ``int8_matvec``."""
+    (m, k), (n, kq) = x.shape, q.shape
+    if (m > ROWS or x.dtype != jnp.float16 or q.dtype != jnp.int8 or kq != k
+            or scale.shape != (n,) or (bias is not None and bias.shape != (n,))):
+        raise ValueError(f"int8_mma: x {x.shape} {x.dtype}, q {q.shape} {q.dtype}, "
+                         f"scale {scale.shape}, bias {None if bias is None else bias.shape}")
+    bn, bk, sp = plan(n, k) or (0, 0, 1)
+    bn, bk, sp = block_n or bn, block_k or bk, split or sp
+    if not bn or not bk or n % bn or k % (bk * sp):
+        raise ValueError(f"int8_mma: blocks ({bn}, {bk}) x {sp} do not tile ({n}, {k})")
+    xp = jnp.pad(x, ((0, ROWS - m), (0, 0)))
+    parts = k // sp
+    channels = pl.BlockSpec((bn,), lambda i, j: (i,))
+    fused = sp == 1  # else bias and ReLU after the partial sums are added
+    args = [xp, q, scale] + ([bias] if fused and bias is not None else [])
+    out = pl.pallas_call(
+        functools.partial(_kernel, rows=m, block_k=bk, relu=relu and fused,
+                          evict=None if interpret else evict, interpret=interpret),
+        out_shape=jax.ShapeDtypeStruct((sp, m, n), out_dtype if fused else jnp.float32),
+        grid=(n // bn, sp),
+        in_specs=[pl.BlockSpec((ROWS, parts), lambda i, j: (0, j)),
+                  pl.BlockSpec((bn, parts), lambda i, j: (i, j)),
+                  channels] + [channels] * (len(args) - 3),
+        out_specs=pl.BlockSpec((None, m, bn), lambda i, j: (j, 0, i)),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        name="int8_mma", interpret=interpret)(*args)
+    if fused:
+        return out[0]
+    y = out.sum(0) + (0.0 if bias is None else bias.astype(jnp.float32))
+    return (jnp.maximum(y, 0.0) if relu else y).astype(out_dtype)
