@@ -227,7 +227,7 @@ IMPLS = {"xla": xla_gemv, "read": read_words, "words": _as_vector(int8_matvec),
 
 def configs(n: int, k: int) -> list[tuple[str, dict]]:
     out = [("read", {}), ("words", {"block_n": 8, "block_k": 2048, "num_warps": 4}),
-           ("words2", {"block_n": 8, "block_k": 2048, "mode": "asm_all"})]
+           ("words2", {"block_n": 8, "block_k": 2048, "mode": "asm_all"}), ("dot", {})]
     dots = [{"block_n": bn, "block_k": bk, "num_stages": st}
             for bn in (32, 64) for bk in (256, 512) for st in (2, 3, 4)]
     dots += [{"block_n": 16, "block_k": 512}, {"block_n": 64, "block_k": 256, "num_warps": 8},

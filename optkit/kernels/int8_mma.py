@@ -32,6 +32,10 @@ from jax.experimental.pallas import triton as plgpu
 ROWS = 16
 #: Programs below which a kernel's K is split in two (~2 per multiprocessor of an H200).
 SPLIT_BELOW = 256
+#: The least output channels and inputs of a kernel this one takes: at opt-6.7b's shapes
+#: (an H100) it was no faster than the CUDA-core kernel, or slower (out, fc2), and the
+#: whole decode step 8% slower; at OPT-175B's (n >= 12288, k >= 6144 per H200) 10% faster.
+MIN_CHANNELS, MIN_INPUTS = 8192, 6144
 
 #: four int8 weights (one 32-bit register) -> four fp16 weights (two registers), exactly
 _WIDEN = """{
@@ -48,9 +52,10 @@ sub.f16x2 $1, $1, o;
 
 def plan(n: int, k: int) -> tuple[int, int, int] | None:
     """(block_n, block_k, split) for an (n, k) kernel, the best measured on an H200 at
-    OPT-175B's shapes (64 channels x 256 weights), or None where they do not tile."""
+    OPT-175B's shapes (64 channels x 256 weights), or None where they do not tile or the
+    kernel is smaller than :data:`MIN_CHANNELS` x :data:`MIN_INPUTS`."""
     block_n, block_k = 64, 256
-    if n % block_n or k % block_k:
+    if n % block_n or k % block_k or n < MIN_CHANNELS or k < MIN_INPUTS:
         return None
     split = 2 if n // block_n < SPLIT_BELOW and k % (2 * block_k) == 0 else 1
     return block_n, block_k, split

@@ -69,6 +69,8 @@ def test_fp16_int8_products_take_the_tensor_core_kernel(plan, monkeypatch):
         return real(x, q, *args, **kw)
 
     monkeypatch.setattr(int8_mma, "int8_mma", spy)
+    monkeypatch.setattr(int8_mma, "MIN_CHANNELS", 256)  # (175B-sized kernels in earnest)
+    monkeypatch.setattr(int8_mma, "MIN_INPUTS", 256)
     kw = {"quantize": "int8", "rows": (5,), "cfg": cfg, "dtype": "float16", "steps": 2}
     got = decode_logits(plan, "matvec", **kw)
     assert set(calls) == ({((768, 256), 1), ((256, 256), 1), ((1024, 256), 1),
