@@ -1,7 +1,8 @@
 """Greedy decoding of a random-weight int8 model on one GPU with each int8 product path:
-the tensor-core kernel (optkit.kernels.int8_mma, the default for fp16), the CUDA-core
-kernel (optkit.kernels.int8_matvec) and XLA's products.  Reports whether the tokens agree
-and the largest difference of any step's logits.
+the tensor-core kernel (optkit.kernels.int8_mma) on every kernel its blocks tile, whatever
+its size (by default only OPT-175B-sized ones take it), the CUDA-core kernel
+(optkit.kernels.int8_matvec) and XLA's products.  Reports whether the tokens agree and the
+largest difference of any step's logits.
 
     python benchmarks/int8_decode_check.py --sizes 1.3b,6.7b --out int8_check.jsonl
 """
@@ -21,8 +22,9 @@ from optkit.kernels import int8_mma
 def decode(size: str, path: str, prompt: int, new_tokens: int):
     """(tokens, per-step logits) of ``alpa/opt-{size}`` (random int8 weights) along ``path``:
     mma, words or xla."""
-    plan = int8_mma.plan
+    plan, least = int8_mma.plan, (int8_mma.MIN_CHANNELS, int8_mma.MIN_INPUTS)
     int8_mma.plan = plan if path == "mma" else (lambda n, k: None)
+    int8_mma.MIN_CHANNELS = int8_mma.MIN_INPUTS = 0
     try:
         model = get_model(f"alpa/opt-{size}", dummy=True, quantize="int8", progress=False,
                           kernels="xla" if path == "xla" else "auto")
@@ -33,6 +35,7 @@ def decode(size: str, path: str, prompt: int, new_tokens: int):
                                                     for s in out.scores])
     finally:
         int8_mma.plan = plan
+        int8_mma.MIN_CHANNELS, int8_mma.MIN_INPUTS = least
 
 
 def main() -> None:
