@@ -19,7 +19,7 @@ from optkit import get_model
 from optkit.kernels import int8_mma
 
 
-def decode(size: str, path: str, prompt: int, new_tokens: int):
+def decode(size: str, path: str, prompt: int, new_tokens: int, batch: int = 1):
     """(tokens, per-step logits) of ``alpa/opt-{size}`` (random int8 weights) along ``path``:
     mma, words or xla."""
     plan, least = int8_mma.plan, (int8_mma.MIN_CHANNELS, int8_mma.MIN_INPUTS)
@@ -28,7 +28,7 @@ def decode(size: str, path: str, prompt: int, new_tokens: int):
     try:
         model = get_model(f"alpa/opt-{size}", dummy=True, quantize="int8", progress=False,
                           kernels="xla" if path == "xla" else "auto")
-        ids = np.random.default_rng(0).integers(4, 50000, (1, prompt)).astype(np.int32)
+        ids = np.random.default_rng(0).integers(4, 50000, (batch, prompt)).astype(np.int32)
         out = model.generate(input_ids=ids, max_new_tokens=new_tokens,
                              return_dict_in_generate=True, output_scores=True)
         return np.asarray(out.sequences), np.stack([np.asarray(s, np.float32)
@@ -44,15 +44,18 @@ def main() -> None:
     p.add_argument("--sizes", default="1.3b")
     p.add_argument("--prompt", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=16)
+    p.add_argument("--batch", type=int, default=1, help="rows (the tensor-core kernel takes "
+                   "up to 16 at once)")
     p.add_argument("--out", default="int8_decode_check.jsonl")
     args = p.parse_args()
     with open(args.out, "a") as f:
         for size in args.sizes.split(","):
-            runs = {path: decode(size, path, args.prompt, args.new_tokens)
+            runs = {path: decode(size, path, args.prompt, args.new_tokens, args.batch)
                     for path in ("mma", "words", "xla")}
             for other in ("words", "xla"):
                 diff = np.abs(runs["mma"][1] - runs[other][1])
-                row = {"size": size, "vs": other, "new_tokens": args.new_tokens,
+                row = {"size": size, "vs": other, "batch": args.batch,
+                       "new_tokens": args.new_tokens,
                        "same_tokens": bool((runs["mma"][0] == runs[other][0]).all()),
                        "max_abs_logit_diff": float(diff.max()),
                        "max_abs_logit": float(np.abs(runs[other][1]).max()),

@@ -81,8 +81,9 @@ def layer_norm(p: dict, x: jax.Array, eps: float) -> jax.Array:
 
 #: int8 products of at most this many token rows run as one fused widen-multiply-reduce.
 INT8_REDUCE_ROWS = 1
-#: ... and of at most this many through a ``matvec`` hook, where one is given (the int8
-#: kernel multiplies on CUDA cores: at 4 rows it was half as fast as XLA's dot on an H200).
+#: ... and of at most this many through a ``matvec`` hook, where one is given, unless the
+#: hook says otherwise (its ``max_rows``: the tensor-core kernel takes 16; the CUDA-core one
+#: multiplies on CUDA cores: at 4 rows it was half as fast as XLA's dot on an H200).
 INT8_KERNEL_ROWS = 1
 
 
@@ -94,8 +95,8 @@ def project(p: dict, x: jax.Array, eq: str, matvec=None, relu: bool = False) -> 
     ``optkit.quant``) is widened inside the product and scaled after it, so only the int8
     bytes are read: for a single row as a multiply + reduction over the input axes (each
     output's weights contiguous), else as a dot.  ``matvec(x, q, scale, bias, relu)`` (e.g. a
-    kernel, -> the finished output in x's dtype) replaces both for up to
-    :data:`INT8_KERNEL_ROWS` rows.
+    kernel, -> the finished output in x's dtype) replaces both for up to its ``max_rows``
+    (default :data:`INT8_KERNEL_ROWS`) rows.
     """
     if "kernel_q" not in p:
         y = jnp.einsum(eq, x, p["kernel"]) + p["bias"]
@@ -105,7 +106,7 @@ def project(p: dict, x: jax.Array, eq: str, matvec=None, relu: bool = False) -> 
     n_in = q.ndim - n_out
     lead = x.shape[:x.ndim - n_in]
     rows = math.prod(lead)
-    if matvec is not None and rows <= INT8_KERNEL_ROWS:
+    if matvec is not None and rows <= getattr(matvec, "max_rows", INT8_KERNEL_ROWS):
         return matvec(x, q, scale, p["bias"], relu)
     if rows <= INT8_REDUCE_ROWS:
         xb = x.astype(jnp.float32).reshape(lead + (1,) * n_out + x.shape[x.ndim - n_in:])

@@ -198,7 +198,8 @@ class MeshExecutor(Executor):
             spec = partition_spec(CACHE_AXES["kv"], shape, self.rules, self.mesh)
             int8 = self.int8
             self._fns[key] = decode_kernels(self.kernels, self.cfg, self.mesh, spec,
-                                            self.int8_kernel_specs if int8 else {}, int8)
+                                            self.int8_kernel_specs if int8 else {}, int8,
+                                            self.dtype)
         return self._fns[key]
 
     def batch_sharding(self, shape: tuple[int, ...]) -> NamedSharding:

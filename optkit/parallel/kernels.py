@@ -118,11 +118,14 @@ def decode_attention_fn(choice: str, cfg: OPTConfig, mesh: Mesh, kv_spec: Partit
 # int8 products
 # ---------------------------------------------------------------------------------------------
 def matvec_fns(choice: str, cfg: OPTConfig, mesh: Mesh, q_specs: dict, int8: bool,
-               interpret: bool | None = None) -> dict | None:
+               interpret: bool | None = None, dtype=None) -> dict | None:
     """The ``matvec`` argument for ``model.decode_layers``: kernel name -> the int8 product
     kernel over ``mesh``, or None (XLA's products).  ``q_specs``: kernel name ->
-    (shape, PartitionSpec) of one layer's ``kernel_q``; ``int8``: whether the model is."""
+    (shape, PartitionSpec) of one layer's ``kernel_q``; ``int8``: whether the model is;
+    ``dtype``: the model's (an fp16 model's products that the tensor-core kernel takes run
+    through it up to its 16 rows, ``max_rows`` of the returned function)."""
     kernel, why = _module("int8_matvec")
+    mma, _ = _module("int8_mma")
     want, explicit = _wants(choice, "matvec")
     if not want or (not int8 and choice != "matvec"):
         return None
@@ -134,21 +137,28 @@ def matvec_fns(choice: str, cfg: OPTConfig, mesh: Mesh, q_specs: dict, int8: boo
             n_out = len(shape) - KERNELS[name]
             local = NamedSharding(mesh, spec).shard_shape(shape)
             n, k = math.prod(local[:n_out]), math.prod(local[n_out:])
-            blocks[name] = n_out, kernel.blocks(n, k)
+            blocks[name] = n_out, kernel.blocks(n, k), mma.plan(n, k) if mma else None
             if not blocks[name][1][1]:
                 why = f"{name}'s kernel ({n} x {k} per device) has no block tiling"
     if not _decide(choice, "matvec", why, mesh):
         return None
     interpret = _off_gpu(mesh) if interpret is None else interpret
-    return {name: _placed_matvec(kernel, n_out, q_specs[name][1], bs, mesh, interpret)
-            for name, (n_out, bs) in blocks.items()}
+    fns = {}
+    for name, (n_out, words, tiles) in blocks.items():
+        fns[name] = _placed_matvec(kernel, mma, n_out, q_specs[name][1], words, tiles, mesh,
+                                   interpret)
+        if tiles and dtype is not None and jnp.dtype(dtype) == jnp.float16:
+            fns[name].max_rows = mma.ROWS
+    return fns
 
 
-def _placed_matvec(kernel, n_out: int, q_spec: PartitionSpec, blocks, mesh: Mesh,
-                   interpret: bool):
+def _placed_matvec(kernel, mma, n_out: int, q_spec: PartitionSpec, blocks, tiles,
+                   mesh: Mesh, interpret: bool):
     """``(x, q, scale, bias, relu) -> outputs`` in x's dtype for one kernel split as
-    ``q_spec``.  Where the input axes are split, the kernel's fp32 partial products are
-    psum'ed and the bias added after; else bias and ReLU run in the kernel."""
+    ``q_spec``: the tensor-core kernel ``mma`` with ``tiles`` (its plan) for fp16 inputs,
+    else the CUDA-core ``kernel`` with ``blocks``.  Where the input axes are split, the
+    kernel's fp32 partial products are psum'ed and the bias added after; else bias and ReLU
+    run in the kernel."""
     block_n, block_k, warps = blocks
     out_spec, in_spec = tuple(q_spec[:n_out]), tuple(q_spec[n_out:])
     summed = tuple(n for s in in_spec for n in axis_names(s))
@@ -157,9 +167,7 @@ def _placed_matvec(kernel, n_out: int, q_spec: PartitionSpec, blocks, mesh: Mesh
         n_in = q.ndim - n_out
         lead, out = x.shape[:x.ndim - n_in], q.shape[:n_out]
         k = math.prod(q.shape[n_out:])
-        mma, _ = _module("int8_mma")
-        tiles = mma.plan(math.prod(out), k) if mma and x.dtype == jnp.float16 else None
-        if tiles:
+        if tiles and x.dtype == jnp.float16:
             call = functools.partial(mma.int8_mma, block_n=tiles[0], block_k=tiles[1],
                                      split=tiles[2], interpret=interpret)
         else:
@@ -187,8 +195,8 @@ def _placed_matvec(kernel, n_out: int, q_spec: PartitionSpec, blocks, mesh: Mesh
 
 
 def decode_kernels(choice: str, cfg: OPTConfig, mesh: Mesh, kv_spec: PartitionSpec,
-                   q_specs: dict, int8: bool) -> dict:
+                   q_specs: dict, int8: bool, dtype=None) -> dict:
     """Keyword arguments (``attention``, ``matvec``) of ``model.decode_step`` under
-    ``choice`` (see the module docstring)."""
+    ``choice`` (see the module docstring) for a model of ``dtype``."""
     return {"attention": decode_attention_fn(choice, cfg, mesh, kv_spec),
-            "matvec": matvec_fns(choice, cfg, mesh, q_specs, int8)}
+            "matvec": matvec_fns(choice, cfg, mesh, q_specs, int8, dtype=dtype)}

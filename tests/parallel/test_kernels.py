@@ -54,9 +54,10 @@ def test_int8_kernels_match_xla_under_plans(plan, monkeypatch):
 
 @pytest.mark.parametrize("plan", [Plan(), Plan(tp=2)], ids=lambda p: p.name)
 def test_fp16_int8_products_take_the_tensor_core_kernel(plan, monkeypatch):
-    """fp16 inputs and kernels its blocks tile: optkit.kernels.int8_mma (fc2 split along K;
-    out's tensor-parallel shard, 128 inputs, stays on the CUDA-core kernel), the same logits
-    as XLA's products up to fp16 rounding."""
+    """fp16 inputs and kernels its blocks tile: optkit.kernels.int8_mma, a batch's rows in
+    one call (fc2 split along K; out's tensor-parallel shard, 128 inputs, stays on the
+    CUDA-core kernel, one row at a time there), the same logits as XLA's products up to
+    fp16 rounding."""
     from optkit.kernels import int8_mma
 
     cfg = OPTConfig(vocab_size=500, hidden_size=256, num_hidden_layers=2,
@@ -65,18 +66,35 @@ def test_fp16_int8_products_take_the_tensor_core_kernel(plan, monkeypatch):
     calls, real = [], int8_mma.int8_mma
 
     def spy(x, q, *args, **kw):
-        calls.append((q.shape, kw["split"]))
+        calls.append((x.shape[0], q.shape, kw["split"]))
         return real(x, q, *args, **kw)
 
     monkeypatch.setattr(int8_mma, "int8_mma", spy)
     monkeypatch.setattr(int8_mma, "MIN_CHANNELS", 256)  # (175B-sized kernels in earnest)
     monkeypatch.setattr(int8_mma, "MIN_INPUTS", 256)
-    kw = {"quantize": "int8", "rows": (5,), "cfg": cfg, "dtype": "float16", "steps": 2}
+    kw = {"quantize": "int8", "rows": (5, 3, 6), "cfg": cfg, "dtype": "float16", "steps": 2}
     got = decode_logits(plan, "matvec", **kw)
-    assert set(calls) == ({((768, 256), 1), ((256, 256), 1), ((1024, 256), 1),
-                           ((256, 1024), 2)} if plan.tp == 1 else
-                          {((384, 256), 1), ((512, 256), 1), ((256, 512), 2)})
+    assert set(calls) == ({(3, (768, 256), 1), (3, (256, 256), 1), (3, (1024, 256), 1),
+                           (3, (256, 1024), 2)} if plan.tp == 1 else
+                          {(3, (384, 256), 1), (3, (512, 256), 1), (3, (256, 512), 2)})
     np.testing.assert_allclose(got, decode_logits(plan, "xla", **kw), atol=2e-2)
+
+
+def test_tensor_core_rows_only_for_fp16_models(monkeypatch):
+    """The hook takes a batch's 16 rows only where the tensor-core kernel applies."""
+    from optkit.kernels import int8_mma
+
+    monkeypatch.setattr(int8_mma, "MIN_CHANNELS", 256)
+    monkeypatch.setattr(int8_mma, "MIN_INPUTS", 256)
+    mesh = single_device_mesh()
+    q = {"fc1": ((1024, 256), PartitionSpec(None, None)),
+         "out": ((256, 4, 64), PartitionSpec(None, None, None))}
+    for dtype, want in (("float16", {"fc1": 16, "out": 16}), ("float32", {})):
+        fns = matvec_fns("matvec", CFG, mesh, q, int8=True, dtype=dtype)
+        assert {n: f.max_rows for n, f in fns.items() if hasattr(f, "max_rows")} == want
+    monkeypatch.setattr(int8_mma, "MIN_INPUTS", 512)
+    fns = matvec_fns("matvec", CFG, mesh, q, int8=True, dtype="float16")
+    assert not any(hasattr(f, "max_rows") for f in fns.values())
 
 
 def test_kernel_needs_no_live_buckets():
