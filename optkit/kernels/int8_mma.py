@@ -8,10 +8,11 @@ tile to fp16 and multiplies it on the tensor cores with fp32 accumulation.  The 
 takes five PTX instructions per four weights: a byte-wise xor with 0x80 makes each byte
 ``b + 128``, ``prmt`` sets it under fp16's exponent of 1024 (whose ulp is 1) to give
 ``1024 + 128 + b`` exactly, and ``sub.f16x2`` takes 1152 off two weights at a time.  The
-CUDA-core kernel spends ~14 instructions per four weights and kept an H200 issuing on two
+CUDA-core kernel executes ~25 instructions per four weights and kept an H200 issuing on two
 thirds of its cycles (Nsight Compute); this one reads OPT-175B's fc1 shard at ~3.8 TB/s
-against ~3.4 (``benchmarks/gemv_variants.py``).  Padding costs nothing in bandwidth: the
-tensor cores are far from busy.
+against ~3.4 (``benchmarks/gemv_variants.py``).  The padding costs tensor-core work that
+would sit idle, a (16, K) fp16 copy of the input and its reads from L2: a batch of up to 16
+rows costs about what one row does.
 
 ``split`` programs share each block of channels, each taking a part of K, their partial sums
 added after the kernel: kernels with few blocks of channels (OPT-175B's out and fc2 on two
