@@ -2,7 +2,8 @@
 
 ``y[m, n] = scale[n] * sum_k x[m, k] * q[n, k]`` over an output-major int8 kernel ``q``
 (N, K), as :mod:`optkit.kernels.int8_matvec` computes on the CUDA cores.  Here the rows of
-``x`` (fp16) are padded to 16, a tensor-core tile's least height, and each program takes
+``x`` (fp16) are read as a tile of 16 rows, a tensor-core tile's least height (the rows
+past its own masked to zeros), and each program takes
 ``block_n`` output channels, looping over K in blocks of ``block_k``: it widens its int8
 tile to fp16 and multiplies it on the tensor cores with fp32 accumulation.  The widening
 takes five PTX instructions per four weights: a byte-wise xor with 0x80 makes each byte
@@ -10,9 +11,8 @@ takes five PTX instructions per four weights: a byte-wise xor with 0x80 makes ea
 ``1024 + 128 + b`` exactly, and ``sub.f16x2`` takes 1152 off two weights at a time.  The
 CUDA-core kernel executes ~25 instructions per four weights and kept an H200 issuing on two
 thirds of its cycles (Nsight Compute); this one reads OPT-175B's fc1 shard at ~3.8 TB/s
-against ~3.4 (``benchmarks/gemv_variants.py``).  The padding costs tensor-core work that
-would sit idle, a (16, K) fp16 copy of the input and its reads from L2: a batch of up to 16
-rows costs about what one row does.
+against ~3.4 (``benchmarks/gemv_variants.py``).  The padding costs only tensor-core work
+that would sit idle: a batch of up to 16 rows costs about what one row does.
 
 ``split`` programs share each block of channels, each taking a part of K, their partial sums
 added after the kernel: kernels with few blocks of channels (OPT-175B's out and fc2 on two
@@ -75,11 +75,17 @@ def _kernel(x_ref, q_ref, s_ref, *refs, rows: int, block_k: int, relu: bool,
     b_ref, o_ref = refs if len(refs) == 2 else (None, refs[0])
     bn, k = q_ref.shape
 
+    # rows past x's own read as zeros (masked: they lie outside its buffer); through the
+    # interpreter they hold whatever it pads with, which reaches only rows never stored
+    live = jax.lax.broadcasted_iota(jnp.int32, (ROWS, block_k), 0) < rows
+
     def body(i, acc):
         cols = pl.ds(pl.multiple_of(i * block_k, block_k), block_k)
         w = (q_ref[:, cols] if evict is None
              else plgpu.load(q_ref.at[:, cols], eviction_policy=evict))
-        return acc + plgpu.dot(x_ref[:, cols], _widen(w, interpret), trans_b=True)
+        xs = (x_ref[:, cols] if interpret or rows == ROWS
+              else plgpu.load(x_ref.at[:, cols], mask=live, other=0.0))
+        return acc + plgpu.dot(xs, _widen(w, interpret), trans_b=True)
 
     acc = jax.lax.fori_loop(0, k // block_k, body, jnp.zeros((ROWS, bn), jnp.float32))
     y = acc * s_ref[...].astype(jnp.float32)[None, :]
@@ -112,11 +118,10 @@ def int8_mma(x: jax.Array, q: jax.Array, scale: jax.Array, bias: jax.Array | Non
     bn, bk, sp = block_n or bn, block_k or bk, split or sp
     if not bn or not bk or n % bn or k % (bk * sp):
         raise ValueError(f"int8_mma: blocks ({bn}, {bk}) x {sp} do not tile ({n}, {k})")
-    xp = jnp.pad(x, ((0, ROWS - m), (0, 0)))
     parts = k // sp
     channels = pl.BlockSpec((bn,), lambda i, j: (i,))
     fused = sp == 1  # else bias and ReLU after the partial sums are added
-    args = [xp, q, scale] + ([bias] if fused and bias is not None else [])
+    args = [x, q, scale] + ([bias] if fused and bias is not None else [])
     out = pl.pallas_call(
         functools.partial(_kernel, rows=m, block_k=bk, relu=relu and fused,
                           evict=None if interpret else evict, interpret=interpret),
