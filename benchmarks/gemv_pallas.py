@@ -122,19 +122,60 @@ def check() -> None:
         assert err < 1e-5, err
 
 
-def bench(args) -> list[dict]:
+def time_configs(model: str, name: str, n: int, k: int, configs, impls, args) -> list[dict]:
+    """Rows timing each (kind, settings) of ``configs`` (``impls[kind](x, q, scale,
+    **settings)``) on an (n, k) kernel: ``args.rows`` rows, ``args.iters`` products per timed
+    call rotating over ``args.rotate_bytes`` of kernels, the median of ``args.reps`` calls."""
     rows = []
     dev = jax.devices()[0]
+    layers = max(2, int(np.ceil(args.rotate_bytes / (n * k))))
+    keys = jax.random.split(jax.random.key(0), layers + 1)
+    # separate buffers (a slice of one stacked array would be copied for the call)
+    qs = [jax.random.randint(kk, (n, k), -127, 128, jnp.int8) for kk in keys[1:]]
+    xs = jax.random.normal(keys[0], (args.rows, k)[2 - min(args.rows, 2):], jnp.float16)
+    ss = [jnp.full((n,), 0.01, jnp.float32)] * layers
+    ref = xla_gemv(xs, qs[0], ss[0]).astype(jnp.float32)
+    for kind, cfg in configs:
+        fn = functools.partial(impls[kind], **cfg)
+
+        @jax.jit
+        def loop(x, qs, ss, fn=fn):
+            def body(i, acc):
+                for q, s in zip(qs, ss, strict=True):
+                    # x depends on acc: nothing is hoisted out of the loop
+                    xi = x + (acc.reshape(-1)[0] * 1e-30).astype(x.dtype)
+                    acc = acc + fn(xi, q, s).astype(jnp.float32)
+                return acc
+            rounds = max(1, args.iters // len(qs))
+            shape = jax.eval_shape(fn, x, qs[0], ss[0]).shape
+            return jax.lax.fori_loop(0, rounds, body, jnp.zeros(shape, jnp.float32))
+
+        try:
+            loop(xs, qs, ss).block_until_ready()
+            one = fn(xs, qs[0], ss[0]).astype(jnp.float32)
+            err = float(jnp.linalg.norm(one - ref) / jnp.linalg.norm(ref))
+            ts = []
+            for _ in range(args.reps):
+                t0 = time.perf_counter()
+                loop(xs, qs, ss).block_until_ready()
+                ts.append(time.perf_counter() - t0)
+            t = sorted(ts)[len(ts) // 2] / (max(1, args.iters // layers) * layers)
+            row = {"model": model, "kernel": name, "n": n, "k": k, "rows": args.rows,
+                   "impl": kind, **cfg, "us": t * 1e6, "GBps": n * k / t / 1e9,
+                   "rel_err": err, "card": dev.device_kind, "jax": jax.__version__}
+        except Exception as e:  # a config Triton cannot compile: record why
+            row = {"model": model, "kernel": name, "impl": kind, **cfg,
+                   "error": f"{type(e).__name__}: {str(e)[:300]}"}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def bench(args) -> list[dict]:
+    rows = []
+    impls = {"xla": xla_gemv, "read": read_words, "pallas": pallas_gemv, "words": words_gemv}
     for model in args.models.split(","):
         for name, n, k in SHAPES[model]:
-            layers = max(2, int(np.ceil(args.rotate_bytes / (n * k))))
-            keys = jax.random.split(jax.random.key(0), layers + 1)
-            # separate buffers (a slice of one stacked array would be copied for the call)
-            qs = [jax.random.randint(kk, (n, k), -127, 128, jnp.int8) for kk in keys[1:]]
-            xs = jax.random.normal(keys[0], (args.rows, k)[2 - min(args.rows, 2):],
-                                   jnp.float16)
-            ss = [jnp.full((n,), 0.01, jnp.float32)] * layers
-            ref = xla_gemv(xs, qs[0], ss[0]).astype(jnp.float32)
             g = grid(args.words_grid)
             configs = [("xla", {}), ("read", {})] + [
                 ("pallas", {"bn": bn, "bk": bk, "warps": 4, "stages": 3})
@@ -145,44 +186,7 @@ def bench(args) -> list[dict]:
                 for ev in args.evict.split(",")
                 for bn in g["block_n"] for bk in g["block_k"] for w in g["num_warps"]
                 for st in g["num_stages"] if n % bn == 0 and k % bk == 0]
-            impls = {"xla": xla_gemv, "read": read_words, "pallas": pallas_gemv,
-                     "words": words_gemv}
-            for kind, cfg in configs:
-                fn = functools.partial(impls[kind], **cfg)
-
-                @jax.jit
-                def loop(x, qs, ss, fn=fn):
-                    def body(i, acc):
-                        for q, s in zip(qs, ss, strict=True):
-                            # x depends on acc: nothing is hoisted out of the loop
-                            xi = x + (acc.reshape(-1)[0] * 1e-30).astype(x.dtype)
-                            acc = acc + fn(xi, q, s).astype(jnp.float32)
-                        return acc
-                    rounds = max(1, args.iters // len(qs))
-                    shape = jax.eval_shape(fn, x, qs[0], ss[0]).shape
-                    return jax.lax.fori_loop(0, rounds, body, jnp.zeros(shape, jnp.float32))
-
-                try:
-                    out = loop(xs, qs, ss).block_until_ready()
-                    one = fn(xs, qs[0], ss[0]).astype(jnp.float32)
-                    err = float(jnp.linalg.norm(one - ref) / jnp.linalg.norm(ref))
-                    ts = []
-                    for _ in range(args.reps):
-                        t0 = time.perf_counter()
-                        loop(xs, qs, ss).block_until_ready()
-                        ts.append(time.perf_counter() - t0)
-                    t = sorted(ts)[len(ts) // 2] / (max(1, args.iters // layers) * layers)
-                    row = {"model": model, "kernel": name, "n": n, "k": k, "rows": args.rows,
-                           "impl": kind, **cfg,
-                           "us": t * 1e6, "GBps": n * k / t / 1e9, "rel_err": err,
-                           "card": dev.device_kind, "jax": jax.__version__}
-                    del out
-                except Exception as e:  # a config Triton cannot compile: record why
-                    row = {"model": model, "kernel": name, "impl": kind, **cfg,
-                           "error": f"{type(e).__name__}: {str(e)[:300]}"}
-                rows.append(row)
-                print(json.dumps(row), flush=True)
-            del qs
+            rows += time_configs(model, name, n, k, configs, impls, args)
     return rows
 
 
