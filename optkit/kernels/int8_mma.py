@@ -2,10 +2,10 @@
 
 ``y[m, n] = scale[n] * sum_k x[m, k] * q[n, k]`` over an output-major int8 kernel ``q``
 (N, K), as :mod:`optkit.kernels.int8_matvec` computes on the CUDA cores.  Here the rows of
-``x`` (fp16) are read as a tile of 16 rows, a tensor-core tile's least height (the rows
-past its own masked to zeros), and each program takes
-``block_n`` output channels, looping over K in blocks of ``block_k``: it widens its int8
-tile to fp16 and multiplies it on the tensor cores with fp32 accumulation.  The widening
+``x`` (fp16) are read as a tile of 16 rows, a tensor-core tile's least height (the rows past
+its own masked to zeros), and each program takes ``block_n`` output channels, looping over
+K in blocks of ``block_k``: it widens its int8 tile to fp16 and multiplies it on the tensor
+cores with fp32 accumulation.  The widening
 takes five PTX instructions per four weights: a byte-wise xor with 0x80 makes each byte
 ``b + 128``, ``prmt`` sets it under fp16's exponent of 1024 (whose ulp is 1) to give
 ``1024 + 128 + b`` exactly, and ``sub.f16x2`` takes 1152 off two weights at a time.  The
