@@ -78,8 +78,9 @@ VARIANTS = {
     "nccl_sync+cb_collectives_nowhile": _NCCL_SYNC,
     # ... and the int8 kernel's weights loaded evict_first (since then its default)
     "nccl_sync+cb_collectives_nowhile+evict": _NCCL_SYNC,
-    # int8 products on the CUDA cores (optkit.kernels.int8_matvec) everywhere, not the
-    # tensor-core kernel (optkit.kernels.int8_mma, the default since 2026-11-26 for fp16)
+    # int8 products without the tensor-core kernel (optkit.kernels.int8_mma: since
+    # 2026-11-26 fp16 models' large kernels, up to 16 rows): one row on the CUDA cores
+    # (optkit.kernels.int8_matvec), more through XLA's dot
     "default+words": "",
     "default+words+while_graphs": "",
     # the int8 kernel's weight loads without an eviction policy (before: evict_first)

@@ -55,9 +55,8 @@ def test_int8_kernels_match_xla_under_plans(plan, monkeypatch):
 @pytest.mark.parametrize("plan", [Plan(), Plan(tp=2)], ids=lambda p: p.name)
 def test_fp16_int8_products_take_the_tensor_core_kernel(plan, monkeypatch):
     """fp16 inputs and kernels its blocks tile: optkit.kernels.int8_mma, a batch's rows in
-    one call (fc2 split along K; out's tensor-parallel shard, 128 inputs, stays on the
-    CUDA-core kernel, one row at a time there), the same logits as XLA's products up to
-    fp16 rounding."""
+    one call (fc2 split along K; out's tensor-parallel shard, 128 inputs, is not its: XLA's
+    product takes those 3 rows), the same logits as XLA's products up to fp16 rounding."""
     from optkit.kernels import int8_mma
 
     cfg = OPTConfig(vocab_size=500, hidden_size=256, num_hidden_layers=2,
