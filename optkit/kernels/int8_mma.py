@@ -5,14 +5,14 @@
 ``x`` (fp16) are read as a tile of 16 rows, a tensor-core tile's least height (the rows past
 its own masked to zeros), and each program takes ``block_n`` output channels, looping over
 K in blocks of ``block_k``: it widens its int8 tile to fp16 and multiplies it on the tensor
-cores with fp32 accumulation.  The widening
-takes five PTX instructions per four weights: a byte-wise xor with 0x80 makes each byte
-``b + 128``, ``prmt`` sets it under fp16's exponent of 1024 (whose ulp is 1) to give
-``1024 + 128 + b`` exactly, and ``sub.f16x2`` takes 1152 off two weights at a time.  The
-CUDA-core kernel executes ~25 instructions per four weights and kept an H200 issuing on two
-thirds of its cycles (Nsight Compute); this one reads OPT-175B's fc1 shard at ~3.8 TB/s
-against ~3.4 (``benchmarks/gemv_variants.py``).  The padding costs only tensor-core work
-that would sit idle: a batch of up to 16 rows costs about what one row does.
+cores with fp32 accumulation.  The widening takes five PTX instructions per four weights: a
+byte-wise xor with 0x80 makes each byte ``b + 128``, ``prmt`` sets it under fp16's exponent
+of 1024 (whose ulp is 1) to give ``1024 + 128 + b`` exactly, and ``sub.f16x2`` takes 1152
+off two weights at a time.  The CUDA-core kernel executes ~25 instructions per four weights
+and kept an H200 issuing on two thirds of its cycles (Nsight Compute); this one reads
+OPT-175B's fc1 shard at ~3.8 TB/s against ~3.4 (``benchmarks/gemv_variants.py``).  The
+missing rows cost only tensor-core work that would sit idle: a batch of up to 16 rows costs
+about what one row does.
 
 ``split`` programs share each block of channels, each taking a part of K, their partial sums
 added after the kernel: kernels with few blocks of channels (OPT-175B's out and fc2 on two
@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-#: Rows a product may have (a tensor-core tile's height; fewer are padded to it).
+#: Rows a product may have (a tensor-core tile's height; fewer read as zeros past them).
 ROWS = 16
 #: Programs below which a kernel's K is split in two (~2 per multiprocessor of an H200).
 SPLIT_BELOW = 256
