@@ -85,6 +85,9 @@ VARIANTS = {
     "default+words+while_graphs": "",
     # the int8 kernel's weight loads without an eviction policy (before: evict_first)
     "default+no_evict": "",
+    # fp16 products through XLA's Triton GEMMs at every batch (before 2026-11-26 evening:
+    # not through cuBLASLt from optkit.parallel.executor.LARGE_BATCH_ROWS rows on)
+    "default+triton_gemm": "",
 }
 # collectives in CUDA graphs without optkit's decode compiler options (which would override
 # the flag)
@@ -356,6 +359,10 @@ def optkit_worker(args) -> list[dict]:
         from optkit.kernels import int8_mma
 
         int8_mma.plan = lambda n, k: None
+    if args.variant.endswith("+triton_gemm"):
+        from optkit.parallel import executor
+
+        executor.LARGE_BATCH_ROWS = 1 << 30
     if args.variant.endswith("+rows8"):
         from optkit import model as M
 
@@ -458,6 +465,8 @@ def optkit_worker(args) -> list[dict]:
                      **{k: "xla" if v is None else "pallas"
                         for k, v in mesh_executors(ex)[0].decode_kernels(b, s).items()},
                      "command_buffers": bool(mesh_executors(ex)[0].decode_options),
+                     "cublaslt": "xla_gpu_enable_cublaslt" in
+                                 mesh_executors(ex)[0].decode_options_for(b),
                      "resident_GiB": resident,
                      "peak_GiB": device_memory(devices, "peak_bytes_in_use"),
                      **planned.get(b, {})})

@@ -113,7 +113,7 @@ class PipelineExecutor(Executor):
                                                    live=live, lookup=lookup, **kern))
                 donate = (2,)
             out_sh = st.logits_sharding(out) if last else st.batch_sharding(out)
-            opts = st.decode_options if kind == "decode" else {}
+            opts = st.decode_options_for(b) if kind == "decode" else {}
             return jax.jit(fn, donate_argnums=donate, compiler_options=opts,
                            out_shardings=(out_sh, st.cache_shardings(b, max_len)))
         key = (kind, s, b, t, max_len, all_logits if last else None, live)

@@ -9,8 +9,10 @@ from optkit.config import OPTConfig
 from optkit.parallel import MeshExecutor, PipelineExecutor, Plan, PlanError, build_executor
 from optkit.parallel.executor import (
     GPU_DECODE_OPTIONS,
+    GPU_LARGE_BATCH_OPTIONS,
     GPU_MULTI_DECODE_OPTIONS,
     GRAPHS_ENV,
+    LARGE_BATCH_ROWS,
     decode_graph_options,
 )
 from optkit.weights.random import write_random_folder
@@ -170,6 +172,31 @@ def test_decode_graph_options_follow_the_collectives():
     assert "COLLECTIVES" in GPU_MULTI_DECODE_OPTIONS["xla_gpu_enable_command_buffer"]
     assert "WHILE" not in GPU_MULTI_DECODE_OPTIONS["xla_gpu_enable_command_buffer"]
     np.testing.assert_array_equal(tokens[1], tokens[2])
+
+
+def test_large_batch_options_follow_rows_per_device():
+    """cuBLASLt products from LARGE_BATCH_ROWS rows a device on, for fp16/bf16 models on
+    GPUs only; XLA accepts the options (the CPU backend compiles a decode with them)."""
+    cfg = OPTConfig(vocab_size=256, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                    ffn_dim=64, max_position_embeddings=64, name="t-large-batch")
+    dp = build_executor(cfg, Plan(dp=2), None, dtype="float32", progress=False)
+    assert dp.decode_options_for(4 * LARGE_BATCH_ROWS) == {}  # off GPUs
+    dp.gpu = True
+    assert dp.rows_per_device(2 * LARGE_BATCH_ROWS) == LARGE_BATCH_ROWS
+    assert dp.decode_options_for(2 * LARGE_BATCH_ROWS) == GPU_LARGE_BATCH_OPTIONS
+    assert dp.decode_options_for(LARGE_BATCH_ROWS) == {}  # half a large batch a device
+    tp = build_executor(cfg, Plan(tp=2), None, dtype="float32", progress=False)
+    tp.gpu = True
+    assert tp.rows_per_device(LARGE_BATCH_ROWS) == LARGE_BATCH_ROWS
+    assert GPU_LARGE_BATCH_OPTIONS.items() <= tp.decode_options_for(LARGE_BATCH_ROWS).items()
+    q = build_executor(cfg, Plan(), None, dtype="float32", progress=False, quantize="int8")
+    q.gpu = True
+    assert q.decode_options_for(4 * LARGE_BATCH_ROWS) == q.decode_options
+    ids = np.full((LARGE_BATCH_ROWS, 3), 7, np.int32)
+    cache = tp.init_cache(LARGE_BATCH_ROWS, 8)
+    _, cache = tp.prefill(ids, np.ones_like(ids), cache)
+    logits, _ = tp.decode(ids[:, 0], cache)
+    assert logits.shape == (LARGE_BATCH_ROWS, 256)
 
 
 def test_graph_options_can_be_chosen_by_environment(monkeypatch):
