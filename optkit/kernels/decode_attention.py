@@ -11,8 +11,9 @@ A program handles one row and one or more heads: it stores the new K/V rows, wal
 positions in blocks of ``block_k``, then adds the new position from registers.  Each of a
 block's ``block_k`` lanes keeps its own running max, sum of exponentials and weighted sum of
 values, so a step reduces only over the head size (q . k) and never across the block (the
-first version's three block-wide reductions a step, each through shared memory, held it to
-half the read bandwidth at large batches); the lanes are combined once at the end.  ``bias``
+first version reduced the block's scores and values three times a step); the lanes are
+combined once at the end.  On an H200 this read opt-13b's batch-64 cache in 68 instead of
+78 µs a layer and is within ~10% of the first version elsewhere.  ``bias``
 (B, S) float32 is 0 where a position may be attended and ``MASKED`` where not (left
 padding), built from the step's cache mask (the same for every layer).
 

@@ -55,7 +55,8 @@ GPU_MULTI_DECODE_OPTIONS = {
 #: at least :data:`LARGE_BATCH_ROWS` rows: the products through cuBLASLt, whose epilogues
 #: take the bias, ReLU and residual adds, instead of XLA's Triton GEMMs, which leave them to
 #: four more kernels a layer (one H200, ms a step: opt-1.3b batch 64 2.162 -> 2.043,
-#: opt-6.7b batch 64 6.092 -> 5.617; slower at batch 16, 1.446 -> 1.604, and batch 1).
+#: opt-6.7b batch 64 6.092 -> 5.617; slower at opt-1.3b batch 16, 1.446 -> 1.604, and
+#: opt-6.7b batch 1, 3.974 -> 4.089; 32 rows not measured).
 #: int8 models keep the Triton GEMMs: they widen the weights inside the product.
 GPU_LARGE_BATCH_OPTIONS = {"xla_gpu_enable_triton_gemm": False,
                            "xla_gpu_enable_cublaslt": True}
