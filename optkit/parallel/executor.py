@@ -57,7 +57,8 @@ GPU_MULTI_DECODE_OPTIONS = {
 #: four more kernels a layer (one H200, ms a step: opt-1.3b batch 64 2.162 -> 2.043,
 #: opt-6.7b batch 64 6.092 -> 5.617; slower at opt-1.3b batch 16, 1.446 -> 1.604, and
 #: opt-6.7b batch 1, 3.974 -> 4.089; 32 rows not measured).
-#: int8 models keep the Triton GEMMs: they widen the weights inside the product.
+#: int8 models keep the Triton GEMMs: they widen the weights inside the product.  (bf16
+#: models take the same options; not measured.)
 GPU_LARGE_BATCH_OPTIONS = {"xla_gpu_enable_triton_gemm": False,
                            "xla_gpu_enable_cublaslt": True}
 LARGE_BATCH_ROWS = 64
@@ -145,11 +146,11 @@ class MeshExecutor(Executor):
         if self.kernels == "matvec" and not self.int8:
             raise ValueError("kernels='matvec' runs int8 products, but the model is not int8 "
                              "(quantize='int8')")
+        self.gpu = all(d.platform == "gpu" for d in self.mesh.devices.flat)
         if command_buffers is None:
-            command_buffers = all(d.platform == "gpu" for d in self.mesh.devices.flat)
+            command_buffers = self.gpu
         self.decode_options = (decode_graph_options(self.splits_weights)
                                if command_buffers else {})
-        self.gpu = all(d.platform == "gpu" for d in self.mesh.devices.flat)
 
     @property
     def splits_weights(self) -> bool:
