@@ -161,8 +161,7 @@ class MeshExecutor(Executor):
 
     def rows_per_device(self, batch: int) -> int:
         """How many of ``batch`` rows each device's products take (the batch may be split)."""
-        spec = partition_spec(CACHE_AXES["index"], (batch,), self.rules, self.mesh)[0]
-        return batch // math.prod(self.mesh.shape[a] for a in axis_names(spec))
+        return self.batch_sharding((batch,)).shard_shape((batch,))[0]
 
     def decode_options_for(self, batch: int) -> dict:
         """The decode jits' XLA options for ``batch`` rows: :attr:`decode_options`, plus
