@@ -61,6 +61,9 @@ VARIANTS = {
     # kernels (the default on GPUs, optkit.parallel.kernels)
     "default+xla_attn": "",
     "default+xla_matvec": "",
+    # the default kernels plus the fused residual add + LayerNorm (optkit.kernels.
+    # add_layer_norm; not under kernels="auto": no faster on an H200, 2026-11-26)
+    "default+norm_kernel": "",
     "default+xla_kernels": "",
     # decode jits without optkit's CUDA-graph options (MeshExecutor.decode_options)
     "default+no_cb": "",
@@ -377,7 +380,9 @@ def optkit_worker(args) -> list[dict]:
 
     cfg = OPTConfig.from_name("opt-" + args.size)
     devices = jax.devices()[:args.devices]
+    int8 = "matvec," if args.int8 else ""
     args.kernels = {"+xla_attn": "matvec" if args.int8 else "xla", "+xla_matvec": "attention",
+                    "+norm_kernel": int8 + "attention,norm",
                     "+xla_kernels": "xla"}.get("+" + args.variant.partition("+")[2], "auto")
     t0 = time.perf_counter()
     ex, planned = planned_executor(cfg, devices, args)

@@ -87,9 +87,10 @@ INT8_REDUCE_ROWS = 1
 INT8_KERNEL_ROWS = 1
 
 
-def project(p: dict, x: jax.Array, eq: str, matvec=None, relu: bool = False) -> jax.Array:
+def project(p: dict, x: jax.Array, eq: str, matvec=None, relu: bool = False,
+            bias: bool = True) -> jax.Array:
     """``einsum(eq, x, kernel) + bias`` (then ReLU if ``relu``), ``eq`` naming the kernel's
-    input axes first.
+    input axes first; ``bias=False`` leaves the bias to the caller.
 
     An int8 weight-only kernel (``kernel_q``, output-major, one scale per output channel; see
     ``optkit.quant``) is widened inside the product and scaled after it, so only the int8
@@ -98,8 +99,10 @@ def project(p: dict, x: jax.Array, eq: str, matvec=None, relu: bool = False) -> 
     kernel, -> the finished output in x's dtype) replaces both for up to its ``max_rows``
     (default :data:`INT8_KERNEL_ROWS`) rows.
     """
+    b = p["bias"] if bias else None
     if "kernel_q" not in p:
-        y = jnp.einsum(eq, x, p["kernel"]) + p["bias"]
+        y = jnp.einsum(eq, x, p["kernel"])
+        y = y if b is None else y + b
         return jax.nn.relu(y) if relu else y
     q, scale = p["kernel_q"], p["kernel_scale"]
     n_out = scale.ndim
@@ -107,7 +110,7 @@ def project(p: dict, x: jax.Array, eq: str, matvec=None, relu: bool = False) -> 
     lead = x.shape[:x.ndim - n_in]
     rows = math.prod(lead)
     if matvec is not None and rows <= getattr(matvec, "max_rows", INT8_KERNEL_ROWS):
-        return matvec(x, q, scale, p["bias"], relu)
+        return matvec(x, q, scale, b, relu)
     if rows <= INT8_REDUCE_ROWS:
         xb = x.astype(jnp.float32).reshape(lead + (1,) * n_out + x.shape[x.ndim - n_in:])
         y = jnp.sum(xb * q.astype(jnp.float32), axis=tuple(range(-n_in, 0)))
@@ -116,12 +119,23 @@ def project(p: dict, x: jax.Array, eq: str, matvec=None, relu: bool = False) -> 
         lhs, rhs = operands.split(",")
         y = jnp.einsum(f"{lhs},{rhs[n_in:]}{rhs[:n_in]}->{out}", x, q.astype(x.dtype),
                        preferred_element_type=jnp.float32)
-    y = (y * scale).astype(x.dtype) + p["bias"]
+    y = (y * scale).astype(x.dtype)
+    y = y if b is None else y + b
     return jax.nn.relu(y) if relu else y
 
 
-def dense(p: dict, x: jax.Array, matvec=None, relu: bool = False) -> jax.Array:
-    return project(p, x, "...i,io->...o", matvec, relu)
+def dense(p: dict, x: jax.Array, matvec=None, relu: bool = False,
+          bias: bool = True) -> jax.Array:
+    return project(p, x, "...i,io->...o", matvec, relu, bias)
+
+
+def add_layer_norm(p: dict, x: jax.Array, y: jax.Array, bias: jax.Array,
+                   eps: float) -> tuple[jax.Array, jax.Array]:
+    """``h = x + (y + bias)`` and ``layer_norm(p, h)``: a pre-LN layer's residual add (of a
+    product's output and its bias) and the LayerNorm after it.  A ``norm`` hook of the same
+    signature replaces it (e.g. with one fused kernel, ``optkit.kernels.add_layer_norm``)."""
+    h = x + (y + bias)
+    return h, layer_norm(p, h, eps)
 
 
 def positions_from_mask(attention_mask: jax.Array, start: jax.Array | int = 0) -> jax.Array:
@@ -180,45 +194,62 @@ def _write_rows(cache: jax.Array, rows: jax.Array, index: jax.Array, new: jax.Ar
                            mode=jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS)
 
 
-def _layer(lp: dict, cfg: OPTConfig, x: jax.Array, attend,
-           matvec=None) -> tuple[jax.Array, tuple]:
+def _layer(lp: dict, cfg: OPTConfig, carry: tuple, attend, matvec=None,
+           norm=None) -> tuple[tuple, tuple]:
     """One decoder layer.  ``attend(qkv) -> (out, new_kv)`` hides prefill vs decode;
-    ``matvec`` maps kernel names (qkv, out, fc1, fc2) to int8 product hooks (see project)."""
+    ``matvec`` maps kernel names (qkv, out, fc1, fc2) to int8 product hooks (see project);
+    ``norm``: see :func:`add_layer_norm`.
+
+    ``carry`` is (x, y, bias): the residual stream is ``x + (y + bias)``, the last product's
+    output and bias not yet added (None: nothing pending), so that a pre-LN layer adds them
+    in the same step as its LayerNorm.  Post-LN layers (opt-350m) add them at once."""
     eps = cfg.layer_norm_eps
     mv = matvec or {}
-    residual = x
-    h = layer_norm(lp["attn_ln"], x, eps) if cfg.do_layer_norm_before else x
+    x, y, bias = carry
+    if not cfg.do_layer_norm_before:
+        residual = x
+        a, new_kv = attend(project(lp["qkv"], x, "bth,hkad->btkad", mv.get("qkv")))
+        h = layer_norm(lp["attn_ln"], residual + project(lp["out"], a, "btad,adh->bth",
+                                                         mv.get("out")), eps)
+        m = dense(lp["fc2"], dense(lp["fc1"], h, mv.get("fc1"), relu=True), mv.get("fc2"))
+        return (layer_norm(lp["mlp_ln"], h + m, eps), None, None), new_kv
+    fused = norm or add_layer_norm
+    x, h = (x, layer_norm(lp["attn_ln"], x, eps)) if y is None else \
+        fused(lp["attn_ln"], x, y, bias, eps)
     a, new_kv = attend(project(lp["qkv"], h, "bth,hkad->btkad", mv.get("qkv")))
-    h = project(lp["out"], a, "btad,adh->bth", mv.get("out"))
-    h = residual + h
-    if not cfg.do_layer_norm_before:
-        h = layer_norm(lp["attn_ln"], h, eps)
-    residual = h
-    m = layer_norm(lp["mlp_ln"], h, eps) if cfg.do_layer_norm_before else h
-    m = dense(lp["fc2"], dense(lp["fc1"], m, mv.get("fc1"), relu=True), mv.get("fc2"))
-    h = residual + m
-    if not cfg.do_layer_norm_before:
-        h = layer_norm(lp["mlp_ln"], h, eps)
-    return h, new_kv
+    y = project(lp["out"], a, "btad,adh->bth", mv.get("out"), bias=False)
+    x, m = fused(lp["mlp_ln"], x, y, lp["out"]["bias"], eps)
+    y = dense(lp["fc2"], dense(lp["fc1"], m, mv.get("fc1"), relu=True), mv.get("fc2"),
+              bias=False)
+    return (x, y, lp["fc2"]["bias"]), new_kv
 
 
-def _run_layers(layers, cfg: OPTConfig, x, ks, vs, make_attend, matvec=None):
+def _run_layers(layers, cfg: OPTConfig, x, ks, vs, make_attend, matvec=None, norm=None):
     """Apply every layer (unrolled list or scanned stack), threading per-layer caches."""
     if isinstance(layers, dict):  # stacked: leading layer axis, lax.scan
 
-        def body(h, xs):
+        def body(carry, xs):
             lp, k_c, v_c = xs
-            h, (k_n, v_n) = _layer(lp, cfg, h, make_attend(k_c, v_c), matvec)
-            return h, (k_n, v_n)
+            carry, (k_n, v_n) = _layer(lp, cfg, carry, make_attend(k_c, v_c), matvec, norm)
+            return carry, (k_n, v_n)
 
-        x, (ks, vs) = jax.lax.scan(body, x, (layers, ks, vs))
-        return x, ks, vs
-    new_k, new_v = [], []
+        # a scan's carry keeps its structure: the first layer adds zeros
+        carry = ((x, jnp.zeros_like(x), jnp.zeros_like(layers["fc2"]["bias"][0]))
+                 if cfg.do_layer_norm_before else (x, None, None))
+        carry, (ks, vs) = jax.lax.scan(body, carry, (layers, ks, vs))
+        return _settle(carry), ks, vs
+    carry, new_k, new_v = (x, None, None), [], []
     for lp, k_c, v_c in zip(layers, ks, vs, strict=True):
-        x, (k_n, v_n) = _layer(lp, cfg, x, make_attend(k_c, v_c), matvec)
+        carry, (k_n, v_n) = _layer(lp, cfg, carry, make_attend(k_c, v_c), matvec, norm)
         new_k.append(k_n)
         new_v.append(v_n)
-    return x, new_k, new_v
+    return _settle(carry), new_k, new_v
+
+
+def _settle(carry: tuple) -> jax.Array:
+    """The residual stream of a layer carry: x with its pending product added."""
+    x, y, bias = carry
+    return x if y is None else x + (y + bias)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,13 +295,14 @@ def dense_decode_attention(qkv: jax.Array, k: jax.Array, v: jax.Array, mask: jax
 
 def decode_layers(layers, cfg: OPTConfig, x: jax.Array, cache: Cache,
                   live: int | None = None, attention=None,
-                  matvec=None) -> tuple[jax.Array, Cache]:
+                  matvec=None, norm=None) -> tuple[jax.Array, Cache]:
     """Run one new position per row (x: (B,1,H)) through ``layers``, writing at ``index``.
 
     ``live`` (static) promises every row's index is below it: attention then reads only the
     first ``live`` cache positions instead of the whole cache.  ``attention`` replaces
     :func:`dense_decode_attention` (same signature), e.g. with a fused kernel; ``matvec``
-    maps kernel names to int8 product hooks (see :func:`project`).
+    maps kernel names to int8 product hooks (see :func:`project`); ``norm`` replaces
+    :func:`add_layer_norm` (same signature).
     """
     b, s = cache["mask"].shape
     live = s if live is None else min(int(live), s)
@@ -287,7 +319,7 @@ def decode_layers(layers, cfg: OPTConfig, x: jax.Array, cache: Cache,
             return out[:, None], (k_n, v_n)
         return attend
 
-    x, ks, vs = _run_layers(layers, cfg, x, cache["k"], cache["v"], make_attend, matvec)
+    x, ks, vs = _run_layers(layers, cfg, x, cache["k"], cache["v"], make_attend, matvec, norm)
     return x, {"k": ks, "v": vs, "mask": mask, "index": cache["index"] + 1}
 
 
@@ -312,11 +344,12 @@ def decode_positions(cache: Cache) -> jax.Array:
 
 def decode_step(params: Params, cfg: OPTConfig, tokens: jax.Array, cache: Cache,
                 live: int | None = None, attention=None, matvec=None,
-                lookup=None) -> tuple[jax.Array, Cache]:
+                lookup=None, norm=None) -> tuple[jax.Array, Cache]:
     """Feed one token per row (B,) and return next-token logits (B,V) and the new cache
-    (``attention``, ``matvec``: see :func:`decode_layers`; ``lookup``: :func:`embed`)."""
+    (``attention``, ``matvec``, ``norm``: see :func:`decode_layers`; ``lookup``:
+    :func:`embed`)."""
     x = embed(params, cfg, tokens[:, None], decode_positions(cache), lookup)
-    x, cache = decode_layers(params["layers"], cfg, x, cache, live, attention, matvec)
+    x, cache = decode_layers(params["layers"], cfg, x, cache, live, attention, matvec, norm)
     return unembed(params, cfg, x[:, 0]), cache
 
 

@@ -46,13 +46,20 @@ def test_no_command_prints_help(capsys):
 
 
 def test_kernels_choices_match_the_package():
-    """--kernels lists its choices without importing JAX; they must stay the package's."""
+    """--kernels checks its choices without importing JAX; they must stay the package's."""
     import argparse
 
-    from optkit.commands.loading import add_loading_options
-    from optkit.parallel.kernels import KERNEL_CHOICES
+    from optkit.commands.loading import _KERNEL_NAMES, add_loading_options
+    from optkit.parallel.kernels import KERNEL_CHOICES, PALLAS_KERNELS, check_kernels
 
-    parser = argparse.ArgumentParser()
+    assert _KERNEL_NAMES == PALLAS_KERNELS
+    parser = argparse.ArgumentParser(exit_on_error=False)
     add_loading_options(parser)
-    action = next(a for a in parser._actions if a.dest == "kernels")
-    assert tuple(action.choices) == KERNEL_CHOICES and action.default == "auto"
+    for choice in (*KERNEL_CHOICES, "attention,norm", "norm,matvec"):
+        assert parser.parse_args(["--kernels", choice]).kernels == check_kernels(choice)
+    assert parser.parse_args([]).kernels == "auto"
+    for bad in ("flash", "norm,flash", ""):
+        with pytest.raises(argparse.ArgumentError, match="names joined by commas"):
+            parser.parse_args(["--kernels", bad])
+        with pytest.raises(ValueError):
+            check_kernels(bad)

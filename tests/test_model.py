@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from optkit import model as M
+from optkit.kernels import add_layer_norm as NORM
 from optkit.kernels import decode_attention as K
 from optkit.weights.folder import FolderStore
 from optkit.weights.load import load_params, stack_layers
@@ -44,19 +45,25 @@ def test_decode_steps_match_full_forward(cfg):
     ids, mask = left_padded_batch(cfg, [7, 4, 5, 9], total=9)  # positions 5.. are real
     ref = hf_logits(hf_model(cfg), ids, mask)
     params = params_of(cfg)
-    # the fused decode-attention kernel (interpreted here) where it takes the head size
-    kernels = {"xla": None}
+    # the fused decode-attention kernel (interpreted here) where it takes the head size, the
+    # fused residual add + LayerNorm where the model normalizes before its products
+    kernels = {"xla": {}, "pallas": {}}
     if K.supported(cfg.head_dim):
-        kernels["pallas"] = lambda qkv, k, v, mask, index, live, scale: K.decode_attention(
-            qkv, k, v, K.mask_bias(mask), index, scale=scale, block_k=4, interpret=True)
+        kernels["pallas"]["attention"] = lambda qkv, k, v, mask, index, live, scale: \
+            K.decode_attention(qkv, k, v, K.mask_bias(mask), index, scale=scale, block_k=4,
+                               interpret=True)
+    if cfg.do_layer_norm_before:
+        kernels["pallas"]["norm"] = lambda p, x, y, bias, eps: tuple(
+            o.reshape(x.shape) for o in NORM.add_layer_norm(
+                x.reshape(-1, x.shape[-1]), y.reshape(-1, x.shape[-1]), bias, p["scale"],
+                p["bias"], eps=eps, interpret=True))
     for (layers, name) in itertools.product(("list", "stacked"), kernels):
         p = params if layers == "list" else stack_layers(params)
         cache = M.init_cache(cfg, ids.shape[0], 12, stacked=layers == "stacked")
         logits, cache = M.prefill(p, cfg, jnp.asarray(ids[:, :5]), jnp.asarray(mask[:, :5]),
                                   cache, all_logits=False)
         assert np.abs(np.asarray(logits) - ref[:, 4])[mask[:, 4] == 1].max() <= 1e-4
-        step = jax.jit(lambda p, t, c, a=kernels[name]: M.decode_step(p, cfg, t, c,
-                                                                      attention=a),
+        step = jax.jit(lambda p, t, c, kw=kernels[name]: M.decode_step(p, cfg, t, c, **kw),
                        donate_argnums=2)
         for t in range(5, 9):
             logits, cache = step(p, jnp.asarray(ids[:, t]), cache)

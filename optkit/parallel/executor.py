@@ -214,16 +214,18 @@ class MeshExecutor(Executor):
                             lambda shape: self.batch_sharding(shape).spec)
 
     def decode_kernels(self, batch: int, max_len: int) -> dict:
-        """Keyword arguments (``attention``, ``matvec``) of ``model.decode_step`` for this
-        batch and cache (see ``optkit.parallel.kernels``)."""
+        """Keyword arguments (``attention``, ``matvec``, ``norm``) of ``model.decode_step``
+        for this batch and cache (see ``optkit.parallel.kernels``)."""
         key = ("kernels", batch, max_len)
         if key not in self._fns:  # asked on every dispatch: resolve once per shape
             shape = (batch, max_len, self.cfg.num_attention_heads, self.cfg.head_dim)
             spec = partition_spec(CACHE_AXES["kv"], shape, self.rules, self.mesh)
             int8 = self.int8
+            hidden = partition_spec(("batch", None, "embed"), (batch, 1, self.cfg.hidden_size),
+                                    self.rules, self.mesh)
             self._fns[key] = decode_kernels(self.kernels, self.cfg, self.mesh, spec,
                                             self.int8_kernel_specs if int8 else {}, int8,
-                                            self.dtype)
+                                            self.dtype, hidden)
         return self._fns[key]
 
     def batch_sharding(self, shape: tuple[int, ...]) -> NamedSharding:

@@ -1,19 +1,24 @@
 """Which GPU kernels an executor's decode step calls, placed on its mesh.
 
-Two Pallas kernels can replace XLA's code in a decode step (``optkit.kernels``):
+Three Pallas kernels can replace XLA's code in a decode step (``optkit.kernels``):
 
 * ``attention``: the fused cache write + attention of :mod:`optkit.kernels.decode_attention`
   instead of :func:`optkit.model.dense_decode_attention` (needs a power-of-two head size);
 * ``matvec``: the int8 products of int8 models' few-row products (``optkit.model.project``):
   :mod:`optkit.kernels.int8_mma` (tensor cores) for fp16 inputs where its blocks tile the
-  kernel, else :mod:`optkit.kernels.int8_matvec` (CUDA cores).
+  kernel, else :mod:`optkit.kernels.int8_matvec` (CUDA cores);
+* ``norm``: a pre-LN layer's residual add and LayerNorm as one kernel
+  (:mod:`optkit.kernels.add_layer_norm`) instead of :func:`optkit.model.add_layer_norm`
+  (needs the hidden states whole on each device).  Only by name: on an H200 it took longer
+  than XLA's three kernels together, and whole decode steps were unchanged.
 
-``kernels=`` picks them: ``"auto"`` takes each on GPUs where it applies, else XLA; ``"xla"``
-none; ``"pallas"`` both (the matvec only for int8 models); ``"attention"`` or ``"matvec"``
-that one alone.  A kernel asked for by name that cannot run is an error.  Each runs per
-shard under ``shard_map``, split as the rule table splits its operands (an int8 product
-whose input axes are split sums its partial products with ``psum``).  Off GPUs an explicit
-choice runs the kernels through Pallas' interpreter: the same numbers, slowly (tests).
+``kernels=`` picks them: ``"auto"`` takes the first two on GPUs where they apply, else
+XLA; ``"xla"`` none; ``"pallas"`` all (the matvec only for int8 models, the norm only for
+pre-LN ones); a kernel's name, or several joined by commas (``"attention,norm"``), those
+alone.  A kernel asked for by name that cannot run is an error.  Each runs per shard under
+``shard_map``, split as the rule table splits its operands (an int8 product whose input axes
+are split sums its partial products with ``psum``).  Off GPUs an explicit choice runs the
+kernels through Pallas' interpreter: the same numbers, slowly (tests).
 """
 
 from __future__ import annotations
@@ -30,19 +35,22 @@ from optkit.config import OPTConfig
 from optkit.parallel.rules import axis_names
 from optkit.quant import KERNELS
 
-KERNEL_CHOICES = ("auto", "xla", "pallas", "attention", "matvec")
+PALLAS_KERNELS = ("attention", "matvec", "norm")
+KERNEL_CHOICES = ("auto", "xla", "pallas", *PALLAS_KERNELS)
 
 
 def check_kernels(choice: str) -> str:
-    if choice not in KERNEL_CHOICES:
-        raise ValueError(f"kernels={choice!r}: choose one of {', '.join(KERNEL_CHOICES)}")
+    names = choice.split(",")
+    if not (choice in KERNEL_CHOICES or all(n in PALLAS_KERNELS for n in names)):
+        raise ValueError(f"kernels={choice!r}: choose one of {', '.join(KERNEL_CHOICES)}, "
+                         f"or kernel names joined by commas")
     return choice
 
 
 def _wants(choice: str, kernel: str) -> tuple[bool, bool]:
     """(use ``kernel`` if it can run, its absence is an error) under ``choice``."""
     check_kernels(choice)
-    explicit = choice in ("pallas", kernel)
+    explicit = choice == "pallas" or kernel in choice.split(",")
     return choice == "auto" or explicit, explicit
 
 
@@ -127,7 +135,7 @@ def matvec_fns(choice: str, cfg: OPTConfig, mesh: Mesh, q_specs: dict, int8: boo
     kernel, why = _module("int8_matvec")
     mma, _ = _module("int8_mma")
     want, explicit = _wants(choice, "matvec")
-    if not want or (not int8 and choice != "matvec"):
+    if not want or (not int8 and "matvec" not in choice.split(",")):
         return None
     if why is None and not int8:
         why = "the model is not int8 (get_model(..., quantize='int8'))"
@@ -173,30 +181,84 @@ def _placed_matvec(kernel, mma, n_out: int, q_spec: PartitionSpec, blocks, tiles
         else:
             call = functools.partial(kernel.int8_matvec, block_n=block_n, block_k=block_k,
                                      num_warps=warps, interpret=interpret)
-        x2, q2, s2, b2 = x.reshape(-1, k), q.reshape(-1, k), scale.reshape(-1), bias.reshape(-1)
+        x2, q2, s2 = x.reshape(-1, k), q.reshape(-1, k), scale.reshape(-1)
+        b2 = None if bias is None else bias.reshape(-1)
         if not summed:
             return call(x2, q2, s2, b2, relu=relu, out_dtype=x.dtype).reshape(lead + out)
-        y = jax.lax.psum(call(x2, q2, s2).reshape(lead + out), summed)
-        y = y.astype(x.dtype) + bias
+        y = jax.lax.psum(call(x2, q2, s2).reshape(lead + out), summed).astype(x.dtype)
+        y = y if bias is None else y + bias
         return jax.nn.relu(y) if relu else y
 
     def matvec(x, q, scale, bias, relu=False):
-        fn = functools.partial(local, relu=relu)
+        """``bias`` None: the caller adds it."""
+        args = (x, q, scale) + (() if bias is None else (bias,))
+
+        def fn(*a):
+            return local(*a[:3], a[3] if len(a) > 3 else None, relu)
+
         if mesh.devices.size == 1:
-            return fn(x, q, scale, bias)
+            return fn(*args)
         rows = (None,) * (x.ndim - (q.ndim - n_out))  # a few rows: every device takes all
         channels = PartitionSpec(*out_spec)
-        fn = jax.shard_map(fn, mesh=mesh, check_vma=False,
-                           in_specs=(PartitionSpec(*rows, *in_spec), q_spec, channels, channels),
+        specs = (PartitionSpec(*rows, *in_spec), q_spec, channels, channels)
+        fn = jax.shard_map(fn, mesh=mesh, check_vma=False, in_specs=specs[:len(args)],
                            out_specs=PartitionSpec(*rows, *out_spec))
-        return fn(x, q, scale, bias)
+        return fn(*args)
 
     return matvec
 
 
+# ---------------------------------------------------------------------------------------------
+# Residual add + LayerNorm
+# ---------------------------------------------------------------------------------------------
+def resolve_norm(choice: str, cfg: OPTConfig, mesh: Mesh, hidden_spec: PartitionSpec) -> str:
+    """``"xla"`` or ``"pallas"``: the residual add + LayerNorm of this model's decode steps
+    on this mesh (``hidden_spec``: the partitioning of the (B, 1, H) hidden states)."""
+    if choice == "auto":  # not faster than XLA's three kernels where measured (below)
+        return "xla"
+    kernel, why = _module("add_layer_norm")
+    if not cfg.do_layer_norm_before:
+        if choice == "pallas":  # "all kernels": those that apply to the model
+            return "xla"
+        why = "the model normalizes after its residual adds (post-LN), not before"
+    if why is None and any(s is not None for s in hidden_spec[1:]):
+        why = "the hidden states are split over devices"
+    return "pallas" if _decide(choice, "norm", why, mesh) else "xla"
+
+
+def norm_fn(choice: str, cfg: OPTConfig, mesh: Mesh, hidden_spec: PartitionSpec,
+            interpret: bool | None = None):
+    """The ``norm`` argument for ``model.decode_layers``: None (the model's own) or the fused
+    kernel, each device normalizing its rows of the (B, 1, H) hidden states."""
+    if resolve_norm(choice, cfg, mesh, hidden_spec) == "xla":
+        return None
+    kernel, _ = _module("add_layer_norm")
+    interpret = _off_gpu(mesh) if interpret is None else interpret
+
+    def local(x, y, bias, scale, shift, *, eps):
+        h, out = kernel.add_layer_norm(x.reshape(-1, x.shape[-1]), y.reshape(-1, x.shape[-1]),
+                                       bias, scale, shift, eps=eps, interpret=interpret)
+        return h.reshape(x.shape), out.reshape(x.shape)
+
+    def norm(p, x, y, bias, eps):
+        fn = functools.partial(local, eps=eps)
+        if mesh.devices.size > 1:
+            rows, vec = PartitionSpec(*hidden_spec), PartitionSpec(None)
+            fn = jax.shard_map(fn, mesh=mesh, check_vma=False,
+                               in_specs=(rows, rows, vec, vec, vec), out_specs=(rows, rows))
+        return fn(x, y.astype(x.dtype), bias, p["scale"], p["bias"])
+
+    return norm
+
+
 def decode_kernels(choice: str, cfg: OPTConfig, mesh: Mesh, kv_spec: PartitionSpec,
-                   q_specs: dict, int8: bool, dtype=None) -> dict:
-    """Keyword arguments (``attention``, ``matvec``) of ``model.decode_step`` under
-    ``choice`` (see the module docstring) for a model of ``dtype``."""
+                   q_specs: dict, int8: bool, dtype=None,
+                   hidden_spec: PartitionSpec | None = None) -> dict:
+    """Keyword arguments (``attention``, ``matvec``, ``norm``) of ``model.decode_step``
+    under ``choice`` (see the module docstring) for a model of ``dtype``; ``hidden_spec``:
+    the hidden states' partitioning (default: rows as the cache's)."""
+    if hidden_spec is None:
+        hidden_spec = PartitionSpec(kv_spec[0], None, None)
     return {"attention": decode_attention_fn(choice, cfg, mesh, kv_spec),
-            "matvec": matvec_fns(choice, cfg, mesh, q_specs, int8, dtype=dtype)}
+            "matvec": matvec_fns(choice, cfg, mesh, q_specs, int8, dtype=dtype),
+            "norm": norm_fn(choice, cfg, mesh, hidden_spec)}

@@ -30,14 +30,16 @@ def stage_prefill(params, cfg: OPTConfig, inputs: jax.Array, attention_mask: jax
 
 def stage_decode(params, cfg: OPTConfig, inputs: jax.Array, cache, *, first: bool,
                  last: bool, live: int | None = None, attention=None, matvec=None,
-                 lookup=None):
+                 lookup=None, norm=None):
     """tokens (B,) [first] or hidden (B,1,H) -> hidden (B,1,H) or logits (B,V) [last], cache.
     ``live`` (static) bounds every row's position: attention reads only that much cache;
-    ``attention``, ``matvec``: see ``model.decode_layers``; ``lookup``: ``model.embed``."""
+    ``attention``, ``matvec``, ``norm``: see ``model.decode_layers``; ``lookup``:
+    ``model.embed``."""
     x = inputs
     if first:
         x = M.embed(params, cfg, inputs[:, None], M.decode_positions(cache), lookup)
-    x, cache = M.decode_layers(params["layers"], cfg, x, cache, live, attention, matvec)
+    x, cache = M.decode_layers(params["layers"], cfg, x, cache, live, attention, matvec,
+                                norm)
     if last:
         x = M.unembed(params, cfg, x[:, 0])
     return x, cache

@@ -10,7 +10,7 @@ from optkit import get_model
 from optkit.config import OPTConfig
 from optkit.parallel import Plan, build_executor
 from optkit.parallel.executor import single_device_mesh
-from optkit.parallel.kernels import check_kernels, matvec_fns, resolve_attention
+from optkit.parallel.kernels import check_kernels, matvec_fns, resolve_attention, resolve_norm
 from tests.conftest import left_padded_batch
 
 CFG = OPTConfig(vocab_size=500, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -38,6 +38,42 @@ def decode_logits(plan, kernels, steps=4, quantize=None, rows=(7, 3, 5, 6), cfg=
 def test_attention_kernel_matches_xla_under_plans(plan):
     np.testing.assert_allclose(decode_logits(plan, "attention"), decode_logits(plan, "xla"),
                                atol=1e-5)
+
+
+@pytest.mark.parametrize("plan", PLANS, ids=lambda p: p.name)
+def test_norm_kernel_matches_xla_under_plans(plan):
+    np.testing.assert_allclose(decode_logits(plan, "norm"), decode_logits(plan, "xla"),
+                               atol=1e-5)
+
+
+def test_auto_on_gpus_takes_attention_but_not_the_norm_kernel(monkeypatch):
+    """The fused residual add + LayerNorm only by name (not faster on an H200)."""
+    from optkit.parallel import kernels
+
+    monkeypatch.setattr(kernels, "_off_gpu", lambda mesh: False)
+    mesh, rows = single_device_mesh(), PartitionSpec(None, None, None)
+    assert resolve_attention("auto", CFG, mesh, KV) == "pallas"
+    assert resolve_norm("auto", CFG, mesh, rows) == "xla"
+    assert resolve_norm("norm", CFG, mesh, rows) == "pallas"
+
+
+def test_kernel_sets_take_the_named_kernels(monkeypatch):
+    """Names joined by commas: those kernels and no others (each called on every layer)."""
+    from optkit.kernels import add_layer_norm, decode_attention
+
+    calls = []
+    for mod, name in ((add_layer_norm, "add_layer_norm"), (decode_attention, "decode_attention")):
+        real = getattr(mod, name)
+        monkeypatch.setattr(mod, name, lambda *a, _r=real, _n=name, **k: (calls.append(_n),
+                                                                          _r(*a, **k))[1])
+    ex = build_executor(CFG, Plan(tp=2), None, dtype="float32", progress=False,
+                        kernels="attention,norm")
+    kern = ex.decode_kernels(4, 16)
+    assert kern["matvec"] is None and kern["attention"] and kern["norm"]
+    np.testing.assert_allclose(decode_logits(Plan(tp=2), "attention,norm", steps=1),
+                               decode_logits(Plan(tp=2), "xla", steps=1), atol=1e-5)
+    # two layers: the first layer's LayerNorm has no add before it, then three fused adds
+    assert calls.count("add_layer_norm") == 3 and calls.count("decode_attention") == 2
 
 
 @pytest.mark.parametrize("plan", PLANS, ids=lambda p: p.name)
@@ -131,6 +167,17 @@ def test_auto_is_xla_off_gpus_and_named_kernels_refuse_what_they_cannot_run():
         resolve_attention("attention", CFG, mesh, PartitionSpec(None, "tensor", None, None))
     with pytest.raises(ValueError, match="choose one of"):
         check_kernels("flash")
+    with pytest.raises(ValueError, match="choose one of"):
+        check_kernels("norm,flash")
+    rows = PartitionSpec(None, None, None)
+    assert resolve_norm("auto", CFG, mesh, rows) == "xla"
+    assert resolve_norm("attention,norm", CFG, mesh, rows) == "pallas"
+    post_ln = CFG.replace(do_layer_norm_before=False)
+    assert resolve_norm("pallas", post_ln, mesh, rows) == "xla"
+    with pytest.raises(ValueError, match="post-LN"):
+        resolve_norm("norm", post_ln, mesh, rows)
+    with pytest.raises(ValueError, match="hidden states are split"):
+        resolve_norm("norm", CFG, mesh, PartitionSpec(None, None, "tensor"))
     q = {"fc1": ((128, 64), PartitionSpec(None, None))}
     assert matvec_fns("auto", CFG, mesh, q, int8=True) is None
     assert matvec_fns("pallas", CFG, mesh, q, int8=False) is None
