@@ -361,7 +361,7 @@ def optkit_worker(args) -> list[dict]:
     if "words" in args.variant.split("+"):
         from optkit.kernels import int8_mma
 
-        int8_mma.plan = lambda n, k: None
+        int8_mma.plan = lambda n, k, rows=1: None
     if args.variant.endswith("+triton_gemm"):
         from optkit.parallel import executor
 

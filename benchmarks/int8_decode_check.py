@@ -23,7 +23,7 @@ def decode(size: str, path: str, prompt: int, new_tokens: int, batch: int = 1):
     """(tokens, per-step logits) of ``alpa/opt-{size}`` (random int8 weights) along ``path``:
     mma, words or xla."""
     plan, least = int8_mma.plan, (int8_mma.MIN_CHANNELS, int8_mma.MIN_INPUTS)
-    int8_mma.plan = plan if path == "mma" else (lambda n, k: None)
+    int8_mma.plan = plan if path == "mma" else (lambda n, k, rows=1: None)
     int8_mma.MIN_CHANNELS = int8_mma.MIN_INPUTS = 0
     try:
         model = get_model(f"alpa/opt-{size}", dummy=True, quantize="int8", progress=False,
@@ -45,7 +45,7 @@ def main() -> None:
     p.add_argument("--prompt", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=16)
     p.add_argument("--batch", type=int, default=1, help="rows (the tensor-core kernel takes "
-                   "up to 16 at once)")
+                   "up to 64 at once)")
     p.add_argument("--out", default="int8_decode_check.jsonl")
     args = p.parse_args()
     with open(args.out, "a") as f:

@@ -131,7 +131,7 @@ def matvec_fns(choice: str, cfg: OPTConfig, mesh: Mesh, q_specs: dict, int8: boo
     kernel over ``mesh``, or None (XLA's products).  ``q_specs``: kernel name ->
     (shape, PartitionSpec) of one layer's ``kernel_q``; ``int8``: whether the model is;
     ``dtype``: the model's (an fp16 model's products that the tensor-core kernel takes run
-    through it up to its 16 rows, ``max_rows`` of the returned function)."""
+    through it up to its 64 rows, ``max_rows`` of the returned function)."""
     kernel, why = _module("int8_matvec")
     mma, _ = _module("int8_mma")
     want, explicit = _wants(choice, "matvec")
@@ -145,7 +145,8 @@ def matvec_fns(choice: str, cfg: OPTConfig, mesh: Mesh, q_specs: dict, int8: boo
             n_out = len(shape) - KERNELS[name]
             local = NamedSharding(mesh, spec).shard_shape(shape)
             n, k = math.prod(local[:n_out]), math.prod(local[n_out:])
-            blocks[name] = n_out, kernel.blocks(n, k), mma.plan(n, k) if mma else None
+            tiles = (mma.plan(n, k), mma.plan(n, k, mma.MAX_ROWS)) if mma else (None, None)
+            blocks[name] = n_out, kernel.blocks(n, k), tiles
             if not blocks[name][1][1]:
                 why = f"{name}'s kernel ({n} x {k} per device) has no block tiling"
     if not _decide(choice, "matvec", why, mesh):
@@ -155,18 +156,18 @@ def matvec_fns(choice: str, cfg: OPTConfig, mesh: Mesh, q_specs: dict, int8: boo
     for name, (n_out, words, tiles) in blocks.items():
         fns[name] = _placed_matvec(kernel, mma, n_out, q_specs[name][1], words, tiles, mesh,
                                    interpret)
-        if tiles and dtype is not None and jnp.dtype(dtype) == jnp.float16:
-            fns[name].max_rows = mma.ROWS
+        if tiles[1] and dtype is not None and jnp.dtype(dtype) == jnp.float16:
+            fns[name].max_rows = mma.MAX_ROWS
     return fns
 
 
 def _placed_matvec(kernel, mma, n_out: int, q_spec: PartitionSpec, blocks, tiles,
                    mesh: Mesh, interpret: bool):
     """``(x, q, scale, bias, relu) -> outputs`` in x's dtype for one kernel split as
-    ``q_spec``: the tensor-core kernel ``mma`` with ``tiles`` (its plan) for fp16 inputs,
-    else the CUDA-core ``kernel`` with ``blocks``.  Where the input axes are split, the
-    kernel's fp32 partial products are psum'ed and the bias added after; else bias and ReLU
-    run in the kernel."""
+    ``q_spec``: the tensor-core kernel ``mma`` for fp16 inputs where ``tiles`` (its plans for
+    one row and for several) has one, else the CUDA-core ``kernel`` with ``blocks``.  Where
+    the input axes are split, the kernel's fp32 partial products are psum'ed and the bias
+    added after; else bias and ReLU run in the kernel."""
     block_n, block_k, warps = blocks
     out_spec, in_spec = tuple(q_spec[:n_out]), tuple(q_spec[n_out:])
     summed = tuple(n for s in in_spec for n in axis_names(s))
@@ -175,9 +176,10 @@ def _placed_matvec(kernel, mma, n_out: int, q_spec: PartitionSpec, blocks, tiles
         n_in = q.ndim - n_out
         lead, out = x.shape[:x.ndim - n_in], q.shape[:n_out]
         k = math.prod(q.shape[n_out:])
-        if tiles and x.dtype == jnp.float16:
-            call = functools.partial(mma.int8_mma, block_n=tiles[0], block_k=tiles[1],
-                                     split=tiles[2], interpret=interpret)
+        plan = tiles[math.prod(lead) > 1]
+        if plan and x.dtype == jnp.float16:
+            call = functools.partial(mma.int8_mma, block_n=plan[0], block_k=plan[1],
+                                     split=plan[2], interpret=interpret)
         else:
             call = functools.partial(kernel.int8_matvec, block_n=block_n, block_k=block_k,
                                      num_warps=warps, interpret=interpret)

@@ -18,7 +18,8 @@ def exact(x, q, scale, bias=None, relu=False):
 
 
 @pytest.mark.parametrize("rows,n,k,block_n,block_k,split", [
-    (1, 128, 512, 64, 256, 1), (3, 64, 1024, 64, 256, 2), (16, 64, 256, 64, 64, 4)])
+    (1, 128, 512, 64, 256, 1), (3, 64, 1024, 64, 256, 2), (16, 64, 256, 64, 64, 4),
+    (33, 64, 512, 64, 256, 1), (64, 128, 256, 64, 128, 2)])
 def test_matches_exact_products(rows, n, k, block_n, block_k, split):
     rng = np.random.default_rng(rows)
     q = rng.integers(-128, 128, (n, k)).astype(np.int8)
@@ -54,10 +55,15 @@ def test_plan_splits_kernels_with_few_channel_blocks():
     assert K.plan(3 * 12288 // 2, 12288) == (64, 256, 1)
     assert K.plan(49152 // 2, 12288) == (64, 256, 1)
     assert K.plan(12288, 6144) == (64, 256, 2) and K.plan(12288, 24576) == (64, 256, 2)
-    # opt-6.7b's kernels stay on the CUDA-core kernel (no faster there)
-    assert all(K.plan(n, k) is None for n, k in ((12288, 4096), (4096, 4096), (16384, 4096),
-                                                 (4096, 16384)))
-    assert K.plan(8192 + 32, 6144) is None and K.plan(8192, 6144 + 128) is None  # no tiling
+    # opt-6.7b's kernels stay on the CUDA-core kernel for one row (no faster there), not
+    # for several (XLA's dot the other way); up to 64 rows
+    small = ((12288, 4096), (4096, 4096), (16384, 4096), (4096, 16384))
+    assert all(K.plan(n, k) is None for n, k in small)
+    assert [K.plan(n, k, 16) for n, k in small] == [(64, 256, 2), (64, 256, 2), (64, 256, 1),
+                                                     (64, 256, 2)]
+    assert K.plan(4096, 4096, 64) == (64, 256, 2) and K.plan(4096, 4096, 65) is None
+    assert K.plan(8192 + 32, 6144) is None and K.plan(8192, 6144 + 128, 2) is None  # no tiling
+    assert [K.row_tile(m) for m in (1, 16, 17, 33, 64)] == [16, 16, 32, 64, 64]
 
 
 def test_bad_inputs():
@@ -65,7 +71,7 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="int8_mma"):
         K.int8_mma(jnp.zeros((1, 256), jnp.bfloat16), q, jnp.ones(64), interpret=True)
     with pytest.raises(ValueError, match="int8_mma"):
-        K.int8_mma(jnp.zeros((17, 256), jnp.float16), q, jnp.ones(64), interpret=True)
+        K.int8_mma(jnp.zeros((65, 256), jnp.float16), q, jnp.ones(64), interpret=True)
     with pytest.raises(ValueError, match="bias"):
         K.int8_mma(jnp.zeros((1, 256), jnp.float16), q, jnp.ones(64), jnp.ones(8),
                    interpret=True)
@@ -85,3 +91,7 @@ def test_lowers_for_gpus_with_the_ptx_widening(evict):
     fn = jax.jit(functools.partial(K.int8_mma, block_n=64, block_k=256, split=2, evict=evict))
     text = fn.trace(x, q, s).lower(lowering_platforms=("cuda",)).as_text()
     assert "int8_mma" in text and "prmt.b32" in text
+    # 40 rows: a 64-row tile, its rows past 40 masked on load and store
+    text = fn.trace(jax.ShapeDtypeStruct((40, 1024), jnp.float16), q, s).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert "int8_mma" in text

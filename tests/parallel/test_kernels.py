@@ -105,8 +105,6 @@ def test_fp16_int8_products_take_the_tensor_core_kernel(plan, monkeypatch):
         return real(x, q, *args, **kw)
 
     monkeypatch.setattr(int8_mma, "int8_mma", spy)
-    monkeypatch.setattr(int8_mma, "MIN_CHANNELS", 256)  # (175B-sized kernels in earnest)
-    monkeypatch.setattr(int8_mma, "MIN_INPUTS", 256)
     kw = {"quantize": "int8", "rows": (5, 3, 6), "cfg": cfg, "dtype": "float16", "steps": 2}
     got = decode_logits(plan, "matvec", **kw)
     assert set(calls) == ({(3, (768, 256), 1), (3, (256, 256), 1), (3, (1024, 256), 1),
@@ -116,20 +114,18 @@ def test_fp16_int8_products_take_the_tensor_core_kernel(plan, monkeypatch):
 
 
 def test_tensor_core_rows_only_for_fp16_models(monkeypatch):
-    """The hook takes a batch's 16 rows only where the tensor-core kernel applies."""
+    """The hook takes a batch's 64 rows where the tensor-core kernel tiles the kernel (at any
+    size: its least size holds for one row only) and the model is fp16."""
     from optkit.kernels import int8_mma
 
-    monkeypatch.setattr(int8_mma, "MIN_CHANNELS", 256)
-    monkeypatch.setattr(int8_mma, "MIN_INPUTS", 256)
     mesh = single_device_mesh()
     q = {"fc1": ((1024, 256), PartitionSpec(None, None)),
-         "out": ((256, 4, 64), PartitionSpec(None, None, None))}
-    for dtype, want in (("float16", {"fc1": 16, "out": 16}), ("float32", {})):
+         "out": ((256, 4, 64), PartitionSpec(None, None, None)),
+         "fc2": ((256, 128), PartitionSpec(None, None))}  # K = 128: no 256-wide blocks
+    for dtype, want in (("float16", {"fc1": 64, "out": 64}), ("float32", {})):
         fns = matvec_fns("matvec", CFG, mesh, q, int8=True, dtype=dtype)
         assert {n: f.max_rows for n, f in fns.items() if hasattr(f, "max_rows")} == want
-    monkeypatch.setattr(int8_mma, "MIN_INPUTS", 512)
-    fns = matvec_fns("matvec", CFG, mesh, q, int8=True, dtype="float16")
-    assert not any(hasattr(f, "max_rows") for f in fns.values())
+    assert int8_mma.plan(1024, 256) is None  # one row: the CUDA-core kernel
 
 
 def test_kernel_needs_no_live_buckets():
