@@ -81,9 +81,10 @@ VARIANTS = {
     "nccl_sync+cb_collectives_nowhile": _NCCL_SYNC,
     # ... and the int8 kernel's weights loaded evict_first (since then its default)
     "nccl_sync+cb_collectives_nowhile+evict": _NCCL_SYNC,
-    # int8 products without the tensor-core kernel (optkit.kernels.int8_mma: since
-    # 2026-11-26 fp16 models' large kernels, up to 16 rows): one row on the CUDA cores
-    # (optkit.kernels.int8_matvec), more through XLA's dot
+    # int8 products without the tensor-core kernel (optkit.kernels.int8_mma: fp16 models'
+    # OPT-175B-sized kernels since 2026-11-26, and 2-16 rows of any kernel it tiles since
+    # the ninth session): one row on the CUDA cores (optkit.kernels.int8_matvec), more
+    # through XLA's dot
     "default+words": "",
     "default+words+while_graphs": "",
     # the int8 kernel's weight loads without an eviction policy (before: evict_first)

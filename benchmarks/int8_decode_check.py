@@ -45,18 +45,27 @@ def main() -> None:
     p.add_argument("--prompt", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=16)
     p.add_argument("--batch", type=int, default=1, help="rows (the tensor-core kernel takes "
-                   "up to 64 at once)")
+                   "up to 16 at once by default)")
+    p.add_argument("--max-rows", type=int, help="rows the tensor-core kernel may take "
+                   "(default: int8_mma.MAX_ROWS)")
     p.add_argument("--out", default="int8_decode_check.jsonl")
     args = p.parse_args()
+    if args.max_rows:
+        int8_mma.MAX_ROWS = args.max_rows
     with open(args.out, "a") as f:
         for size in args.sizes.split(","):
             runs = {path: decode(size, path, args.prompt, args.new_tokens, args.batch)
                     for path in ("mma", "words", "xla")}
             for other in ("words", "xla"):
                 diff = np.abs(runs["mma"][1] - runs[other][1])
+                same = runs["mma"][0] == runs[other][0]
                 row = {"size": size, "vs": other, "batch": args.batch,
-                       "new_tokens": args.new_tokens,
-                       "same_tokens": bool((runs["mma"][0] == runs[other][0]).all()),
+                       "new_tokens": args.new_tokens, "max_rows": int8_mma.MAX_ROWS,
+                       "same_tokens": bool(same.all()),
+                       # step 0 is the prefill's (no int8 hook: equal by construction);
+                       # step 1 the first decode step, the same inputs on every path
+                       "first_decode_step_max_abs_logit_diff": float(diff[1].max()),
+                       "rows_with_other_tokens": int((~same.all(-1)).sum()),
                        "max_abs_logit_diff": float(diff.max()),
                        "max_abs_logit": float(np.abs(runs[other][1]).max()),
                        "card": jax.devices()[0].device_kind, "jax": jax.__version__}

@@ -30,10 +30,14 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-#: The least tile of rows (a tensor-core tile's height; fewer read as zeros past them) ...
+#: The least tile of rows (a tensor-core tile's height; fewer read as zeros past them), ...
 ROWS = 16
-#: ... and the most rows a product may have.
-MAX_ROWS = 64
+#: ... the most rows a product may have, ...
+LARGEST = 64
+#: ... and the most the decode step gives it: at 64 rows it was
+#: slower than XLA's dot on an H200 (opt-13b int8 batch 64: 13.85 vs 11.25 ms a step; each
+#: program re-reads the rows' inputs, 4x the bytes of 16 rows), at 16 faster (5.40 vs 7.07).
+MAX_ROWS = 16
 #: Programs below which a kernel's K is split in two (~2 per multiprocessor of an H200).
 SPLIT_BELOW = 256
 #: The least output channels and inputs of a kernel this one takes for a single row: at
@@ -65,7 +69,7 @@ def plan(n: int, k: int, rows: int = 1) -> tuple[int, int, int] | None:
     OPT-175B's shapes (64 channels x 256 weights), or None where they do not tile, or, for a
     single row, the kernel is smaller than :data:`MIN_CHANNELS` x :data:`MIN_INPUTS`."""
     block_n, block_k = 64, 256
-    if n % block_n or k % block_k or rows > MAX_ROWS:
+    if n % block_n or k % block_k or rows > LARGEST:
         return None
     if rows <= 1 and (n < MIN_CHANNELS or k < MIN_INPUTS):
         return None
@@ -124,7 +128,7 @@ def int8_mma(x: jax.Array, q: jax.Array, scale: jax.Array, bias: jax.Array | Non
     ``scale`` (N,), plus ``bias`` (N,) if given, then ReLU if ``relu`` -> (M, N)
     ``out_dtype``.  Blocks default to :func:`plan`; ``evict``: as in ``int8_matvec``."""
     (m, k), (n, kq) = x.shape, q.shape
-    if (m > MAX_ROWS or x.dtype != jnp.float16 or q.dtype != jnp.int8 or kq != k
+    if (m > LARGEST or x.dtype != jnp.float16 or q.dtype != jnp.int8 or kq != k
             or scale.shape != (n,) or (bias is not None and bias.shape != (n,))):
         raise ValueError(f"int8_mma: x {x.shape} {x.dtype}, q {q.shape} {q.dtype}, "
                          f"scale {scale.shape}, bias {None if bias is None else bias.shape}")

@@ -131,7 +131,7 @@ def matvec_fns(choice: str, cfg: OPTConfig, mesh: Mesh, q_specs: dict, int8: boo
     kernel over ``mesh``, or None (XLA's products).  ``q_specs``: kernel name ->
     (shape, PartitionSpec) of one layer's ``kernel_q``; ``int8``: whether the model is;
     ``dtype``: the model's (an fp16 model's products that the tensor-core kernel takes run
-    through it up to its 64 rows, ``max_rows`` of the returned function)."""
+    through it up to its ``MAX_ROWS`` rows, ``max_rows`` of the returned function)."""
     kernel, why = _module("int8_matvec")
     mma, _ = _module("int8_mma")
     want, explicit = _wants(choice, "matvec")

@@ -61,7 +61,7 @@ def test_plan_splits_kernels_with_few_channel_blocks():
     assert all(K.plan(n, k) is None for n, k in small)
     assert [K.plan(n, k, 16) for n, k in small] == [(64, 256, 2), (64, 256, 2), (64, 256, 1),
                                                      (64, 256, 2)]
-    assert K.plan(4096, 4096, 64) == (64, 256, 2) and K.plan(4096, 4096, 65) is None
+    assert K.plan(4096, 4096, K.LARGEST) == (64, 256, 2) and K.plan(4096, 4096, 65) is None
     assert K.plan(8192 + 32, 6144) is None and K.plan(8192, 6144 + 128, 2) is None  # no tiling
     assert [K.row_tile(m) for m in (1, 16, 17, 33, 64)] == [16, 16, 32, 64, 64]
 
