@@ -26,6 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from optkit import model as M  # noqa: E402
 from optkit.bench import trace  # noqa: E402
+from optkit.bench.results import append_rows  # noqa: E402
 from optkit.kernels import add_layer_norm as K  # noqa: E402
 
 WIDTHS = {"1.3b": 2048, "6.7b": 4096, "13b": 5120, "30b": 7168, "175b": 12288}
@@ -96,11 +97,10 @@ def main() -> None:
     p.add_argument("--no-sweep", action="store_true", help="only the kernel's defaults")
     args = p.parse_args()
     for size, rows in itertools.product(args.sizes.split(","), args.rows.split(",")):
-        for row in run_case(size, int(rows), args.calls, not args.no_sweep):
-            print(json.dumps(row), flush=True)
-            if args.out:
-                with args.out.open("a") as f:
-                    f.write(json.dumps(row) + "\n")
+        out = run_case(size, int(rows), args.calls, not args.no_sweep)
+        print("\n".join(json.dumps(r) for r in out), flush=True)
+        if args.out:
+            append_rows(out, args.out)
 
 
 if __name__ == "__main__":

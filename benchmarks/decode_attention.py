@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 from optkit import model as M  # noqa: E402
 from optkit.bench import trace  # noqa: E402
+from optkit.bench.results import append_rows  # noqa: E402
 from optkit.config import OPTConfig  # noqa: E402
 from optkit.kernels import decode_attention as K  # noqa: E402
 
@@ -148,12 +149,10 @@ def main() -> None:
         return check()
     for item in args.cases.split(","):
         size, b = item.split(":")
-        for row in run_case(size, int(b), args.cache, args.length, args.layers,
-                            not args.no_sweep):
-            print(json.dumps(row), flush=True)
-            if args.out:
-                with args.out.open("a") as f:
-                    f.write(json.dumps(row) + "\n")
+        out = run_case(size, int(b), args.cache, args.length, args.layers, not args.no_sweep)
+        print("\n".join(json.dumps(r) for r in out), flush=True)
+        if args.out:
+            append_rows(out, args.out)
 
 
 if __name__ == "__main__":
