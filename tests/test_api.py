@@ -95,6 +95,7 @@ def test_alpa_backend_runs(weights):
     ("jax/opt-125m", {"dummy": True, "kernels": "flash"}, ValueError, "choose one of"),
     ("facebook/opt-125m", {"dummy": True, "kernels": "pallas"}, ValueError, "jax/ or alpa/"),
     ("jax/opt-tiny", {"dummy": True, "kernels": "matvec"}, ValueError, "not int8"),
+    ("jax/opt-tiny", {"dummy": True, "kernels": "attention,matvec"}, ValueError, "not int8"),
 ])
 def test_bad_arguments(name, kw, err, match):
     with pytest.raises(err, match=match):

@@ -75,7 +75,7 @@ def build_executor(cfg: OPTConfig, plan: Plan, store=None, devices: Sequence | N
     (default ``jax.devices()``), with weights from ``store`` (random when ``None``, zeros
     with ``zeros``); ``quantize="int8"``: int8 weight-only matmul kernels (``optkit.quant``);
     ``kernels``: the decode step's Pallas kernels, ``"auto"`` (those that apply, on GPUs),
-    ``"xla"``, ``"pallas"``, ``"attention"`` or ``"matvec"`` (``optkit.parallel.kernels``)."""
+    ``"xla"``, ``"pallas"``, or kernel names joined by commas (``optkit.parallel.kernels``)."""
     check_quantize(quantize)
     check_kernels(kernels)
     if zeros and quantize:

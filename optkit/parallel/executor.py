@@ -143,7 +143,7 @@ class MeshExecutor(Executor):
         self.dtype = jnp.dtype(dtype or jax.tree.leaves(params)[0].dtype)
         self.stacked = isinstance(params["layers"], dict)
         self._fns: dict[Any, Callable] = {}
-        if self.kernels == "matvec" and not self.int8:
+        if "matvec" in self.kernels.split(",") and not self.int8:
             raise ValueError("kernels='matvec' runs int8 products, but the model is not int8 "
                              "(quantize='int8')")
         self.gpu = all(d.platform == "gpu" for d in self.mesh.devices.flat)
