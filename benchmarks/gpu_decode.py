@@ -381,9 +381,9 @@ def optkit_worker(args) -> list[dict]:
 
     cfg = OPTConfig.from_name("opt-" + args.size)
     devices = jax.devices()[:args.devices]
-    int8 = "matvec," if args.int8 else ""
+    int8_kernels = "matvec," if args.int8 else ""
     args.kernels = {"+xla_attn": "matvec" if args.int8 else "xla", "+xla_matvec": "attention",
-                    "+norm_kernel": int8 + "attention,norm",
+                    "+norm_kernel": int8_kernels + "attention,norm",
                     "+xla_kernels": "xla"}.get("+" + args.variant.partition("+")[2], "auto")
     t0 = time.perf_counter()
     ex, planned = planned_executor(cfg, devices, args)

@@ -144,8 +144,8 @@ class MeshExecutor(Executor):
         self.stacked = isinstance(params["layers"], dict)
         self._fns: dict[Any, Callable] = {}
         if "matvec" in self.kernels.split(",") and not self.int8:
-            raise ValueError("kernels='matvec' runs int8 products, but the model is not int8 "
-                             "(quantize='int8')")
+            raise ValueError(f"kernels={self.kernels!r}: the matvec kernel runs int8 products, "
+                             "but the model is not int8 (quantize='int8')")
         self.gpu = all(d.platform == "gpu" for d in self.mesh.devices.flat)
         if command_buffers is None:
             command_buffers = self.gpu
