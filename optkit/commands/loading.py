@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import argparse
 
-# optkit.parallel.kernels' PALLAS_KERNELS (not imported: --help stays free of JAX)
-_KERNEL_NAMES = ("attention", "matvec", "norm")
+from optkit.parallel.kernels import PALLAS_KERNELS as _KERNEL_NAMES
+from optkit.parallel.kernels import check_kernels
 
 
 def _kernels(text: str) -> str:
-    if text in ("auto", "xla", "pallas") or all(n in _KERNEL_NAMES for n in text.split(",")):
-        return text
-    raise argparse.ArgumentTypeError(
-        f"{text!r}: auto, xla, pallas, or names joined by commas from {', '.join(_KERNEL_NAMES)}")
+    """``--kernels``, checked by ``optkit.parallel.kernels``."""
+    try:
+        return check_kernels(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def add_loading_options(group) -> None:
@@ -24,7 +25,7 @@ def add_loading_options(group) -> None:
                        help="Pallas kernels in the decode step of jax/ and alpa/ models: "
                             "auto (on GPUs, those that apply: fused attention, int8 products), "
                             "xla (none), pallas (all), or "
-                            "names joined by commas from attention, norm, matvec")
+                            f"names joined by commas from {', '.join(_KERNEL_NAMES)}")
     group.add_argument("--cluster", metavar="ADDRESS",
                        help="run an alpa/ model on a Ray cluster: auto (the cluster this "
                             "machine joined with `ray start`), HEAD:6379 or ray://HEAD:10001")

@@ -22,7 +22,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from optkit import model as M
 from optkit.config import OPTConfig
-from optkit.parallel.kernels import check_kernels, decode_kernels
+from optkit.parallel.kernels import check_kernels, decode_kernels, on_gpus
 from optkit.parallel.lookup import vocab_lookup
 from optkit.parallel.rules import axis_names
 from optkit.parallel.transfer import move
@@ -115,6 +115,15 @@ class Executor:
     """What every executor shares; subclasses provide init_cache, prefill, decode,
     decode_loop, select and insert."""
 
+    _fns: dict[Any, Callable]
+
+    def _jit(self, key, make: Callable[[], Callable]) -> Callable:
+        """The function cached under ``key``, made by ``make()`` (shardings, compiler options
+        and the jit) only the first time: dispatches with a known key do none of that work."""
+        if key not in self._fns:
+            self._fns[key] = make()
+        return self._fns[key]
+
     def logits(self, tokens, attention_mask=None):
         """Full-sequence logits (B,T,V) without keeping a cache."""
         tokens = np.asarray(tokens) if not isinstance(tokens, jax.Array) else tokens
@@ -146,7 +155,7 @@ class MeshExecutor(Executor):
         if "matvec" in self.kernels.split(",") and not self.int8:
             raise ValueError(f"kernels={self.kernels!r}: the matvec kernel runs int8 products, "
                              "but the model is not int8 (quantize='int8')")
-        self.gpu = all(d.platform == "gpu" for d in self.mesh.devices.flat)
+        self.gpu = on_gpus(self.mesh)
         if command_buffers is None:
             command_buffers = self.gpu
         self.decode_options = (decode_graph_options(self.splits_weights)
@@ -248,22 +257,17 @@ class MeshExecutor(Executor):
         return self._fns[key]()
 
     # Model calls ---------------------------------------------------------------------------
-    def _jit(self, key, fn, **kw):
-        if key not in self._fns:
-            self._fns[key] = jax.jit(fn, **kw)
-        return self._fns[key]
-
     def prefill(self, tokens, attention_mask, cache, all_logits: bool = False):
         """Prompts (B,T) into an empty cache -> (logits (B,T,V) or (B,V), cache)."""
         tokens, attention_mask = self.put_batch(tokens), self.put_batch(attention_mask)
         b, t = tokens.shape
         s = cache_len(cache)
         shape = (b, t, self.cfg.vocab_size) if all_logits else (b, self.cfg.vocab_size)
-        fn = self._jit(("prefill", all_logits, b, t, s),
-                       lambda p, x, m, c: M.prefill(p, self.cfg, x, m, c, all_logits=all_logits,
-                                                    lookup=self.embed_lookup),
-                       donate_argnums=(3,),
-                       out_shardings=(self.logits_sharding(shape), self.cache_shardings(b, s)))
+        fn = self._jit(("prefill", all_logits, b, t, s), lambda: jax.jit(
+            lambda p, x, m, c: M.prefill(p, self.cfg, x, m, c, all_logits=all_logits,
+                                         lookup=self.embed_lookup),
+            donate_argnums=(3,),
+            out_shardings=(self.logits_sharding(shape), self.cache_shardings(b, s))))
         return fn(self.params, tokens, attention_mask, cache)
 
     def live_bucket(self, live: int | None, cache) -> int:
@@ -285,12 +289,12 @@ class MeshExecutor(Executor):
         b, s = tokens.shape[0], cache_len(cache)
         n = self.live_bucket(live, cache)
         kern = self.decode_kernels(b, s)
-        fn = self._jit(("decode", b, s, n),
-                       lambda p, x, c: M.decode_step(p, self.cfg, x, c, n,
-                                                     lookup=self.embed_lookup, **kern),
-                       donate_argnums=(2,), compiler_options=self.decode_options_for(b),
-                       out_shardings=(self.logits_sharding((b, self.cfg.vocab_size)),
-                                      self.cache_shardings(b, s)))
+        fn = self._jit(("decode", b, s, n), lambda: jax.jit(
+            lambda p, x, c: M.decode_step(p, self.cfg, x, c, n, lookup=self.embed_lookup,
+                                          **kern),
+            donate_argnums=(2,), compiler_options=self.decode_options_for(b),
+            out_shardings=(self.logits_sharding((b, self.cfg.vocab_size)),
+                           self.cache_shardings(b, s))))
         return fn(self.params, tokens, cache)
 
     def decode_loop(self, step_fn: Callable, tokens, cache, state, num_steps: int,
@@ -327,9 +331,9 @@ class MeshExecutor(Executor):
 
             return jax.lax.fori_loop(0, n, body, (tokens, cache, state, outs))
 
-        fn = self._jit(("loop", step_fn, max_steps, b, s, n_live), run, donate_argnums=(2,),
-                       compiler_options=self.decode_options_for(b),
-                       out_shardings=(None, self.cache_shardings(b, s), None, None))
+        fn = self._jit(("loop", step_fn, max_steps, b, s, n_live), lambda: jax.jit(
+            run, donate_argnums=(2,), compiler_options=self.decode_options_for(b),
+            out_shardings=(None, self.cache_shardings(b, s), None, None)))
         tok, cache, state, outs = fn(self.params, tokens, cache, state, jnp.int32(num_steps))
         if num_steps != max_steps:
             outs = jax.tree.map(lambda o: o[:num_steps], outs)
@@ -350,8 +354,8 @@ class MeshExecutor(Executor):
                     out[name] = [x[r] for x in c[name]]
             return out
 
-        fn = self._jit(("select", b, s, cache_len(cache)), take,
-                       out_shardings=self.cache_shardings(b, s))
+        fn = self._jit(("select", b, s, cache_len(cache)), lambda: jax.jit(
+            take, out_shardings=self.cache_shardings(b, s)))
         return fn(cache, rows)
 
     def insert(self, cache, prefix, slot: int):
@@ -379,8 +383,8 @@ class MeshExecutor(Executor):
                     out[name] = [row(x, y, 0) for x, y in zip(c[name], pre[name], strict=True)]
             return out
 
-        fn = self._jit(("insert", b, s, p), put, donate_argnums=(0,),
-                       out_shardings=self.cache_shardings(b, s))
+        fn = self._jit(("insert", b, s, p), lambda: jax.jit(
+            put, donate_argnums=(0,), out_shardings=self.cache_shardings(b, s)))
         return fn(cache, prefix, jnp.int32(slot))
 
 

@@ -62,8 +62,9 @@ def _module(name: str):
         return None, f"Pallas is unavailable in this JAX ({e})"
 
 
-def _off_gpu(mesh: Mesh) -> bool:
-    return any(d.platform != "gpu" for d in mesh.devices.flat)
+def on_gpus(mesh: Mesh) -> bool:
+    """Whether every device of ``mesh`` is a GPU."""
+    return all(d.platform == "gpu" for d in mesh.devices.flat)
 
 
 def _decide(choice: str, kernel: str, why: str | None, mesh: Mesh) -> bool:
@@ -71,7 +72,7 @@ def _decide(choice: str, kernel: str, why: str | None, mesh: Mesh) -> bool:
     want, explicit = _wants(choice, kernel)
     if not want:
         return False
-    if why is None and not explicit and _off_gpu(mesh):
+    if why is None and not explicit and not on_gpus(mesh):
         why = "not on GPUs"
     if why is None:
         return True
@@ -102,7 +103,7 @@ def decode_attention_fn(choice: str, cfg: OPTConfig, mesh: Mesh, kv_spec: Partit
     if resolve_attention(choice, cfg, mesh, kv_spec) == "xla":
         return None
     kernel, _ = _module("decode_attention")
-    interpret = _off_gpu(mesh) if interpret is None else interpret
+    interpret = not on_gpus(mesh) if interpret is None else interpret
     rows, heads = kv_spec[0], kv_spec[2]
 
     def attend(qkv, k, v, mask, index, live, scale):
@@ -151,7 +152,7 @@ def matvec_fns(choice: str, cfg: OPTConfig, mesh: Mesh, q_specs: dict, int8: boo
                 why = f"{name}'s kernel ({n} x {k} per device) has no block tiling"
     if not _decide(choice, "matvec", why, mesh):
         return None
-    interpret = _off_gpu(mesh) if interpret is None else interpret
+    interpret = not on_gpus(mesh) if interpret is None else interpret
     fns = {}
     for name, (n_out, words, tiles) in blocks.items():
         fns[name] = _placed_matvec(kernel, mma, n_out, q_specs[name][1], words, tiles, mesh,
@@ -235,7 +236,7 @@ def norm_fn(choice: str, cfg: OPTConfig, mesh: Mesh, hidden_spec: PartitionSpec,
     if resolve_norm(choice, cfg, mesh, hidden_spec) == "xla":
         return None
     kernel, _ = _module("add_layer_norm")
-    interpret = _off_gpu(mesh) if interpret is None else interpret
+    interpret = not on_gpus(mesh) if interpret is None else interpret
 
     def local(x, y, bias, scale, shift, *, eps):
         h, out = kernel.add_layer_norm(x.reshape(-1, x.shape[-1]), y.reshape(-1, x.shape[-1]),

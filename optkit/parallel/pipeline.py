@@ -51,11 +51,6 @@ class PipelineExecutor(Executor):
         self._fns: dict[Any, Callable] = {}
 
     # Helpers -------------------------------------------------------------------------------
-    def _jit(self, key, make: Callable[[], Callable]) -> Callable:
-        if key not in self._fns:
-            self._fns[key] = make()
-        return self._fns[key]
-
     def rows(self, batch: int) -> list[tuple[int, int]]:
         """Row ranges of the micro-batches of a ``batch``-row step."""
         return split_rows(batch, self.plan.micro_batches)

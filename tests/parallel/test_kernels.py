@@ -50,7 +50,7 @@ def test_auto_on_gpus_takes_attention_but_not_the_norm_kernel(monkeypatch):
     """The fused residual add + LayerNorm only by name (not faster on an H200)."""
     from optkit.parallel import kernels
 
-    monkeypatch.setattr(kernels, "_off_gpu", lambda mesh: False)
+    monkeypatch.setattr(kernels, "on_gpus", lambda mesh: True)
     mesh, rows = single_device_mesh(), PartitionSpec(None, None, None)
     assert resolve_attention("auto", CFG, mesh, KV) == "pallas"
     assert resolve_norm("auto", CFG, mesh, rows) == "xla"
