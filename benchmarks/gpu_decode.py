@@ -92,6 +92,9 @@ VARIANTS = {
     # fp16 products through XLA's Triton GEMMs at every batch (before 2026-11-26 evening:
     # not through cuBLASLt from optkit.parallel.executor.LARGE_BATCH_ROWS rows on)
     "default+triton_gemm": "",
+    # fp16 products through cuBLASLt (bias adds in its epilogues) at every batch, not only
+    # from LARGE_BATCH_ROWS rows on
+    "default+cublaslt": "",
 }
 # collectives in CUDA graphs without optkit's decode compiler options (which would override
 # the flag)
@@ -367,6 +370,10 @@ def optkit_worker(args) -> list[dict]:
         from optkit.parallel import executor
 
         executor.LARGE_BATCH_ROWS = 1 << 30
+    if args.variant.endswith("+cublaslt"):
+        from optkit.parallel import executor
+
+        executor.LARGE_BATCH_ROWS = 1
     if args.variant.endswith("+rows8"):
         from optkit import model as M
 
