@@ -67,37 +67,91 @@ CASES_8GPU = [
     for n, dev in ((4, "H100-80GB"), (2, "H200-141GB")) for b in (1, 16)
 ]
 
-#: optkit's measured GPU decode rows (``benchmarks/gpu_decode.py``, jax 0.11.2, H200).
-MEASURED = ["benchmarks/results/gpu/gpu_decode_h200.jsonl",
-            "benchmarks/results/gpu/gpu_2card_h200x2.jsonl"]
+#: optkit's measured GPU decode rows (``benchmarks/gpu_decode.py``, jax 0.11.2, H200): one
+#: card (eighth session), opt-13b on two (seventh), opt-66b on two and four and opt-175b on
+#: four (tenth), all with the kernels and CUDA graphs of their time.
+MEASURED = ["benchmarks/results/gpu/large_batch_h200.jsonl",
+            "benchmarks/results/gpu/mma_13b_h200x2.jsonl",
+            "benchmarks/results/gpu/gpu_4card_refresh_h200x4.jsonl"]
+
+
+def measured_rows():
+    """(row, config, devices) of every default-variant optkit row in :data:`MEASURED`."""
+    import json
+
+    from optkit.config import OPTConfig
+
+    for name in MEASURED:
+        for line in (ROOT / name).read_text().splitlines():
+            r = json.loads(line)
+            if r.get("framework") == "optkit" and r.get("variant", "default") == "default":
+                yield r, OPTConfig.from_name(f"opt-{r['size']}"), int(r.get("devices") or 1)
+
+
+def planned(r: dict, cfg, n: int, cost_model=None):
+    """The planner's candidate for measured row ``r``: tensor parallel over ``n`` H200s."""
+    from optkit.parallel import Cluster, Plan, auto_plan
+
+    report = auto_plan(cfg, batch=r["batch"], prompt_len=r["prompt"], gen_len=r["new_tokens"],
+                       dtype="float16", cluster=Cluster.preset("H200-141GB", n),
+                       plans=[Plan(tp=n)], progress=False, strict=False,
+                       cost_model=cost_model)
+    return report.candidates[0]
+
+
+def fit(efficiency: float = 0.90) -> str:
+    """Least-squares decode constants (per-layer overhead, collective latency, per-hop
+    latency; relative errors) for the measured decode steps, the bandwidth efficiency held at
+    ``efficiency`` and also fitted; a text report."""
+    import numpy as np
+
+    from optkit.parallel.planner import CostModel
+
+    unit = dict(bandwidth_efficiency=1.0, layer_overhead=0.0, collective_latency=0.0,
+                hop_latency=0.0)
+    probes = {"base": {}, "layers": {"layer_overhead": 1.0},
+              "colls": {"collective_latency": 1.0}, "hops": {"hop_latency": 1.0}}
+    names, ms, terms = [], [], []
+    for r, cfg, n in measured_rows():
+        if not r["new_tokens"] or r.get("step_ms") is None:
+            continue
+        parts = {k: planned(r, cfg, n, CostModel(**{**unit, **v})).decode_parts
+                 for k, v in probes.items()}
+        base = parts["base"]
+        assert base["memory"] > base["compute"], "decode steps are bound by reading memory"
+        terms.append([base["memory"], base["comm"], parts["layers"]["overhead"],
+                      parts["colls"]["comm"] - base["comm"],
+                      parts["hops"]["comm"] - base["comm"]])
+        names.append(f"{cfg.name} x{n} batch {r['batch']}")
+        ms.append(r["step_ms"] * 1e-3)
+    t, y = np.array(terms), np.array(ms)
+    out = []
+    for fixed in (efficiency, None):
+        lhs = t[:, 2:] if fixed else np.column_stack([t[:, 0], t[:, 2:]])
+        rhs = y - t[:, 1] - (t[:, 0] / fixed if fixed else 0)
+        x, *_ = np.linalg.lstsq(lhs / y[:, None], rhs / y, rcond=None)
+        eff, (o, c, h) = (fixed, x) if fixed else (1 / x[0], x[1:])
+        est = t[:, 0] / eff + t[:, 1] + t[:, 2:] @ np.array([o, c, h])
+        out.append(f"bandwidth_efficiency={eff:.3f}{' (held)' if fixed else ''} "
+                   f"layer_overhead={o * 1e6:.1f}us collective_latency={c * 1e6:.1f}us "
+                   f"hop_latency={h * 1e6:.1f}us: mean |error| "
+                   f"{np.mean(np.abs(est / y - 1)):.1%}")
+        out += [f"  {name:<24} measured {m * 1e3:8.3f} ms  fitted {e * 1e3:8.3f} ms"
+                for name, m, e in zip(names, y, est, strict=True)]
+    return "\n".join(out)
 
 
 def calibration() -> tuple[list[str], pd.DataFrame]:
     """The planner's estimates next to measured H200 rows (same model code, same shapes)."""
-    import json
-
-    from optkit.config import OPTConfig
-    from optkit.parallel import Cluster, Plan, auto_plan
-
     rows = []
-    for name in MEASURED:
-        for line in (ROOT / name).read_text().splitlines():
-            r = json.loads(line)
-            if r.get("framework") != "optkit" or r.get("variant", "default") != "default":
-                continue
-            n = int(r.get("devices") or 1)
-            cfg = OPTConfig.from_name(f"opt-{r['size']}")
-            report = auto_plan(cfg, batch=r["batch"], prompt_len=r["prompt"],
-                               gen_len=r["new_tokens"], dtype="float16",
-                               cluster=Cluster.preset("H200-141GB", n), plans=[Plan(tp=n)],
-                               progress=False, strict=False)
-            c = report.candidates[0]
-            step = r.get("step_ms") if r["new_tokens"] else None
-            rows.append({"model": cfg.name, "GPUs": n, "plan": c.plan.name, "batch": r["batch"],
-                         "prompt": r["prompt"], "prefill_ms": r.get("prefill_ms"),
-                         "est_prefill_ms": c.prefill * 1e3, "decode_ms": step,
-                         "est_decode_ms": c.decode * 1e3 if step else None,
-                         "est/measured decode": c.decode * 1e3 / step if step else None})
+    for r, cfg, n in measured_rows():
+        c = planned(r, cfg, n)
+        step = r.get("step_ms") if r["new_tokens"] else None
+        rows.append({"model": cfg.name, "GPUs": n, "plan": c.plan.name, "batch": r["batch"],
+                     "prompt": r["prompt"], "prefill_ms": r.get("prefill_ms"),
+                     "est_prefill_ms": c.prefill * 1e3, "decode_ms": step,
+                     "est_decode_ms": c.decode * 1e3 if step else None,
+                     "est/measured decode": c.decode * 1e3 / step if step else None})
     df = pd.DataFrame(rows)
     lines = ["| " + " | ".join(df.columns) + " |", "|" + "---|" * len(df.columns)]
     for row in df.itertuples(index=False):
@@ -123,7 +177,13 @@ def main() -> int:
     ap.add_argument("--cases", choices=["named", "8gpu"], default="named",
                     help="named: the planner issue's clusters; 8gpu: the machines of the "
                          "OPT-175B-on-8-GPUs issue")
+    ap.add_argument("--fit", action="store_true",
+                    help="print least-squares decode constants for the measured rows (see "
+                         "optkit.parallel.planner.CostModel) and exit")
     args = ap.parse_args()
+    if args.fit:
+        print(fit())
+        return 0
     cases = CASES if args.cases == "named" else CASES_8GPU
     args.out = args.out or str(OUT / ("plans" if args.cases == "named" else "plans_8gpu"))
     out = Path(args.out)

@@ -9,7 +9,7 @@ from optkit.cli import main
 from optkit.config import PRESETS
 from optkit.parallel import Cluster, Plan, PlanError, auto_plan
 from optkit.parallel.devices import GiB, match_preset, parse_size
-from optkit.parallel.planner import enumerate_plans
+from optkit.parallel.planner import CostModel, enumerate_plans
 from optkit.weights.random import write_random_folder
 from tests.conftest import CONFIGS, left_padded_batch
 from tests.parallel.test_strategies import WIDE
@@ -53,7 +53,7 @@ def test_big_models_compiled_memory_matches_analytic(case):
     assert abs(best.analytic - expected) / expected < 0.05
     assert best.prefill > 0 and best.decode > 0
     # decode of a 16-bit model is bound by reading its weights once per token
-    floor = best.weights / (cluster.device.hbm_bandwidth * 0.85)
+    floor = best.weights / (cluster.device.hbm_bandwidth * CostModel().bandwidth_efficiency)
     assert floor * chosen.pp <= best.decode < 3 * floor * chosen.pp
     for c in report.candidates:
         if c is not best:
