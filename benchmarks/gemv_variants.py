@@ -18,6 +18,7 @@ the PTX widening (``prmt``), and with the input rows padded inside the kernel: n
 
     python benchmarks/gemv_variants.py --out variants.jsonl                  # on a GPU
     python benchmarks/gemv_variants.py --models 6.7b --out variants.jsonl
+    python benchmarks/gemv_variants.py --models 6.7b,13b --rows 64 --out variants.jsonl
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import json
 
 import jax.numpy as jnp
 
-from benchmarks.gemv_pallas import SHAPES, read_words, time_configs, words_gemv
+from benchmarks.gemv_pallas import SHAPES, read_words, time_configs, words_gemv, xla_gemv
 from optkit.kernels.int8_mma import int8_mma
 
 
@@ -38,10 +39,20 @@ def mma_gemv(x, q, scale, **cfg):
     return y.reshape(x.shape[:-1] + y.shape[1:])
 
 
-IMPLS = {"read": read_words, "words": words_gemv, "dot": mma_gemv}
+IMPLS = {"read": read_words, "words": words_gemv, "dot": mma_gemv, "xla": xla_gemv}
 
 
-def configs(n: int, k: int) -> list[tuple[str, dict]]:
+def configs(n: int, k: int, rows: int = 1) -> list[tuple[str, dict]]:
+    if rows > 1:  # XLA's dot over the widened kernel (the decode step's other way) and
+        # tiles of rows against wider blocks of channels, more warps, shorter K blocks
+        wide = [(bn, bk, w, st) for bn, bk, w, st in (
+            (64, 256, 4, 3), (64, 128, 4, 3), (64, 128, 8, 3), (128, 64, 4, 3),
+            (128, 128, 4, 3), (128, 128, 8, 3), (128, 256, 8, 3), (128, 128, 8, 4),
+            (256, 64, 8, 3), (256, 128, 8, 2))
+            if n % bn == 0 and k % bk == 0]
+        return [("read", {}), ("xla", {})] + [
+            ("dot", {"block_n": bn, "block_k": bk, "num_warps": w, "num_stages": st,
+                     "split": 1}) for bn, bk, w, st in wide]
     out = [("read", {}), ("words", {"block_n": 8, "block_k": 2048, "num_warps": 4}),
            ("dot", {})]
     dots = [{"block_n": bn, "block_k": bk, "num_stages": st}
@@ -66,13 +77,15 @@ def main() -> None:
     p.add_argument("--rotate-bytes", type=float, default=400e6,
                    help="rotate over this many bytes of kernels (far more than L2)")
     p.add_argument("--out", default="gemv_variants.jsonl")
+    p.add_argument("--rows", type=int, default=1,
+                   help="rows of x (more than 1: XLA's dot and a sweep of wider blocks)")
     args = p.parse_args()
-    args.rows = 1
     rows = []
     for model in args.models.split(","):
         for name, n, k in SHAPES[model]:
             if not args.kernels or name in args.kernels.split(","):
-                rows += time_configs(model, name, n, k, configs(n, k), IMPLS, args)
+                rows += time_configs(model, name, n, k, configs(n, k, args.rows), IMPLS,
+                                     args)
     with open(args.out, "a") as f:
         for r in rows:
             f.write(json.dumps(r) + "\n")

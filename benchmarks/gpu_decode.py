@@ -95,6 +95,10 @@ VARIANTS = {
     # fp16 products through cuBLASLt (bias adds in its epilogues) at every batch, not only
     # from LARGE_BATCH_ROWS rows on
     "default+cublaslt": "",
+    # int8 products of up to 16 / 32 rows on the tensor-core kernel (int8_mma.MAX_ROWS: 32
+    # since the tenth session, 16 before, when the rows32 rows were measured)
+    "default+rows16": "",
+    "default+rows32": "",
 }
 # collectives in CUDA graphs without optkit's decode compiler options (which would override
 # the flag)
@@ -370,6 +374,11 @@ def optkit_worker(args) -> list[dict]:
         from optkit.parallel import executor
 
         executor.LARGE_BATCH_ROWS = 1 << 30
+    for rows in (16, 32):
+        if args.variant.endswith(f"+rows{rows}"):
+            from optkit.kernels import int8_mma
+
+            int8_mma.MAX_ROWS = rows
     if args.variant.endswith("+cublaslt"):
         from optkit.parallel import executor
 

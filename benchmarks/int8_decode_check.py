@@ -45,7 +45,7 @@ def main() -> None:
     p.add_argument("--prompt", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=16)
     p.add_argument("--batch", type=int, default=1, help="rows (the tensor-core kernel takes "
-                   "up to 16 at once by default)")
+                   "up to int8_mma.MAX_ROWS at once)")
     p.add_argument("--max-rows", type=int, help="rows the tensor-core kernel may take "
                    "(default: int8_mma.MAX_ROWS)")
     p.add_argument("--out", default="int8_decode_check.jsonl")

@@ -82,7 +82,7 @@ def layer_norm(p: dict, x: jax.Array, eps: float) -> jax.Array:
 #: int8 products of at most this many token rows run as one fused widen-multiply-reduce.
 INT8_REDUCE_ROWS = 1
 #: ... and of at most this many through a ``matvec`` hook, where one is given, unless the
-#: hook says otherwise (its ``max_rows``: the tensor-core kernel takes 16; the CUDA-core one
+#: hook says otherwise (its ``max_rows``: the tensor-core kernel takes 32; the CUDA-core one
 #: multiplies on CUDA cores: at 4 rows it was half as fast as XLA's dot on an H200).
 INT8_KERNEL_ROWS = 1
 

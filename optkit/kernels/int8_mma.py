@@ -1,4 +1,4 @@
-"""int8 weight-only products of up to 16 rows on the tensor cores (Pallas on Triton).
+"""int8 weight-only products of a few rows on the tensor cores (Pallas on Triton).
 
 ``y[m, n] = scale[n] * sum_k x[m, k] * q[n, k]`` over an output-major int8 kernel ``q``
 (N, K), as :mod:`optkit.kernels.int8_matvec` computes on the CUDA cores.  Here the rows of
@@ -36,8 +36,10 @@ ROWS = 16
 LARGEST = 64
 #: ... and the most the decode step gives it: at 64 rows it was
 #: slower than XLA's dot on an H200 (opt-13b int8 batch 64: 13.85 vs 11.25 ms a step; each
-#: program re-reads the rows' inputs, 4x the bytes of 16 rows), at 16 faster (5.40 vs 7.07).
-MAX_ROWS = 16
+#: program re-reads the rows' inputs, 4x the bytes of 16 rows; wider blocks of channels did
+#: not close the gap), at 16 and 32 faster (batch 16: 5.40 vs 7.07; batch 32, 6.7b / 13b:
+#: 4.38 / 7.88 vs 4.74 / 8.45, where the fp16 model takes 5.02 / 8.55).
+MAX_ROWS = 32
 #: Programs below which a kernel's K is split in two (~2 per multiprocessor of an H200).
 SPLIT_BELOW = 256
 #: The least output channels and inputs of a kernel this one takes for a single row: at

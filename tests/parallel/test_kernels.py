@@ -114,7 +114,7 @@ def test_fp16_int8_products_take_the_tensor_core_kernel(plan, monkeypatch):
 
 
 def test_tensor_core_rows_only_for_fp16_models(monkeypatch):
-    """The hook takes a batch's 16 rows where the tensor-core kernel tiles the kernel (at any
+    """The hook takes a batch's 32 rows where the tensor-core kernel tiles the kernel (at any
     size: its least size holds for one row only) and the model is fp16."""
     from optkit.kernels import int8_mma
 
@@ -122,7 +122,7 @@ def test_tensor_core_rows_only_for_fp16_models(monkeypatch):
     q = {"fc1": ((1024, 256), PartitionSpec(None, None)),
          "out": ((256, 4, 64), PartitionSpec(None, None, None)),
          "fc2": ((256, 128), PartitionSpec(None, None))}  # K = 128: no 256-wide blocks
-    for dtype, want in (("float16", {"fc1": 16, "out": 16}), ("float32", {})):
+    for dtype, want in (("float16", {"fc1": 32, "out": 32}), ("float32", {})):
         fns = matvec_fns("matvec", CFG, mesh, q, int8=True, dtype=dtype)
         assert {n: f.max_rows for n, f in fns.items() if hasattr(f, "max_rows")} == want
     assert int8_mma.plan(1024, 256) is None  # one row: the CUDA-core kernel
