@@ -202,9 +202,9 @@ def get_model(model_name: str, path: str | os.PathLike | None = None, dtype="aut
       quantize: ``"int8"``: int8 weight-only matmul kernels, quantized while loading
         (``jax/`` and ``alpa/``; see ``optkit.quant``).
       kernels: Pallas kernels in the decode step of ``jax/`` and ``alpa/`` models: ``"auto"``
-        (on GPUs, those that apply: fused attention, residual add + LayerNorm, int8
-        products), ``"xla"`` (none), ``"pallas"`` (all), or names joined by commas from
-        ``"attention"``, ``"norm"``, ``"matvec"`` (``optkit.parallel.kernels``).
+        (on GPUs, those that apply: fused attention, int8 products), ``"xla"`` (none),
+        ``"pallas"`` (all, with the fused residual add + LayerNorm), or names joined by commas
+        from ``"attention"``, ``"norm"``, ``"matvec"`` (``optkit.parallel.kernels``).
     """
     backend, short = split_name(model_name)
     if kwargs:

@@ -115,11 +115,12 @@ class Executor:
     """What every executor shares; subclasses provide init_cache, prefill, decode,
     decode_loop, select and insert."""
 
-    _fns: dict[Any, Callable]
+    _fns: dict[Any, Any]
 
-    def _jit(self, key, make: Callable[[], Callable]) -> Callable:
-        """The function cached under ``key``, made by ``make()`` (shardings, compiler options
-        and the jit) only the first time: dispatches with a known key do none of that work."""
+    def _once(self, key, make: Callable[[], Any]) -> Any:
+        """What is cached under ``key`` (a jitted function, a shape's kernels), made by
+        ``make()`` (shardings, compiler options, the jit) only the first time: dispatches with
+        a known key do none of that work."""
         if key not in self._fns:
             self._fns[key] = make()
         return self._fns[key]
@@ -151,7 +152,7 @@ class MeshExecutor(Executor):
         self.params = params
         self.dtype = jnp.dtype(dtype or jax.tree.leaves(params)[0].dtype)
         self.stacked = isinstance(params["layers"], dict)
-        self._fns: dict[Any, Callable] = {}
+        self._fns: dict[Any, Any] = {}
         if "matvec" in self.kernels.split(",") and not self.int8:
             raise ValueError(f"kernels={self.kernels!r}: the matvec kernel runs int8 products, "
                              "but the model is not int8 (quantize='int8')")
@@ -225,17 +226,16 @@ class MeshExecutor(Executor):
     def decode_kernels(self, batch: int, max_len: int) -> dict:
         """Keyword arguments (``attention``, ``matvec``, ``norm``) of ``model.decode_step``
         for this batch and cache (see ``optkit.parallel.kernels``)."""
-        key = ("kernels", batch, max_len)
-        if key not in self._fns:  # asked on every dispatch: resolve once per shape
+        def make():  # asked on every dispatch: resolved once per shape
             shape = (batch, max_len, self.cfg.num_attention_heads, self.cfg.head_dim)
             spec = partition_spec(CACHE_AXES["kv"], shape, self.rules, self.mesh)
-            int8 = self.int8
             hidden = partition_spec(("batch", None, "embed"), (batch, 1, self.cfg.hidden_size),
                                     self.rules, self.mesh)
-            self._fns[key] = decode_kernels(self.kernels, self.cfg, self.mesh, spec,
-                                            self.int8_kernel_specs if int8 else {}, int8,
-                                            self.dtype, hidden)
-        return self._fns[key]
+            return decode_kernels(self.kernels, self.cfg, self.mesh, spec,
+                                  self.int8_kernel_specs if self.int8 else {}, self.int8,
+                                  self.dtype, hidden)
+
+        return self._once(("kernels", batch, max_len), make)
 
     def batch_sharding(self, shape: tuple[int, ...]) -> NamedSharding:
         return self.sharding(("batch",) + (None,) * (len(shape) - 1), shape)
@@ -249,12 +249,9 @@ class MeshExecutor(Executor):
 
     # Cache ---------------------------------------------------------------------------------
     def init_cache(self, batch: int, max_len: int):
-        key = ("init", batch, max_len)
-        if key not in self._fns:
-            self._fns[key] = jax.jit(
-                functools.partial(M.init_cache, self.cfg, batch, max_len, self.dtype, self.stacked),
-                out_shardings=self.cache_shardings(batch, max_len))
-        return self._fns[key]()
+        return self._once(("init", batch, max_len), lambda: jax.jit(
+            functools.partial(M.init_cache, self.cfg, batch, max_len, self.dtype, self.stacked),
+            out_shardings=self.cache_shardings(batch, max_len)))()
 
     # Model calls ---------------------------------------------------------------------------
     def prefill(self, tokens, attention_mask, cache, all_logits: bool = False):
@@ -263,7 +260,7 @@ class MeshExecutor(Executor):
         b, t = tokens.shape
         s = cache_len(cache)
         shape = (b, t, self.cfg.vocab_size) if all_logits else (b, self.cfg.vocab_size)
-        fn = self._jit(("prefill", all_logits, b, t, s), lambda: jax.jit(
+        fn = self._once(("prefill", all_logits, b, t, s), lambda: jax.jit(
             lambda p, x, m, c: M.prefill(p, self.cfg, x, m, c, all_logits=all_logits,
                                          lookup=self.embed_lookup),
             donate_argnums=(3,),
@@ -289,7 +286,7 @@ class MeshExecutor(Executor):
         b, s = tokens.shape[0], cache_len(cache)
         n = self.live_bucket(live, cache)
         kern = self.decode_kernels(b, s)
-        fn = self._jit(("decode", b, s, n), lambda: jax.jit(
+        fn = self._once(("decode", b, s, n), lambda: jax.jit(
             lambda p, x, c: M.decode_step(p, self.cfg, x, c, n, lookup=self.embed_lookup,
                                           **kern),
             donate_argnums=(2,), compiler_options=self.decode_options_for(b),
@@ -331,7 +328,7 @@ class MeshExecutor(Executor):
 
             return jax.lax.fori_loop(0, n, body, (tokens, cache, state, outs))
 
-        fn = self._jit(("loop", step_fn, max_steps, b, s, n_live), lambda: jax.jit(
+        fn = self._once(("loop", step_fn, max_steps, b, s, n_live), lambda: jax.jit(
             run, donate_argnums=(2,), compiler_options=self.decode_options_for(b),
             out_shardings=(None, self.cache_shardings(b, s), None, None)))
         tok, cache, state, outs = fn(self.params, tokens, cache, state, jnp.int32(num_steps))
@@ -354,7 +351,7 @@ class MeshExecutor(Executor):
                     out[name] = [x[r] for x in c[name]]
             return out
 
-        fn = self._jit(("select", b, s, cache_len(cache)), lambda: jax.jit(
+        fn = self._once(("select", b, s, cache_len(cache)), lambda: jax.jit(
             take, out_shardings=self.cache_shardings(b, s)))
         return fn(cache, rows)
 
@@ -383,7 +380,7 @@ class MeshExecutor(Executor):
                     out[name] = [row(x, y, 0) for x, y in zip(c[name], pre[name], strict=True)]
             return out
 
-        fn = self._jit(("insert", b, s, p), lambda: jax.jit(
+        fn = self._once(("insert", b, s, p), lambda: jax.jit(
             put, donate_argnums=(0,), out_shardings=self.cache_shardings(b, s)))
         return fn(cache, prefix, jnp.int32(slot))
 

@@ -48,7 +48,7 @@ class PipelineExecutor(Executor):
         self.stages = [MeshExecutor(cfg.replace(num_hidden_layers=len(r)), p, m, self.rules,
                                     dtype=self.dtype, kernels=kernels)
                        for r, p, m in zip(self.ranges, self.params, self.meshes, strict=True)]
-        self._fns: dict[Any, Callable] = {}
+        self._fns: dict[Any, Any] = {}
 
     # Helpers -------------------------------------------------------------------------------
     def rows(self, batch: int) -> list[tuple[int, int]]:
@@ -67,7 +67,7 @@ class PipelineExecutor(Executor):
             return parts[0]
         shape = (sum(p.shape[0] for p in parts),) + tuple(parts[0].shape[1:])
         last = self.stages[-1]
-        fn = self._jit(("concat", shape, len(parts)), lambda: jax.jit(
+        fn = self._once(("concat", shape, len(parts)), lambda: jax.jit(
             lambda *xs: jnp.concatenate(xs, axis=0), out_shardings=last.logits_sharding(shape)))
         return fn(*parts)
 
@@ -112,7 +112,7 @@ class PipelineExecutor(Executor):
             return jax.jit(fn, donate_argnums=donate, compiler_options=opts,
                            out_shardings=(out_sh, st.cache_shardings(b, max_len)))
         key = (kind, s, b, t, max_len, all_logits if last else None, live)
-        return self._jit(key, make)
+        return self._once(key, make)
 
     def prefill(self, tokens, attention_mask, cache, all_logits: bool = False):
         """Prompts (B,T) into an empty cache -> (logits (B,T,V) or (B,V), cache)."""
@@ -168,13 +168,13 @@ class PipelineExecutor(Executor):
         last = self.stages[-1]
         replicated = NamedSharding(last.mesh, PartitionSpec())
         state = jax.tree.map(lambda x: move(x, replicated), state)
-        step = self._jit(("step", step_fn), lambda: jax.jit(step_fn))
+        step = self._once(("step", step_fn), lambda: jax.jit(step_fn))
         outs = []
         for _ in range(num_steps):
             logits, cache = self.decode(tokens, cache, live)
             tokens, state, out = step(logits, state)
             outs.append(out)
-        stack = self._jit(("stack", num_steps), lambda: jax.jit(
+        stack = self._once(("stack", num_steps), lambda: jax.jit(
             lambda *xs: jax.tree.map(lambda *ys: jnp.stack(ys), *xs)))
         return tokens, cache, state, stack(*outs)
 
@@ -185,7 +185,7 @@ class PipelineExecutor(Executor):
         s_len = cache_len(cache)
         out = []
         for s, st in enumerate(self.stages):
-            fn = self._jit(("select", s, old, len(rows), s_len),
+            fn = self._once(("select", s, old, len(rows), s_len),
                            lambda st=st: self._regroup_fn(st, len(rows), s_len))
             idx = jax.device_put(rows, NamedSharding(st.mesh, PartitionSpec()))
             out.append(fn(cache["stages"][s], idx))
