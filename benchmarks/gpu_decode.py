@@ -99,14 +99,22 @@ VARIANTS = {
     # since the tenth session, 16 before, when the rows32 rows were measured)
     "default+rows16": "",
     "default+rows32": "",
+    # NCCL without its support for graphs mixed with uncaptured launches (less event
+    # traffic around each captured collective; see VARIANT_ENV)
+    "ar_no_graph_mixing": "",
+    # small all-reduces through NVSHMEM where XLA's build has it (experimental)
+    "ar_nvshmem": "--xla_gpu_experimental_enable_nvshmem=true",
+    # NCCL user-buffer registration of the collectives' buffers
+    "ar_user_buffers": "--xla_gpu_enable_nccl_user_buffers=true",
 }
 # collectives in CUDA graphs without optkit's decode compiler options (which would override
 # the flag)
 VARIANTS["graphs_collectives+no_cb"] = VARIANTS["graphs_collectives"]
 #: Environment variables a variant sets besides XLA_FLAGS (recorded in every row).
-VARIANT_ENV = {"ar_ll": {"NCCL_PROTO": "LL"}, "ar_symmetric_ll": {"NCCL_PROTO": "LL"}}
+VARIANT_ENV = {"ar_ll": {"NCCL_PROTO": "LL"}, "ar_symmetric_ll": {"NCCL_PROTO": "LL"},
+               "ar_no_graph_mixing": {"NCCL_GRAPH_MIXING_SUPPORT": "0"}}
 #: ... and those set by the caller that change what optkit runs (recorded too).
-RECORDED_ENV = ("OPTKIT_CUDA_GRAPHS", "NCCL_PROTO", "XLA_FLAGS")
+RECORDED_ENV = ("OPTKIT_CUDA_GRAPHS", "NCCL_PROTO", "NCCL_GRAPH_MIXING_SUPPORT", "XLA_FLAGS")
 sys.path.insert(0, str(ROOT))
 
 
