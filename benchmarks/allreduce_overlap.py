@@ -94,6 +94,7 @@ def run(args) -> list[dict]:
     from jax.sharding import Mesh, NamedSharding
     from jax.sharding import PartitionSpec as P
 
+    from optkit.bench.results import append_rows
     from optkit.parallel.executor import GPU_MULTI_DECODE_OPTIONS
 
     hidden, ffn = SHAPES[args.size]
@@ -143,7 +144,9 @@ def run(args) -> list[dict]:
                          "card": jax.devices()[0].device_kind, "jax": jax.__version__,
                          "xla_flags": os.environ.get("XLA_FLAGS", ""),
                          "nccl_env": {k: v for k, v in os.environ.items()
-                                      if k.startswith("NCCL_")}})
+                                      if k.startswith("NCCL_")},
+                         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+            append_rows(rows[-1:], args.out)      # each row kept as soon as it is measured
             print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -166,12 +169,7 @@ def main() -> None:
     p.add_argument("--chain", type=int, default=20, help="calls per timed repetition")
     p.add_argument("--dump", default="", help="write the optimized HLO (last prefetch run)")
     p.add_argument("--out", default="allreduce_overlap.jsonl")
-    args = p.parse_args()
-    rows = run(args)
-    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    with open(args.out, "a") as f:
-        for r in rows:
-            f.write(json.dumps({**r, "time": stamp}) + "\n")
+    run(p.parse_args())
 
 
 if __name__ == "__main__":
