@@ -6,7 +6,10 @@ HBM.  This builds a stand-in for a tensor-parallel OPT decoder (the four product
 layer at real shapes, the residual adds and LayerNorms, no attention) and times it with and
 without a Pallas kernel that, independent of the all-reduce, reads the first ``MB`` of the
 next product's weights with Triton's ``evict_last`` policy: if XLA runs it beside the
-all-reduce, the product then finds that part in L2.  Weights are random; ms a stack.
+all-reduce, the product then finds that part in L2.  ``--collective none`` leaves the
+all-reduces out (the time of everything else), ``--gpus 1`` runs it unsplit.  Weights are
+random; ms a stack.  (Two H200s: each MiB prefetched made the stack slower;
+``benchmarks/README.md``, eleventh session.)
 
     python benchmarks/allreduce_overlap.py --gpus 2 --prefetch-mb 0,8,16,24 --out ar.jsonl
 """
@@ -23,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-#: OPT decoder shapes: hidden, ffn
+#: OPT decoder shapes: hidden, ffn ("tiny": a CPU check of the script, fake devices)
 SHAPES = {"tiny": (256, 1024), "13b": (5120, 20480), "30b": (7168, 28672), "66b": (9216, 36864),
           "175b": (12288, 49152)}
 
