@@ -24,7 +24,8 @@ def add_textgen(sub) -> None:
     p.add_argument("--batch-size", type=int, nargs="+", default=[1])
     length = p.add_mutually_exclusive_group()
     length.add_argument("--max-new-tokens", type=int, default=None,
-                        help="tokens to generate per row (default 32)")
+                        help="tokens to generate per row; 32 if neither this nor "
+                             "--max-length is given")
     length.add_argument("--max-length", type=int, default=None,
                         help="total length, prompt included (HF's max_length)")
     p.add_argument("--num-beams", type=int, default=1)
@@ -41,10 +42,10 @@ def add_textgen(sub) -> None:
                    help="load all models at once and alternate between them batch by batch "
                         "(--no-interleave: one model in memory at a time)")
     p.add_argument("--torch-threads", type=int, help="torch.set_num_threads for facebook/ "
-                   "models (default: torch's choice).  On a CPU shared with other work, also "
+                   "models; torch's choice if not given.  On a CPU shared with other work, also "
                    "set OMP_WAIT_POLICY=PASSIVE: spinning OpenMP threads slow torch down "
                    "several times")
-    p.add_argument("--tokenizer", help="tokenizer folder (default: optkit's embedded one)")
+    p.add_argument("--tokenizer", help="tokenizer folder; optkit's embedded one if not given")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", default="benchmarks/results/textgen.jsonl",
                    help="rows are appended here (.jsonl or .csv)")

@@ -19,9 +19,10 @@ def register(sub) -> None:
                    help="facebook/opt-*, jax/opt-* or alpa/opt-*")
     p.add_argument("--path", help="folder holding {name}-np/ (or the folder / an HF dir)")
     p.add_argument("--dummy", action="store_true", help="random weights instead of --path")
-    p.add_argument("--tokenizer", help="tokenizer folder (default: optkit's embedded one)")
-    p.add_argument("--prompt", action="append", help="prompt text (repeat for a batch)")
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--tokenizer", help="tokenizer folder; optkit's embedded one if not given")
+    p.add_argument("--prompt", action="append",
+                   help="prompt text (repeat for a batch); a built-in one if not given")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate per prompt")
     add_loading_options(p)
     g = p.add_argument_group("decoding")
     g.add_argument("--do-sample", action="store_true", help="sample instead of greedy")
