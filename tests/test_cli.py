@@ -40,6 +40,23 @@ def test_random_weights_then_generate(tmp_path):
     assert greedy[0] == greedy[1] and greedy[0].startswith("Hello")
 
 
+def test_generate_rejects_bad_settings_before_loading(monkeypatch, capsys):
+    import logging
+
+    import optkit.commands.generate as gen
+
+    monkeypatch.setattr(gen, "load_model", lambda args: pytest.fail("loaded a model"))
+    for extra, msg in ((["--max-new-tokens", "-3"], "max_new_tokens must be >= 1"),
+                       (["--max-new-tokens", "2047"], "(3 tokens) + 2047 new tokens exceed"),
+                       (["--do-sample", "--top-p", "3"], "top_p must lie in (0, 1]")):
+        assert main(["generate", "--model", "jax/opt-125m", "--dummy",
+                     "--prompt", "hi there", *extra]) == 1
+        captured = capsys.readouterr()
+        assert msg in captured.err and captured.out == ""
+    # without -v, JAX's INFO lines stay out of the output
+    assert logging.getLogger("jax").getEffectiveLevel() == logging.WARNING
+
+
 def test_no_command_prints_help(capsys):
     assert main([]) == 2
     assert "convert" in capsys.readouterr().out

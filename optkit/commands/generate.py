@@ -42,16 +42,17 @@ def run(args) -> int:
     from optkit.generation import generate_text
 
     prompts = args.prompt or ["Paris is the capital city of"]
-    tok = get_tokenizer(args.tokenizer)
-    t0 = time.perf_counter()
-    model = load_model(args)
-    t1 = time.perf_counter()
     kw = dict(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
               repetition_penalty=args.repetition_penalty,
               no_repeat_ngram_size=args.no_repeat_ngram_size)
     if args.do_sample:
         kw.update(do_sample=True, temperature=args.temperature, top_k=args.top_k,
                   top_p=args.top_p, seed=args.seed)
+    tok = get_tokenizer(args.tokenizer)
+    _check_settings(args.model, max(len(tok(p)["input_ids"]) for p in prompts), kw)
+    t0 = time.perf_counter()
+    model = load_model(args)
+    t1 = time.perf_counter()
     if getattr(model, "backend", "facebook") == "facebook":
         if args.stop:
             raise ValueError("--stop needs a JAX backend (jax/ or alpa/)")
@@ -79,3 +80,17 @@ def run(args) -> int:
     t2 = time.perf_counter()
     print(f"# {model!r}: load {t1 - t0:.1f}s, generate {t2 - t1:.2f}s", file=sys.stderr)
     return 0
+
+
+def _check_settings(model: str, prompt_length: int, kw: dict) -> None:
+    """Reject out-of-range decoding settings for prompts of up to ``prompt_length`` tokens
+    before a model is loaded (which can take minutes), against the named size's config; a
+    name optkit does not know is left to ``get_model`` to explain."""
+    from optkit.config import OPTConfig
+    from optkit.generation.config import resolve
+
+    try:
+        cfg = OPTConfig.from_name(model)
+    except (KeyError, ValueError):
+        return
+    resolve(cfg, prompt_length, **kw)
