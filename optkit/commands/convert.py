@@ -53,12 +53,14 @@ def register_metaseq(kinds) -> None:
         "Interrupted conversions resume when re-run.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ms.add_argument("src", help="folder holding the *.pt files (or a single .pt file)")
-    ms.add_argument("dst", nargs="?", help="output folder, e.g. weights/opt-175b-np")
+    ms.add_argument("dst", nargs="?",
+                    help="output folder, e.g. weights/opt-175b-np; needed unless --dry-run")
     ms.add_argument("--model", default=None,
-                    help="preset (opt-175b, opt-66b, ...) or an HF config.json; default: "
-                    "inferred from the tensor shapes and the checkpoint's cfg")
+                    help="preset (opt-175b, opt-66b, ...) or an HF config.json; inferred "
+                    "from the tensor shapes and the checkpoint's cfg if not given")
     ms.add_argument("--md5", metavar="CSV", default=None,
-                    help="verify the files against Meta's md5 sums file (shard,md5sum) first")
+                    help="verify the files against Meta's md5 sums file (shard,md5sum) "
+                    "first; no check if not given")
     ms.add_argument("--clamp", action="store_true",
                     help="clip values with |x| > --extreme-threshold (and NaN/inf) instead of "
                     "only warning (OPT-175B part 5 shard 51 holds corrupt values, metaseq #122)")
