@@ -201,7 +201,7 @@ def run_sweep_command(args) -> int:
                     prompt_len=args.prompt_len, new_tokens=args.new_tokens)
         output = args.output or DEFAULT_OUTPUT
     df = run_sweep(cfgs, output=output, baseline=baseline, resume=not args.no_resume)
-    cols = [c for c in ("model_name", "resolved_plan", "dtype", "batch_size", "prompt_len",
+    cols = [c for c in ("model_name", "resolved_plan", "resolved_dtype", "batch_size", "prompt_len",
                         "new_tokens", "tokens_per_s", "ttft_s", "decode_step_ms", "compile_s",
                         "roofline_fraction", "speedup", "error") if c in df]
     with _pandas_wide():

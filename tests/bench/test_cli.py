@@ -32,7 +32,8 @@ def test_sweep_cli_against_hf(tiny_path, tmp_path, capsys):
     assert len(read_rows(jsonl)) == 4
     assert {p.name for p in plots.iterdir()} == {"throughput.png", "roofline.png",
                                                  "speedup.png"}
-    assert "speedup" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "speedup" in out and "resolved_dtype" in out and "float32" in out  # not "auto"
     assert main(argv) == 0  # resumed: nothing measured again
     assert len(read_rows(csv)) == 4
 
