@@ -34,8 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
-    if not args.verbose:  # JAX's INFO lines (e.g. "Unable to initialize backend 'tpu'")
-        logging.getLogger("jax").setLevel(logging.WARNING)
+    if not args.verbose:  # others' INFO lines: JAX's "Unable to initialize backend 'tpu'",
+        for name in ("jax", "httpx"):  # httpx's one per request of a load test
+            logging.getLogger(name).setLevel(logging.WARNING)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

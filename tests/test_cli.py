@@ -53,8 +53,9 @@ def test_generate_rejects_bad_settings_before_loading(monkeypatch, capsys):
                      "--prompt", "hi there", *extra]) == 1
         captured = capsys.readouterr()
         assert msg in captured.err and captured.out == ""
-    # without -v, JAX's INFO lines stay out of the output
-    assert logging.getLogger("jax").getEffectiveLevel() == logging.WARNING
+    # without -v, JAX's and httpx's INFO lines stay out of the output
+    assert all(logging.getLogger(n).getEffectiveLevel() == logging.WARNING
+               for n in ("jax", "httpx"))
 
 
 def test_no_command_prints_help(capsys):

@@ -273,8 +273,15 @@ def make_requests(cfg: LoadConfig) -> list[dict]:
 # Sending
 # --------------------------------------------------------------------------------------------
 async def _models(client, cfg: LoadConfig) -> str:
-    r = await client.get(cfg.base_url + "/models", headers=_headers(cfg))
-    r.raise_for_status()
+    import httpx
+
+    try:
+        r = await client.get(cfg.base_url + "/models", headers=_headers(cfg))
+        r.raise_for_status()
+    except httpx.HTTPError as e:  # unreachable, refused, 401, 404...
+        raise ValueError(f"cannot list the models at {cfg.base_url}/models ({e}); is the "
+                         "server running there (optkit serve), and the URL and API key "
+                         "right?") from e
     data = r.json().get("data") or []
     if not data:
         raise ValueError(f"{cfg.base_url}/models lists no models; pass model=")

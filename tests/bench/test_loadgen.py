@@ -177,6 +177,18 @@ def test_errors_are_recorded(fake_server):
     assert s["ttft_mean_ms"] is None and s["goodput"] == 0.0
 
 
+def test_an_unreachable_server_is_one_clear_error():
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(ValueError, match=r"cannot list the models at http://127\.0\.0\.1:"
+                                         r"\d+/v1/models .*is the server running"):
+        run_load(url=f"http://127.0.0.1:{port}", num_requests=1, prompt_len=2, output_len=2,
+                 token_range=LETTERS, progress=False)
+
+
 def test_runs_inside_a_running_event_loop(fake_server):
     """Jupyter cells run inside an event loop; run_load then uses a thread of its own."""
     srv, _ = fake_server()
