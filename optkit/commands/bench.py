@@ -260,7 +260,9 @@ def add_load(sub) -> None:
     p.add_argument("--prompt-format", choices=["ids", "text"], default="ids",
                    help="random prompts as token ids (exact lengths) or words")
     p.add_argument("--token-range", type=int, nargs=2, default=[1000, 30000],
-                   metavar=("LO", "HI"), help="random token ids from [LO, HI)")
+                   metavar=("LO", "HI"), help="random token ids from [LO, HI) (OPT's "
+                   "vocabulary; `optkit serve --fake` knows only 97 123, or use --prompt-format "
+                   "text)")
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--logprobs", action="store_true",
                    help="request log-probs so each streamed chunk's token count is known")
