@@ -15,6 +15,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from optkit.parallel.dispatch import settle
+
 
 @dataclasses.dataclass(frozen=True)
 class KeyData:
@@ -85,7 +87,7 @@ def _fetch_leaf(x):
         return np.asarray(x)
     devices = x.sharding.device_set
     if not x.sharding.is_fully_replicated:
-        x = _replicated(x)
+        x = settle(_replicated(x))  # every process, not only the owner, waits for it
     owner = min(d.process_index for d in devices)
     if owner != jax.process_index():
         return MISSING

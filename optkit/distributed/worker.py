@@ -66,6 +66,10 @@ class JaxWorker:
             jax.config.update("jax_num_cpu_devices", int(cpu_devices))
             jax.config.update("jax_cpu_collectives_implementation", "gloo")
         if num_processes > 1:
+            if platform == "cpu":  # gloo collectives can starve XLA:CPU's threads
+                from optkit.parallel.dispatch import set_synchronous
+
+                set_synchronous(True)
             jax.distributed.initialize(coordinator, num_processes, self.rank,
                                        initialization_timeout=int(init_timeout),
                                        heartbeat_timeout_seconds=jax_heartbeat(heartbeat_timeout))

@@ -22,6 +22,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from optkit import model as M
 from optkit.config import OPTConfig
+from optkit.parallel.dispatch import settled
 from optkit.parallel.kernels import check_kernels, decode_kernels, on_gpus
 from optkit.parallel.lookup import vocab_lookup
 from optkit.parallel.rules import axis_names
@@ -120,9 +121,11 @@ class Executor:
     def _once(self, key, make: Callable[[], Any]) -> Any:
         """What is cached under ``key`` (a jitted function, a shape's kernels), made by
         ``make()`` (shardings, compiler options, the jit) only the first time: dispatches with
-        a known key do none of that work."""
+        a known key do none of that work.  A function's results are awaited where dispatch
+        is synchronous (:mod:`optkit.parallel.dispatch`)."""
         if key not in self._fns:
-            self._fns[key] = make()
+            made = make()
+            self._fns[key] = settled(made) if callable(made) else made
         return self._fns[key]
 
     def logits(self, tokens, attention_mask=None):

@@ -22,6 +22,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from optkit.parallel.dispatch import settle
+
 PAIR = "_pair"
 
 
@@ -50,7 +52,7 @@ def move(x, sharding: NamedSharding) -> jax.Array:
     if jax.process_index() not in procs:
         return jax.make_array_from_single_device_arrays(x.shape, sharding, [], dtype=x.dtype)
     if src.device_set == sharding.device_set:  # same devices, other layout
-        return _reshard(x, sharding)
+        return settle(_reshard(x, sharding))
     if src.device_set & sharding.device_set or len(src.device_set) != sharding.num_devices:
         raise ValueError(f"cannot move an array from {src} to {sharding} across processes: "
                          "the source and target device sets must be disjoint and of one size")
@@ -61,7 +63,7 @@ def move(x, sharding: NamedSharding) -> jax.Array:
         mesh = Mesh(np.array(devices).reshape(sharding.mesh.devices.shape),
                     sharding.mesh.axis_names)
         x = _reshard(x, NamedSharding(mesh, sharding.spec))
-    return _permute(x, sharding)
+    return settle(_permute(x, sharding))
 
 
 def _reshard(x: jax.Array, sharding: NamedSharding) -> jax.Array:
