@@ -4,8 +4,9 @@ XLA:CPU runs a process's executions and its compilations on one pool of threads.
 ``jax.distributed`` with gloo collectives, an execution waiting in a collective for another
 process holds a thread; with several such executions in flight (JAX dispatches
 asynchronously) a process can end up compiling its next function, waiting for a thread,
-while the other process waits for that process's next collective: both hang for good (seen
-with a two-process pipeline on two busy CPU cores).  In such processes :func:`settle` blocks
+while the other process waits for that process's next collective: both hang for good (how
+the stacks of a two-process pipeline test that hung on two busy CPU cores read; the hang was
+not reproduced on demand).  In such processes :func:`settle` blocks
 on every executor result, so at most one execution is in flight, in program order, which is
 the same on every process.  GPUs (NCCL, stream-ordered) keep dispatching asynchronously.
 """
