@@ -9,13 +9,12 @@ it and the others return :data:`MISSING`; the driver merges the workers' trees l
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from optkit.parallel.dispatch import settle
+from optkit.parallel.transfer import move
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,26 +86,19 @@ def _fetch_leaf(x):
         return np.asarray(x)
     devices = x.sharding.device_set
     if not x.sharding.is_fully_replicated:
-        x = settle(_replicated(x))  # every process, not only the owner, waits for it
+        x = move(x, _replicated(x.sharding))
     owner = min(d.process_index for d in devices)
     if owner != jax.process_index():
         return MISSING
     return np.asarray(x.addressable_data(0))
 
 
-def _replicated(x: jax.Array) -> jax.Array:
-    s = x.sharding
+def _replicated(s) -> NamedSharding:
+    """``s``'s devices, each holding the whole array."""
     if isinstance(s, NamedSharding):
-        target = s.update(spec=PartitionSpec())
-    else:
-        devices = np.array(sorted(s.device_set, key=lambda d: d.id))
-        target = NamedSharding(Mesh(devices, ("all",)), PartitionSpec())
-    return _identity(target)(x)
-
-
-@functools.cache
-def _identity(sharding):
-    return jax.jit(lambda a: a, out_shardings=sharding)
+        return s.update(spec=PartitionSpec())
+    devices = np.array(sorted(s.device_set, key=lambda d: d.id))
+    return NamedSharding(Mesh(devices, ("all",)), PartitionSpec())
 
 
 def merge(trees):
