@@ -26,9 +26,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-#: OPT decoder shapes: hidden, ffn ("tiny": a CPU check of the script, fake devices)
-SHAPES = {"tiny": (256, 1024), "13b": (5120, 20480), "30b": (7168, 28672), "66b": (9216, 36864),
-          "175b": (12288, 49152)}
+def shapes(size: str) -> tuple[int, int]:
+    """(hidden, ffn) of the OPT preset ``size`` ("13b", "opt-175b", "tiny" for a CPU check)."""
+    from optkit.config import OPTConfig
+
+    cfg = OPTConfig.from_name(size if size.startswith("opt-") else f"opt-{size}")
+    return cfg.hidden_size, cfg.ffn_dim
 
 
 def prefetch(w, nbytes: int):
@@ -100,7 +103,7 @@ def run(args) -> list[dict]:
     from optkit.bench.results import append_rows
     from optkit.parallel.executor import GPU_MULTI_DECODE_OPTIONS
 
-    hidden, ffn = SHAPES[args.size]
+    hidden, ffn = shapes(args.size)
     g = args.gpus
     mesh = Mesh(np.array(jax.devices()[:g]), ("t",))
     col, row = NamedSharding(mesh, P(None, "t")), NamedSharding(mesh, P("t", None))
@@ -157,7 +160,8 @@ def run(args) -> list[dict]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", default="13b", choices=sorted(SHAPES))
+    p.add_argument("--size", default="13b", help="OPT preset: 13b, 30b, 66b, 175b, ...; tiny "
+                   "for a CPU check of the script")
     p.add_argument("--gpus", type=int, default=2)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--layers", type=int, default=40)
