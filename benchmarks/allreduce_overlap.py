@@ -26,6 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+
 def shapes(size: str) -> tuple[int, int]:
     """(hidden, ffn) of the OPT preset ``size`` ("13b", "opt-175b", "tiny" for a CPU check)."""
     from optkit.config import OPTConfig
