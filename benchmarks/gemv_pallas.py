@@ -26,17 +26,21 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
+from optkit.config import OPTConfig
 from optkit.kernels.int8_matvec import int8_matvec
 
-#: (name, N output channels, K inputs) of one layer's four kernels
-SHAPES = {
-    "6.7b": [("qkv", 3 * 4096, 4096), ("out", 4096, 4096), ("fc1", 16384, 4096),
-             ("fc2", 4096, 16384)],
-    "13b": [("qkv", 3 * 5120, 5120), ("out", 5120, 5120), ("fc1", 20480, 5120),
-            ("fc2", 5120, 20480)],
-    "175b/tp2": [("qkv", 3 * 12288 // 2, 12288), ("out", 12288, 12288 // 2),
-                 ("fc1", 49152 // 2, 12288), ("fc2", 12288, 49152 // 2)],
-}
+
+def layer_kernels(name: str, tp: int = 1) -> list[tuple[str, int, int]]:
+    """(name, N output channels, K inputs) of one layer's four kernels of the OPT preset
+    ``name``, each device's shard under ``tp``-way tensor parallelism."""
+    cfg = OPTConfig.from_name(name)
+    h, f = cfg.hidden_size, cfg.ffn_dim
+    return [("qkv", 3 * h // tp, h), ("out", h, h // tp), ("fc1", f // tp, h),
+            ("fc2", h, f // tp)]
+
+
+SHAPES = {"6.7b": layer_kernels("opt-6.7b"), "13b": layer_kernels("opt-13b"),
+          "175b/tp2": layer_kernels("opt-175b", tp=2)}
 
 
 def xla_gemv(x, q, scale):
