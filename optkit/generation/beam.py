@@ -41,8 +41,8 @@ import numpy as np
 from optkit.generation.config import GenerationConfig
 from optkit.generation.output import GenerateOutput
 from optkit.generation.processors import Processors, apply_processors, is_eos, processor_state
-from optkit.generation.sampling import filter_logits, sample_without_replacement
-from optkit.generation.search import key_table, processors_of, replicate_like, step_keys
+from optkit.generation.sampling import filter_logits, sample_without_replacement, token_keys
+from optkit.generation.search import processors_of, replicate_like
 
 SENTINEL = -1.0e9  # HF's "impossible" score
 
@@ -87,7 +87,8 @@ def beam_step(spec: BeamSpec):
                                  min_keep=c // k)
         acc = (logp.reshape(b, k, v) + st["run_scores"][:, :, None]).reshape(b, k * v)
         if spec.sample:
-            idx = sample_without_replacement(acc, step_keys(st), c)
+            keys = token_keys(st["seeds"], st["streams"], jnp.full((b,), cur - t))
+            idx = sample_without_replacement(acc, keys, c)
             vals = jnp.take_along_axis(acc, idx, axis=1)
             order = jnp.argsort(-vals, axis=1, stable=True)
             vals, idx = (jnp.take_along_axis(x, order, axis=1) for x in (vals, idx))
@@ -199,7 +200,7 @@ def beam_search(executor, input_ids: np.ndarray, attention_mask: np.ndarray,
     if gc.do_sample:
         state.update(temperature=np.full(n, gc.temperature, np.float32),
                      top_k=np.full(n, gc.top_k, np.int32), top_p=np.full(n, gc.top_p, np.float32),
-                     keys=key_table(gc.seed, b, new_max), start=np.int32(t))
+                     seeds=np.full(b, gc.seed, np.uint32), streams=np.arange(b, dtype=np.uint32))
     step = beam_step(spec)
 
     start = time.perf_counter()

@@ -27,7 +27,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from optkit.generation.config import GenerationConfig
 from optkit.generation.output import GenerateOutput
 from optkit.generation.processors import Processors, apply_processors, is_eos, processor_state
-from optkit.generation.sampling import filter_logits, logprobs
+from optkit.generation.sampling import logprobs, sample_tokens
 from optkit.generation.stop import StopStrings
 
 
@@ -51,8 +51,8 @@ def search_step(spec: StepSpec):
         hist, cur = st["hist"], st["cur"]
         scores = apply_processors(spec.processors, raw, hist, cur, st["proc"])
         if spec.sample:
-            scores = filter_logits(scores, st["temperature"], st["top_k"], st["top_p"])
-            tok = jax.vmap(jax.random.categorical)(step_keys(st), scores)
+            tok = sample_tokens(scores, st["seeds"], st["streams"], cur - st["start"],
+                                st["temperature"], st["top_k"], st["top_p"])
         else:
             tok = jnp.argmax(scores, axis=-1)
         tok = jnp.where(st["done"], spec.pad, tok).astype(jnp.int32)
@@ -92,25 +92,6 @@ def replicate_like(tree, reference):
     if not isinstance(sharding, NamedSharding):
         return tree
     return jax.device_put(tree, NamedSharding(sharding.mesh, PartitionSpec()))
-
-
-def key_table(seed: int, rows: int, steps: int):
-    """(steps, rows) PRNG keys; key ``[i, r]`` depends only on (seed, r, i), so a row's draws
-    do not depend on the batch or on how steps are grouped into dispatches.
-
-    The keys are drawn on the host (numpy) for XLA's RngBitGenerator (``impl="rbg"``): the
-    decode step then contains no threefry hash, which compiles in seconds on CPU.  Streams
-    are reproducible on one backend, not across CPU and GPU.
-    """
-    data = np.stack([np.random.default_rng([seed, r]).integers(0, 2**32, size=(steps, 4),
-                                                                dtype=np.uint32)
-                     for r in range(rows)], axis=1)
-    return jax.random.wrap_key_data(data, impl="rbg")
-
-
-def step_keys(st):
-    """This step's key per row from the loop state's table."""
-    return jax.lax.dynamic_index_in_dim(st["keys"], st["cur"] - st["start"], 0, keepdims=False)
 
 
 def processors_of(gc: GenerationConfig) -> Processors:
@@ -201,7 +182,8 @@ def search(executor, input_ids: np.ndarray, attention_mask: np.ndarray,
     if gc.do_sample:
         state.update(temperature=np.full(n, gc.temperature, np.float32),
                      top_k=np.full(n, gc.top_k, np.int32), top_p=np.full(n, gc.top_p, np.float32),
-                     keys=key_table(gc.seed, n, hist.shape[1] - t), start=np.int32(t))
+                     seeds=np.full(n, gc.seed, np.uint32), streams=np.arange(n, dtype=np.uint32),
+                     start=np.full(n, t, np.int32))
     host = _Host(gc, n)
 
     start = time.perf_counter()

@@ -219,7 +219,7 @@ def create_app(scheduler: Scheduler, codec: Codec, model_name: str, *,
             sampling=SamplingParams(temperature=temperature,
                                     top_p=1.0 if body.top_p is None else body.top_p,
                                     top_k=max(body.top_k or 0, 0),
-                                    seed=(seed + j) % 2**32),
+                                    seed=seed, stream=j),
             stop=body.stops(), logprobs=body.logprobs, echo=bool(body.echo))
             for ids in prompts for j in range(best_of)]
         for s in seqs:
