@@ -29,6 +29,7 @@ from optkit.config import OPTConfig
 from optkit.distributed import wire
 from optkit.distributed.cluster import RayCluster
 from optkit.distributed.health import check_weights
+from optkit.parallel.executor import LIVE_BUCKET
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +143,11 @@ class RemoteExecutor:
                 "decode_loop", fid, np.asarray(tokens, np.int32), state, int(num_steps), live,
                 max_steps, cache=cache, donate=True, shape=(cache.batch, cache.length))
         return tok, new, state, outs
+
+    def dispatch_span(self, position: int, remaining: int, batch: int, max_len: int) -> int:
+        """Decode steps per dispatch: up to the end of the current live bucket (whether the
+        workers' attention reads only written positions is not known here)."""
+        return max(1, min(remaining, -(-(position + 1) // LIVE_BUCKET) * LIVE_BUCKET - position))
 
     def logits(self, tokens, attention_mask=None):
         tokens = np.asarray(tokens, np.int32)

@@ -22,7 +22,7 @@ hypotheses.  Each step (HF's ``_beam_search``):
 The arithmetic mirrors HF's float32 operations (the same -1e9 sentinels, the same order of
 additions, length penalties computed in double precision then rounded) so the same logits
 give the same sequences.  Between steps the executor reorders the cache rows to the beams'
-origins (``executor.select``); the host only checks every ``steps_per_dispatch`` steps
+origins (``executor.select``); the host only checks every ``steps_per_dispatch`` (default 8) steps
 whether the search has stopped, and the step leaves a stopped search unchanged.  The prompt's
 last column is fed through the decode loop (the prefill takes the others), so the first
 step runs in the same compiled program as the rest.
@@ -42,7 +42,7 @@ from optkit.generation.config import GenerationConfig
 from optkit.generation.output import GenerateOutput
 from optkit.generation.processors import Processors, apply_processors, is_eos, processor_state
 from optkit.generation.sampling import filter_logits, sample_without_replacement, token_keys
-from optkit.generation.search import processors_of, replicate_like
+from optkit.generation.search import STREAM_STEPS, processors_of, replicate_like
 
 SENTINEL = -1.0e9  # HF's "impossible" score
 
@@ -212,9 +212,9 @@ def beam_search(executor, input_ids: np.ndarray, attention_mask: np.ndarray,
     cache = executor.select(cache, np.repeat(np.arange(b), k))
     tok = np.repeat(input_ids[:, -1], k)
     state = replicate_like(state, cache)
-    outs, steps = [], 0
+    outs, steps, check = [], 0, gc.steps_per_dispatch or STREAM_STEPS
     while steps < new_max:
-        if steps and steps % gc.steps_per_dispatch == 0 and bool(state["done"]):
+        if steps and steps % check == 0 and bool(state["done"]):
             break
         tok, cache, state, o = executor.decode_loop(step, tok, cache, state, 1)
         outs.append(o)

@@ -299,14 +299,16 @@ class MeshExecutor(Executor):
 
     def decode_loop(self, step_fn: Callable, tokens, cache, state, num_steps: int,
                     live: int | None = None, max_steps: int | None = None):
-        """``num_steps`` decode steps in one dispatch.
+        """Up to ``num_steps`` decode steps in one dispatch.
 
         ``step_fn(logits, state) -> (next_tokens, state, out)`` is pure JAX (sampling, logits
         processors) and must be the same function object across calls (it keys the compile
         cache).  ``out`` leaves are stacked over steps.  The trip count is dynamic: one
         compilation serves every ``num_steps`` up to ``max_steps`` (default: the next power
-        of two).  ``live`` bounds every row's position after the dispatch (attention then
-        reads only that much of the cache).  Returns (tokens, cache, state, outs).
+        of two).  A dict ``state`` with a boolean ``done`` entry ends the loop on the device
+        once every entry is true (the outs of steps not run are zeros).  ``live`` bounds
+        every row's position after the dispatch (attention then reads only that much of
+        the cache).  Returns (tokens, cache, state, outs).
         """
         tokens = self.put_batch(tokens)
         max_steps = max_steps or 1 << max(0, int(num_steps) - 1).bit_length()
@@ -321,15 +323,22 @@ class MeshExecutor(Executor):
             _, _, out_shape = jax.eval_shape(step_fn, logits_shape, state)
             outs = jax.tree.map(lambda o: jnp.zeros((max_steps, *o.shape), o.dtype), out_shape)
 
-            def body(i, carry):
-                tok, c, st, outs = carry
+            def body(carry):
+                i, tok, c, st, outs = carry
                 logits, c = M.decode_step(params, cfg, tok, c, n_live, lookup=lookup, **kern)
                 tok, st, out = step_fn(logits, st)
                 outs = jax.tree.map(
                     lambda buf, o: jax.lax.dynamic_update_index_in_dim(buf, o, i, 0), outs, out)
-                return tok, c, st, outs
+                return i + 1, tok, c, st, outs
 
-            return jax.lax.fori_loop(0, n, body, (tokens, cache, state, outs))
+            def more(carry):
+                i, st = carry[0], carry[3]
+                if isinstance(st, dict) and "done" in st:
+                    return (i < n) & ~jnp.all(st["done"])
+                return i < n
+
+            _, *out = jax.lax.while_loop(more, body, (jnp.int32(0), tokens, cache, state, outs))
+            return tuple(out)
 
         fn = self._once(("loop", step_fn, max_steps, b, s, n_live), lambda: jax.jit(
             run, donate_argnums=(2,), compiler_options=self.decode_options_for(b),
@@ -338,6 +347,15 @@ class MeshExecutor(Executor):
         if num_steps != max_steps:
             outs = jax.tree.map(lambda o: o[:num_steps], outs)
         return tok, cache, state, outs
+
+    def dispatch_span(self, position: int, remaining: int, batch: int, max_len: int) -> int:
+        """How many of ``remaining`` decode steps one :meth:`decode_loop` dispatch should run
+        when the rows' next position is ``position``: all of them where attention reads only
+        the positions each row has written (the fused kernel), else up to the end of the
+        current :data:`LIVE_BUCKET` (attention reads the whole live bucket every step)."""
+        if self.decode_kernels(batch, max_len)["attention"] is not None:
+            return remaining
+        return max(1, min(remaining, -(-(position + 1) // LIVE_BUCKET) * LIVE_BUCKET - position))
 
     def select(self, cache, rows):
         """Cache rows reordered/replicated by ``rows`` (beam search, ``num_return_sequences``)."""

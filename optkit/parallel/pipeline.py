@@ -178,6 +178,10 @@ class PipelineExecutor(Executor):
             lambda *xs: jax.tree.map(lambda *ys: jnp.stack(ys), *xs)))
         return tokens, cache, state, stack(*outs)
 
+    def dispatch_span(self, position: int, remaining: int, batch: int, max_len: int) -> int:
+        """See :meth:`MeshExecutor.dispatch_span` (the first stage's kernels decide)."""
+        return self.stages[0].dispatch_span(position, remaining, batch, max_len)
+
     def select(self, cache, rows):
         """Cache rows reordered/replicated by ``rows`` (beam search, ``num_return_sequences``)."""
         rows = np.asarray(rows, np.int32)
