@@ -119,7 +119,8 @@ def create_app(scheduler: Scheduler, codec: Codec, model_name: str, *,
             param = None
         else:  # the top-level field (deeper parts name union members, not fields)
             param = str(loc[0]) if loc and isinstance(loc[0], str) else None
-            msg = f"{param}: {err.get('msg')}" if param else str(err.get("msg"))
+            text = str(err.get("msg")).removeprefix("Value error, ")
+            msg = f"{param}: {text}" if param else text
         metrics.rejected.labels("invalid").inc()
         return JSONResponse(error_body(msg, param=param, code=err.get("type")), status_code=400)
 

@@ -29,7 +29,6 @@ from pydantic import (
     StrictInt,
     StrictStr,
     field_validator,
-    model_validator,
 )
 
 Prompt = StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
@@ -134,6 +133,16 @@ class ChatMessage(BaseModel):
     content: StrictStr | list[TextPart] | None = None
     name: str | None = None
 
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_only(cls, v):
+        if isinstance(v, list):
+            for part in v:
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                if kind != "text":
+                    raise ValueError(f"only text content parts are supported, not {kind!r}")
+        return v
+
     def text(self) -> str:
         if isinstance(self.content, list):
             return "".join(p.text for p in self.content)
@@ -147,11 +156,6 @@ class ChatCompletionRequest(SamplingRequest):
     logprobs: bool | None = False
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
 
-    @model_validator(mode="after")
-    def _top_needs_logprobs(self):
-        if self.top_logprobs and not self.logprobs:
-            raise ValueError("top_logprobs needs logprobs: true")
-        return self
 
 
 class TokenizeRequest(BaseModel):
@@ -164,12 +168,6 @@ class TokenizeRequest(BaseModel):
     add_special_tokens: bool = True  # OPT's </s> in front, as the model is fed
     add_generation_prompt: bool = True
     return_token_strs: bool = False
-
-    @model_validator(mode="after")
-    def _one_input(self):
-        if (self.prompt is None) == (self.messages is None):
-            raise ValueError("send either prompt or messages")
-        return self
 
 
 class DetokenizeRequest(BaseModel):

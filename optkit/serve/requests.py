@@ -81,7 +81,13 @@ class RequestPlanner:
                       else body.max_tokens)
         if max_tokens is None:  # the rest of the context
             max_tokens = max(self.scheduler.engine.max_len - len(prompt), 0)
+        if body.top_logprobs and not body.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        most = self.scheduler.engine.max_logprobs
+        if logprobs is not None and logprobs > most:
+            raise APIError(400, f"top_logprobs may be at most {most} on this server",
+                           param="top_logprobs")
         return self._expand(body, [prompt], self.template.stop + body.stops(), [max_tokens],
                             best_of=None, logprobs=logprobs, echo=False)
 
@@ -131,6 +137,8 @@ class RequestPlanner:
 
     def tokenize(self, body: TokenizeRequest) -> TokenizeResponse:
         self.check_model(body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise APIError(400, "send either prompt or messages", param="prompt")
         text = (body.prompt if body.messages is None
                 else self.render(body.messages, body.add_generation_prompt))
         ids = self.codec.encode(text, add_special_tokens=body.add_special_tokens)
