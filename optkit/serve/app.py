@@ -72,38 +72,9 @@ def read_api_keys(path) -> dict[str, float]:
     return keys
 
 
-def create_app(scheduler: Scheduler, codec: Codec, model_name: str, *,
-               api_keys: Mapping[str, float] | None = None, max_n: int = 16,
-               metrics: Metrics | None = None, aliases: tuple[str, ...] = (),
-               chat_template: str | None = None) -> FastAPI:
-    """FastAPI app serving ``scheduler`` (started and stopped with the app).
-    ``chat_template``: ``plain`` or ``instruct`` (default: by ``model_name``)."""
-    metrics = metrics or scheduler.metrics or Metrics()
-    if scheduler.metrics is None:
-        scheduler.metrics = metrics
-    metrics.bind(scheduler)
-    engine = scheduler.engine
-    planner = RequestPlanner(scheduler, codec, model_name, aliases, max_n,
-                             get_template(chat_template, model_name))
-    page = (STATIC / "index.html").read_text()
-    icon = (STATIC / "favicon.ico").read_bytes()
+def add_error_handlers(app: FastAPI, metrics: Metrics) -> None:
+    """Every error as an OpenAI error object; refusals counted in ``metrics``."""
 
-    @asynccontextmanager
-    async def lifespan(app):
-        scheduler.start()
-        try:
-            yield
-        finally:
-            await run_in_threadpool(scheduler.stop)
-
-    app = FastAPI(title="optkit", version="0.1.0", lifespan=lifespan,
-                  description="OpenAI-compatible completions and chat over a "
-                              "continuous-batching engine")
-    app.state.scheduler = scheduler
-    app.state.metrics = metrics
-    app.state.planner = planner
-
-    # Errors -------------------------------------------------------------------------------
     @app.exception_handler(APIError)
     async def _api_error(request, exc: APIError):
         if exc.status in REJECTED:
@@ -136,6 +107,10 @@ def create_app(scheduler: Scheduler, codec: Codec, model_name: str, *,
         return JSONResponse(error_body(f"internal error: {exc}", "server_error"),
                             status_code=500)
 
+
+def key_auth(api_keys: Mapping[str, float] | None):
+    """The dependency that checks ``Authorization: Bearer KEY`` (None: keys are off)."""
+
     async def auth(request: Request) -> str | None:
         if not api_keys:
             return None
@@ -146,7 +121,42 @@ def create_app(scheduler: Scheduler, codec: Codec, model_name: str, *,
                                 "KEY')", code="invalid_api_key")
         return key
 
-    Key = Annotated[str | None, Depends(auth)]
+    return auth
+
+
+def create_app(scheduler: Scheduler, codec: Codec, model_name: str, *,
+               api_keys: Mapping[str, float] | None = None, max_n: int = 16,
+               metrics: Metrics | None = None, aliases: tuple[str, ...] = (),
+               chat_template: str | None = None) -> FastAPI:
+    """FastAPI app serving ``scheduler`` (started and stopped with the app).
+    ``chat_template``: ``plain`` or ``instruct`` (default: by ``model_name``)."""
+    metrics = metrics or scheduler.metrics or Metrics()
+    if scheduler.metrics is None:
+        scheduler.metrics = metrics
+    metrics.bind(scheduler)
+    engine = scheduler.engine
+    planner = RequestPlanner(scheduler, codec, model_name, aliases, max_n,
+                             get_template(chat_template, model_name))
+    page = (STATIC / "index.html").read_text()
+    icon = (STATIC / "favicon.ico").read_bytes()
+
+    @asynccontextmanager
+    async def lifespan(app):
+        scheduler.start()
+        try:
+            yield
+        finally:
+            await run_in_threadpool(scheduler.stop)
+
+    app = FastAPI(title="optkit", version="0.1.0", lifespan=lifespan,
+                  description="OpenAI-compatible completions and chat over a "
+                              "continuous-batching engine")
+    app.state.scheduler = scheduler
+    app.state.metrics = metrics
+    app.state.planner = planner
+
+    add_error_handlers(app, metrics)
+    Key = Annotated[str | None, Depends(key_auth(api_keys))]
 
     # Plain endpoints ----------------------------------------------------------------------
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
