@@ -33,7 +33,7 @@ from optkit.generation.config import GenerationConfig
 from optkit.generation.output import GenerateOutput
 from optkit.generation.processors import Processors, apply_processors, is_eos, processor_state
 from optkit.generation.sampling import logprobs, sample_tokens
-from optkit.generation.stop import StopStrings
+from optkit.generation.stream import StopStrings
 
 
 @dataclasses.dataclass(frozen=True)

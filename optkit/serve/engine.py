@@ -44,6 +44,8 @@ class SamplingParams:
     top_k: int = 0             # <= 0: off
     seed: int = 0
     stream: int = 0            # the sequence's index within its request (``n`` > 1)
+    min_tokens: int = 0        # no EOS before this many generated tokens
+    repetition_penalty: float = 1.0  # 1: off; a seen token: logit / p if > 0 else logit * p
 
 
 @dataclass(frozen=True)
