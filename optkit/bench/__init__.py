@@ -21,8 +21,10 @@ CLI: ``optkit bench sweep | load | report | textgen``.
 from optkit.bench.core import BenchConfig, ModelCache, cfg_id, run_benchmark, timed_generate
 from optkit.bench.loadgen import Lengths, LoadConfig, arrival_times, run_load, run_load_sweep
 from optkit.bench.plots import (
+    plot_decode,
     plot_load,
     plot_roofline,
+    plot_serving,
     plot_speedup,
     plot_strategies,
     plot_throughput,
@@ -45,7 +47,8 @@ __all__ = [
     "PROMPTS", "BenchConfig", "Lengths", "LoadConfig", "ModelCache", "Sweep", "TextgenConfig",
     "append_rows", "arrival_times", "cfg_id", "decode_step_cost", "device_peaks",
     "generation_flops", "grid",
-    "load_sweep", "make_report", "notebook_html", "plot_load", "plot_roofline", "plot_speedup",
+    "load_sweep", "make_report", "notebook_html", "plot_decode", "plot_load", "plot_roofline",
+    "plot_serving", "plot_speedup",
     "plot_strategies", "plot_throughput", "read_rows", "run_benchmark", "run_load",
     "run_load_sweep", "run_notebook", "run_sweep", "run_textgen", "save", "summarize",
     "summary_markdown", "sweep_plots", "timed_generate",

@@ -357,8 +357,10 @@ def timed_generate(model, ids: np.ndarray, mask: np.ndarray, kwargs: dict) -> di
         step = tm["decode_s"] / tm["decode_steps"] if tm["decode_steps"] else None
     else:
         ttft = stamps.times[1] - start if len(stamps.times) > 1 else None
-        step = (latency - ttft) / (new - 1) if ttft is not None and new > 1 else \
-            latency / max(new, 1)
+        if ttft is not None:
+            step = (latency - ttft) / (new - 1) if new > 1 else None
+        else:  # beams: no per-token stamps
+            step = latency / max(new, 1)
     return {"sequences": seqs, "new_tokens": new, "latency_s": latency, "ttft_s": ttft,
             "decode_step_s": step}
 
