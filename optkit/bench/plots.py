@@ -272,8 +272,8 @@ def sweep_plots(data, out_dir: str | os.PathLike) -> dict[str, Path]:
 def plot_decode(data, by: str = "framework", floor_of: str = "optkit") -> Figure:
     """Decode ms per step vs batch size, one panel per ``model``, a line per ``by`` value, and
     the step's bandwidth floor (``floor_ms`` of the ``floor_of`` rows, else of the panel's
-    first line: weights and live KV cache read once at the measured read bandwidth) dashed.  Columns: ``model``,
-    ``batch_size``, ``decode_step_ms``, ``floor_ms``, ``by``."""
+    first line: weights and live KV cache read once at the measured read bandwidth) dashed.
+    Columns: ``model``, ``batch_size``, ``decode_step_ms``, ``floor_ms``, ``by``."""
     df = _frame(data).dropna(subset=["decode_step_ms"]).sort_values("batch_size")
     models = list(dict.fromkeys(df["model"]))
     fig = ReportFigure(figsize=(4.2 * len(models), 3.8), layout="constrained")
