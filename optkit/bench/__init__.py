@@ -31,7 +31,7 @@ from optkit.bench.plots import (
     save,
     sweep_plots,
 )
-from optkit.bench.report import make_report, notebook_html, run_notebook
+from optkit.bench.report import describe_run, make_report, notebook_html, run_notebook
 from optkit.bench.results import append_rows, read_rows
 from optkit.bench.roofline import decode_step_cost, device_peaks, generation_flops
 from optkit.bench.sweep import Sweep, grid, load_sweep, run_sweep
@@ -45,7 +45,7 @@ from optkit.bench.textgen import (
 
 __all__ = [
     "PROMPTS", "BenchConfig", "Lengths", "LoadConfig", "ModelCache", "Sweep", "TextgenConfig",
-    "append_rows", "arrival_times", "cfg_id", "decode_step_cost", "device_peaks",
+    "append_rows", "arrival_times", "cfg_id", "describe_run", "decode_step_cost", "device_peaks",
     "generation_flops", "grid",
     "load_sweep", "make_report", "notebook_html", "plot_decode", "plot_load", "plot_roofline",
     "plot_serving", "plot_speedup",
