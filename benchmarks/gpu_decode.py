@@ -164,8 +164,12 @@ def main(argv: list[str] | None = None) -> int:
                    "--peaks", str(peaks_path), "--long-prefill",
                    str(args.long_prefill if fw.startswith("optkit") or fw == "hf-eager"
                        else 0)]
+            worker_env = dict(env)
+            if fw.startswith("hf-"):  # JAX only names the devices there: leave torch the memory
+                worker_env.pop("XLA_PYTHON_CLIENT_MEM_FRACTION")
+                worker_env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
             t = time.perf_counter()
-            r = subprocess.run(cmd, env=env)
+            r = subprocess.run(cmd, env=worker_env)
             print(f"# {fw} {size}: rc={r.returncode} {time.perf_counter() - t:.0f}s",
                   flush=True)
             if r.returncode or not part.exists():
