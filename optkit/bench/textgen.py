@@ -228,7 +228,8 @@ def summarize(rows: list[dict], baseline: str | None = None) -> list[dict]:
                     "new_tokens": rs[0]["new_tokens"], "latency_s": med("latency_s"),
                     "tokens_per_s": med("tokens_per_s"), "ttft_s": med("ttft_s"),
                     "decode_step_ms": med("decode_step_ms"), "tflops": med("tflops"),
-                    "warmup_s": rs[0]["warmup_s"], "compile_s": rs[0]["compile_s"],
+                    "warmup_s": rs[0]["warmup_s"],
+                    "compile_s": None if model.startswith("facebook/") else rs[0]["compile_s"],
                     "batches": len(rs)})
     for s in out:
         base = next((b for b in out if b["model"] == baseline

@@ -38,6 +38,11 @@ def test_summary_medians_and_ratio():
     assert s["jax/x"]["latency_s"] == 2.0 and s["jax/x"]["batches"] == 3
     assert s["jax/x"]["vs_baseline"] == pytest.approx(2.0)  # facebook/ is the baseline
     assert s["facebook/x"]["vs_baseline"] == 1.0
+    # HF torch runs eagerly: no compile time, whatever its rows recorded
+    assert s["jax/x"]["compile_s"] == 2.0 and s["facebook/x"]["compile_s"] is None
+    md = summary_markdown([{**r, **ENV} for r in rows])
+    assert [line.endswith("| n/a | 1.00 |") for line in md.splitlines()
+            if line.startswith("| jax/x") or line.startswith("| facebook/x")] == [False, True]
 
 
 def test_generation_is_prefill_plus_decode_steps():
@@ -92,11 +97,12 @@ def test_bench_without_subcommand_prints_help(capsys):
     assert "textgen" in capsys.readouterr().out
 
 
+ENV = {"cpu": "cpu", "cpu_count": 2, "jax_device": "cpu:cpu", "torch_device": "cpu",
+       "python": "3", "jax": "j", "torch": "t", "transformers": "tr", "optkit": "o",
+       "timestamp": "now", "dtype": "float32",
+       "config": {"num_beams": 1, "do_sample": False, "ignore_eos": True, "warmup": 1}}
+
+
 def test_summary_markdown_mentions_command():
-    rows = rows_for("jax/x", 1, [5.0, 1.0])
-    for r in rows:
-        r.update(cpu="cpu", cpu_count=2, jax_device="cpu:cpu", torch_device="cpu",
-                 python="3", jax="j", torch="t", transformers="tr", optkit="o",
-                 timestamp="now", dtype="float32",
-                 config={"num_beams": 1, "do_sample": False, "ignore_eos": True, "warmup": 1})
+    rows = [{**r, **ENV} for r in rows_for("jax/x", 1, [5.0, 1.0])]
     assert "Command: `optkit bench textgen x`" in summary_markdown(rows, "optkit bench textgen x")
