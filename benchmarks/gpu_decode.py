@@ -18,7 +18,9 @@ size) runs in its own process, so allocators never compete.  The card's read ban
 matmul rate are measured once per run (``optkit.bench.roofline.device_peaks``, or read from
 ``--peaks``); every row carries them, the step's FLOPs and bytes, ``floor_ms`` (the
 bandwidth floor: weights and live KV cache read once, split over the devices) and the card.
-``--long-prefill N`` also times one prompt of N tokens (batch 1, one new token).
+``--long-prefill N`` also times one prompt of N tokens (batch 1, one new token).  Rows
+over several GPUs carry the planner's estimates for the plan they ran under
+(``predicted_step_ms``, ``predicted_prefill_ms``, ``predicted_memory_gib``).
 
     python benchmarks/gpu_decode.py --sizes 1.3b,6.7b,13b --batches 1,16,64 \\
         --out benchmarks/results/gpu/decode_h200.jsonl
@@ -77,6 +79,8 @@ def worker(args) -> list[dict]:
         cfg = bench_config(args.framework, args.size, args, b, prompt, new)
         row = run_benchmark(cfg, cache=cache, peaks=peaks)
         row.update(framework=args.framework, size=args.size)
+        if cfg.backend == "alpa":
+            row.update(predicted(cache.get(cfg)[0], cfg))
         if new == 1:  # the long prefill: prefill + first token
             tflops = prefill_flops(cache.get(cfg)[0].config, 1, prompt) / row["ttft_s"] / 1e12
             row.update(prefill_ms=1e3 * row["ttft_s"], prefill_tflops=tflops,
@@ -86,6 +90,22 @@ def worker(args) -> list[dict]:
                                               "decode_step_ms", "floor_ms", "ttft_s")}),
               flush=True)
     return rows
+
+
+def predicted(model, cfg) -> dict:
+    """The planner's estimates for the plan ``model`` runs under, at ``cfg``'s shape
+    (``optkit.parallel.auto_plan`` restricted to that plan), to set beside the measurement."""
+    from optkit.parallel import auto_plan
+
+    report = auto_plan(model.config, batch=cfg.batch_size, prompt_len=cfg.prompt_len,
+                       gen_len=cfg.new_tokens, dtype=cfg.dtype, plans=[model.plan],
+                       quantize=cfg.quantize, progress=False, strict=False)
+    c = report.chosen
+    if c is None:
+        return {}
+    return {"predicted_prefill_ms": None if c.prefill is None else 1e3 * c.prefill,
+            "predicted_step_ms": None if c.decode is None else 1e3 * c.decode,
+            "predicted_memory_gib": None if c.memory is None else c.memory / 2**30}
 
 
 def measure_peaks(path: Path) -> dict:
