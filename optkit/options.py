@@ -129,8 +129,8 @@ class ModelOptions:
         if not isinstance(kernels, Kernels):
             kernels = Kernels.parse(kernels, int8=self.int8)
         if kernels.wants("matvec") and kernels.required and not self.int8:
-            raise ValueError(f"kernels={str(kernels)!r}: the matvec kernel runs int8 products; "
-                             "load the model with quantize='int8'")
+            raise ValueError(f"kernels={str(kernels)!r}: the matvec kernel runs int8 products "
+                             "and the model is not int8; load it with quantize='int8'")
         object.__setattr__(self, "kernels", kernels)
 
     @property
