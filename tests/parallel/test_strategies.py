@@ -191,7 +191,7 @@ def test_large_batch_options_follow_rows_per_device():
     tp.gpu = True
     assert tp.rows_per_device(LARGE_BATCH_ROWS) == LARGE_BATCH_ROWS
     assert GPU_LARGE_BATCH_OPTIONS.items() <= tp.decode_options_for(LARGE_BATCH_ROWS).items()
-    q = build_executor(cfg, Plan(), None, options=ModelOptions(options=F32, quantize="int8"),
+    q = build_executor(cfg, Plan(), None, options=ModelOptions(dtype="float32", quantize="int8"),
                        progress=False)
     q.gpu = True
     assert q.decode_options_for(4 * LARGE_BATCH_ROWS) == q.decode_options
