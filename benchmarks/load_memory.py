@@ -82,7 +82,7 @@ else:
     store = FolderStore({folder!r})
     cfg = store.config()
     state = {{k: np.array(store[k]) for k in store}}          # the whole state dict in memory
-    sharding_for = param_shardings(cfg, plan, jax.devices(), np.float16)
+    sharding_for = param_shardings(cfg, plan, jax.devices())
     def put(spec):
         full = np.asarray(spec.read(state, tuple(slice(None) for _ in spec.shape)), np.float16)
         return jax.device_put(full, sharding_for(spec))

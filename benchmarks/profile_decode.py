@@ -76,6 +76,7 @@ def main() -> None:
     from optkit.bench.trace import around, profile, summarize
     from optkit.config import OPTConfig
     from optkit.parallel import Plan
+    from optkit.options import ModelOptions
     from optkit.parallel.build import build_executor
     from optkit.parallel.executor import GPU_DECODE_OPTIONS
 
@@ -84,24 +85,28 @@ def main() -> None:
         cfg = dataclasses.replace(cfg, num_hidden_layers=args.layers)
     devices = jax.devices()[:args.devices]
     t0 = time.perf_counter()
+    options = ModelOptions(dtype="float16", quantize="int8" if args.int8 else None,
+                           kernels=args.kernels)
     ex = build_executor(cfg, Plan(tp=len(devices), dtype="float16"), None, devices,
-                        dtype="float16", progress=False,
-                        quantize="int8" if args.int8 else None, kernels=args.kernels)
+                        options=options, progress=False)
+    # The XLA options and token lookup of this script's own static-trip-count jit (the
+    # executor's loop always runs with the executor's own).
+    xla_options = dict(ex.decode_options)
     if args.no_graphs:
-        ex.decode_options = {}
+        xla_options = {}
     if args.command_buffer is not None:
-        ex.decode_options = {**ex.decode_options,
-                             "xla_gpu_enable_command_buffer": args.command_buffer}
+        xla_options["xla_gpu_enable_command_buffer"] = args.command_buffer
     if args.cb_collectives:
-        ex.decode_options = {**GPU_DECODE_OPTIONS, "xla_gpu_enable_command_buffer":
-                             GPU_DECODE_OPTIONS["xla_gpu_enable_command_buffer"]
-                             + ",COLLECTIVES"}
+        xla_options = {**GPU_DECODE_OPTIONS, "xla_gpu_enable_command_buffer":
+                       GPU_DECODE_OPTIONS["xla_gpu_enable_command_buffer"] + ",COLLECTIVES"}
     for item in args.option:
         key, _, value = item.partition("=")
-        ex.decode_options = {**ex.decode_options,
-                             key: {"true": True, "false": False}.get(value.lower(), value)}
-    if args.lookup == "xla":
-        ex.embed_lookup = None
+        xla_options[key] = {"true": True, "false": False}.get(value.lower(), value)
+    lookup = None if args.lookup == "xla" else ex.embed_lookup
+    if args.loop == "executor" and (xla_options != ex.decode_options or lookup is None
+                                    and ex.embed_lookup is not None):
+        p.error("--no-graphs/--command-buffer/--cb-collectives/--option/--lookup xla apply to "
+                "--loop static")
     jax.block_until_ready(ex.params)
     init_s = time.perf_counter() - t0
     b, s = args.batch, args.prompt + 2 * args.steps + 2
@@ -125,12 +130,11 @@ def main() -> None:
     def static(params, tok, cache):
         def body(_, carry):
             tok, cache = carry
-            logits, cache = M.decode_step(params, cfg, tok, cache, lookup=ex.embed_lookup,
-                                          **kern)
+            logits, cache = M.decode_step(params, cfg, tok, cache, lookup=lookup, **kern)
             return step(logits, ())[0], cache
         return jax.lax.fori_loop(0, args.steps, body, (tok, cache))
 
-    static = jax.jit(static, donate_argnums=(2,), compiler_options=ex.decode_options)
+    static = jax.jit(static, donate_argnums=(2,), compiler_options=xla_options)
 
     def loop(tok, cache):
         if args.loop == "static":
@@ -155,8 +159,8 @@ def main() -> None:
            "int8": args.int8, "kernels": args.kernels,
            **{k: "xla" if v is None else "pallas" for k, v in kern.items()},
            "logits": args.logits, "loop": args.loop, "lookup": args.lookup,
-           "graphs": bool(ex.decode_options), "cb_collectives": args.cb_collectives,
-           "command_buffer": ex.decode_options.get("xla_gpu_enable_command_buffer"),
+           "graphs": bool(xla_options), "cb_collectives": args.cb_collectives,
+           "command_buffer": xla_options.get("xla_gpu_enable_command_buffer"),
            "options": args.option,
            "batch": b, "prompt": args.prompt,
            "steps": args.steps, "init_s": init_s, "step_ms": step_ms,

@@ -23,7 +23,7 @@ KINDS = (
     ("collective", r"nccl|all-reduce|all-gather|reduce-scatter|collective-permute|all-to-all"
                    r"|psum"),
     ("copy", r"memcpy|memset|copy-start|copy-done"),
-    ("pallas", r"int8_matvec|int8_mma|decode_attention|add_layer_norm"),
+    ("pallas", r"int8_matvec|int8_mma|decode_attention"),
     ("gemm", r"gemm|gemv|cutlass|xmma|nvjet|cublas|\bdot\b|dot\.|convolution"),
 )
 
