@@ -75,8 +75,8 @@ def main() -> None:
     from optkit import model as M
     from optkit.bench.trace import around, profile, summarize
     from optkit.config import OPTConfig
-    from optkit.parallel import Plan
     from optkit.options import ModelOptions
+    from optkit.parallel import Plan
     from optkit.parallel.build import build_executor
     from optkit.parallel.executor import GPU_DECODE_OPTIONS
 
