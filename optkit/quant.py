@@ -8,8 +8,9 @@ the model dtype.  Weight bytes nearly halve, which is what bounds decoding.
 (embed, 3, heads, head_dim) becomes (3, heads, head_dim, embed)), logical axes permuted alike.
 Each output channel's weights are then contiguous, which lets a decode step of one row
 compute a product as one fused widen-multiply-reduce that streams the int8 bytes once
-(``optkit.model.project``); on an H200 that made int8 decoding of opt-6.7b 1.7x faster than
-XLA's dot over an input-major int8 kernel (``benchmarks/results/gpu/``).
+(``optkit.model.project``) instead of XLA's dot over an input-major int8 kernel; the layout
+was chosen by measurement on Hopper GPUs (``benchmarks/README.md``).  The GPU kernels of
+``optkit.kernels`` read the same layout.
 """
 
 from __future__ import annotations

@@ -10,12 +10,10 @@ The caches are aliased to the outputs: they are updated in place.
 A program handles one row and one or more heads: it stores the new K/V rows, walks the older
 positions in blocks of ``block_k``, then adds the new position from registers.  Each of a
 block's ``block_k`` lanes keeps its own running max, sum of exponentials and weighted sum of
-values, so a step reduces only over the head size (q . k) and never across the block (the
-first version reduced the block's scores and values three times a step); the lanes are
-combined once at the end.  On an H200 this read opt-13b's batch-64 cache in 68 instead of
-78 µs a layer and is within ~10% of the first version elsewhere.  ``bias``
-(B, S) float32 is 0 where a position may be attended and ``MASKED`` where not (left
-padding), built from the step's cache mask (the same for every layer).
+values, so a step reduces only over the head size (q . k) and never across the block; the
+lanes are combined once at the end (timings: ``benchmarks/README.md``, 'Decode
+attention').  ``bias`` (B, S) float32 is 0 where a position may be attended and ``MASKED``
+where not (left padding), built from the step's cache mask (the same for every layer).
 
 ``interpret=True`` runs the same kernel through Pallas' interpreter (CPU tests).  JAX 0.11
 deprecates Pallas' Triton backend; where a JAX no longer has it, importing this module fails
@@ -47,7 +45,7 @@ def mask_bias(mask: jax.Array) -> jax.Array:
 
 def blocks(rows: int, heads: int, head_dim: int) -> tuple[int, int, int]:
     """(block_k, heads a program, num_warps) for ``rows`` x ``heads`` of ``head_dim``,
-    measured on an H100 and an H200 (``benchmarks/decode_attention.py``): few programs
+    chosen by measurement on Hopper GPUs (``benchmarks/decode_attention.py``): few programs
     (batch 1) want long blocks and many warps (a short serial loop per head), more programs
     blocks of 2048-4096 values, two heads a program at the largest batches."""
     programs = rows * heads

@@ -4,8 +4,8 @@
 (N, K).  Decoding a few rows reads every weight once per step, so the product should run at
 the speed of reading ``q``.  XLA widens each int8 with a conversion instruction, which
 Hopper issues at 16 per clock per SM (CUDA's throughput table): about the rate an H200's HBM
-delivers bytes, which is our reading of why XLA's product reads only ~2.4 TB/s there (of
-~4.1).  This kernel, at 3.3-3.4 TB/s on OPT-175B's shards, reads ``q`` as 32-bit
+delivers bytes, which is our reading of why XLA's product stays well below the read
+ceiling there (``benchmarks/README.md``, 'int8 products').  This kernel reads ``q`` as 32-bit
 words (four weights each) and widens them with integer masks: a byte ``u`` (offset by 128)
 or-ed into the mantissa of 2**23 is the float 2**23 + u, and one subtraction leaves the
 weight, exactly.  Bytes 1 and 3 are masked in place (a float of 256 * weight), so their
@@ -14,8 +14,8 @@ ReLU are applied before the single store (no small XLA kernel after the product)
 
 A program handles ``block_n`` output channels, looping over K in blocks of ``block_k``
 weights.  Within a block it takes one channel at a time, so each thread loads its inputs
-once and reuses them for every channel (a 2-D tile of channels x words loaded the inputs
-once per channel: 4% slower at OPT-175B's shapes).  Each (channel, word) keeps an fp32
+once and reuses them for every channel (a 2-D tile of channels x words would load the
+inputs once per channel).  Each (channel, word) keeps an fp32
 partial sum, reduced once at the end.
 ``interpret=True`` runs it through Pallas' interpreter (CPU tests).
 """
@@ -41,8 +41,8 @@ def supported(n: int, k: int, block_n: int, block_k: int) -> bool:
 
 
 def blocks(n: int, k: int) -> tuple[int, int, int]:
-    """(block_n, block_k, num_warps) for an (n, k) kernel, the best measured on an H200
-    (``benchmarks/gemv_pallas.py``): 8 channels x 2048 weights for long rows (OPT-175B's
+    """(block_n, block_k, num_warps) for an (n, k) kernel, chosen by measurement on Hopper
+    GPUs (``benchmarks/gemv_pallas.py``): 8 channels x 2048 weights for long rows (OPT-175B's
     kernels split over two cards), 4 x 1024 for shorter ones (opt-6.7b's); smaller blocks
     where those do not tile."""
     big = k >= 6144
@@ -55,7 +55,7 @@ def blocks(n: int, k: int) -> tuple[int, int, int]:
 def _split_inputs(x: jax.Array) -> jax.Array:
     """(M, K) -> (M, 4, K/4) float32: byte j of word w multiplies x[:, 4w + j]; bytes 1 and 3
     are read as 256 * weight, so their inputs are divided by 256 (exact: a power of two).
-    (Loading every 4th fp16 input inside the kernel instead was 12% slower on an H200.)"""
+    Done once per call here, so the kernel's programs need no strided loads of the inputs."""
     m, k = x.shape
     parts = x.astype(jnp.float32).reshape(m, k // 4, 4).transpose(0, 2, 1)
     return parts * jnp.asarray([1.0, 1 / 256, 1.0, 1 / 256], jnp.float32)[None, :, None]
@@ -119,7 +119,7 @@ def int8_matvec(x: jax.Array, q: jax.Array, scale: jax.Array, bias: jax.Array | 
     plus ``bias`` (N,) if given, then ReLU if ``relu`` -> (M, N) ``out_dtype``.  Meant for a
     few rows (every row costs a multiply per weight).  ``evict``: the L2 eviction policy of
     the weight loads (Triton's; None: the default), evict_first since the weights are
-    streamed once (1.2% faster whole OPT-175B int8 step on two H200s; ignored when
+    streamed once and would only push reused data out of L2 (ignored when
     ``interpret``)."""
     (m, k), (n, kq) = x.shape, q.shape
     if (q.dtype != jnp.int8 or kq != k or scale.shape != (n,)

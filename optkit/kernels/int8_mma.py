@@ -9,11 +9,11 @@ K in blocks of ``block_k``: it widens its int8 tile to fp16 and multiplies it on
 cores with fp32 accumulation.  The widening takes five PTX instructions per four weights: a
 byte-wise xor with 0x80 makes each byte ``b + 128``, ``prmt`` sets it under fp16's exponent
 of 1024 (whose ulp is 1) to give ``1024 + 128 + b`` exactly, and ``sub.f16x2`` takes 1152
-off two weights at a time.  The CUDA-core kernel executes ~25 instructions per four weights
-and kept an H200 issuing on two thirds of its cycles (Nsight Compute); this one reads
-OPT-175B's fc1 shard at ~3.8 TB/s against ~3.4 (``benchmarks/gemv_variants.py``).  The
-missing rows cost only tensor-core work that would sit idle: a batch of up to 16 rows costs
-about what one row does, and the widening is shared by up to 64.
+off two weights at a time.  The CUDA-core kernel executes ~25 instructions per four weights,
+which keeps the multiprocessors busy issuing; with five, this one comes closer to the read
+ceiling on OPT-175B's shards (``benchmarks/README.md``, 'int8 products').  The missing rows
+cost only tensor-core work that would sit idle: a batch of up to 16 rows costs about what
+one row does, and the widening is shared by up to 64.
 
 ``split`` programs share each block of channels, each taking a part of K, their partial sums
 added after the kernel: kernels with few blocks of channels (OPT-175B's out and fc2 on two
@@ -34,18 +34,16 @@ from jax.experimental.pallas import triton as plgpu
 ROWS = 16
 #: ... the most rows a product may have, ...
 LARGEST = 64
-#: ... and the most the decode step gives it: at 64 rows it was
-#: slower than XLA's dot on an H200 (opt-13b int8 batch 64: 13.85 vs 11.25 ms a step; each
-#: program re-reads the rows' inputs, 4x the bytes of 16 rows; wider blocks of channels did
-#: not close the gap), at 16 and 32 faster (batch 16: 5.40 vs 7.07; batch 32, 6.7b / 13b:
-#: 4.38 / 7.88 vs 4.74 / 8.45, where the fp16 model takes 5.02 / 8.55).
+#: ... and the most the decode step gives it: at 64 rows each program re-reads the rows'
+#: inputs, 4x the bytes of 16 rows, and XLA's dot is faster; at 16 and 32 rows this kernel
+#: is (``benchmarks/README.md``, 'int8 products' and 'int8 weights on one H200').
 MAX_ROWS = 32
 #: Programs below which a kernel's K is split in two (~2 per multiprocessor of an H200).
 SPLIT_BELOW = 256
 #: The least output channels and inputs of a kernel this one takes for a single row: at
-#: opt-6.7b's shapes (an H100) it was no faster than the CUDA-core kernel, or slower (out,
-#: fc2), and the whole decode step 8% slower; at OPT-175B's (n >= 12288, k >= 6144 per
-#: H200) 10% faster.  Several rows take it at any size (the other way is XLA's dot).
+#: opt-6.7b's shapes it is no faster than the CUDA-core kernel, at OPT-175B's two-card
+#: shards (n >= 12288, k >= 6144) it is (``benchmarks/README.md``, 'int8 products').
+#: Several rows take it at any size (the other way is XLA's dot).
 MIN_CHANNELS, MIN_INPUTS = 8192, 6144
 
 #: four int8 weights (one 32-bit register) -> four fp16 weights (two registers), exactly
@@ -67,8 +65,8 @@ def row_tile(rows: int) -> int:
 
 
 def plan(n: int, k: int, rows: int = 1) -> tuple[int, int, int] | None:
-    """(block_n, block_k, split) for an (n, k) kernel, the best measured on an H200 at
-    OPT-175B's shapes (64 channels x 256 weights), or None where they do not tile, or, for a
+    """(block_n, block_k, split) for an (n, k) kernel, chosen by measurement on Hopper GPUs
+    at OPT-175B's shapes (64 channels x 256 weights), or None where they do not tile, or, for a
     single row, the kernel is smaller than :data:`MIN_CHANNELS` x :data:`MIN_INPUTS`."""
     block_n, block_k = 64, 256
     if n % block_n or k % block_k or rows > LARGEST:

@@ -253,7 +253,7 @@ def lower_job(cfg: OPTConfig, job: StageJob, devices: Sequence[jax.Device]):
 
 
 #: The CPU executables are only analysed, never run: skipping LLVM's optimisations leaves
-#: XLA's memory and cost analyses unchanged and compiles 2-3x faster.
+#: XLA's memory and cost analyses unchanged and compiles faster.
 CPU_ANALYSIS_OPTIONS = {"xla_backend_optimization_level": 0}
 
 
@@ -267,10 +267,10 @@ def unpartitioned_flops(cfg: OPTConfig, job: StageJob) -> float:
 def compile_job(cfg: OPTConfig, job: StageJob, devices: Sequence[jax.Device]) -> Cost:
     """The job's :class:`Cost` per device.
 
-    XLA:GPU's analysis of a compiled step counts no flops for the GEMMs it hands to cuBLAS
-    (seen on jax 0.11.2: 2.2 GFLOP for an opt-13b layer's 2048-token prefill of 1.3 TFLOP),
-    and it analyses no lowered modules; off CPU, flops are therefore the step's unpartitioned
-    flops (:func:`unpartitioned_flops`) split over the job's devices, where that is more."""
+    XLA:GPU's analysis of a compiled step (jax 0.11) counts no flops for the GEMMs it hands
+    to cuBLAS, and it analyses no lowered modules; off CPU, flops are therefore the step's
+    unpartitioned flops (:func:`unpartitioned_flops`) split over the job's devices, where
+    that is more."""
     lowered = lower_job(cfg, job, devices)
     if devices[0].platform == "cpu":
         return cost_of(lowered.compile(compiler_options=CPU_ANALYSIS_OPTIONS), job.dp * job.tp)

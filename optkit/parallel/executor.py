@@ -41,9 +41,8 @@ GPU_DECODE_OPTIONS = {
 #: ... where a decode step has collectives (weights split over devices): they go into the
 #: graphs too, through NCCL (XLA's own one-shot all-reduce kernel runs outside them), and
 #: the loop's WHILE/CONDITIONAL nodes do not (NCCL collectives fail to instantiate in graphs
-#: with conditional nodes, NVIDIA/nccl#1986): a decode step is one graph (two H200s, the
-#: same options set through XLA_FLAGS with synchronous all-reduces: OPT-175B int8 1.2%,
-#: opt-13b 1.1% faster a step).
+#: with conditional nodes, NVIDIA/nccl#1986): a decode step is one graph (preferred to
+#: all-reduces outside the graphs by measurement on Hopper GPUs, ``benchmarks/README.md``).
 GPU_MULTI_DECODE_OPTIONS = {
     "xla_gpu_enable_command_buffer": "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,COLLECTIVES",
     "xla_gpu_graph_min_graph_size": 1,
@@ -52,11 +51,10 @@ GPU_MULTI_DECODE_OPTIONS = {
 #: ... added for an fp16/bf16 model's decode jits on GPUs where every device's products take
 #: at least :data:`LARGE_BATCH_ROWS` rows: the products through cuBLASLt, whose epilogues
 #: take the bias, ReLU and residual adds, instead of XLA's Triton GEMMs, which leave them to
-#: four more kernels a layer (one H200, ms a step: opt-1.3b batch 64 2.162 -> 2.043,
-#: opt-6.7b batch 64 6.092 -> 5.617; slower at opt-1.3b batch 16, 1.446 -> 1.604, and
-#: opt-6.7b batch 1, 3.974 -> 4.089; 32 rows not measured).
+#: four more kernels a layer.  That pays off from 64 rows a device; below, Triton's GEMMs are
+#: faster (``benchmarks/README.md``, 'fp16 products through cuBLASLt from 64 rows').
 #: int8 models keep the Triton GEMMs: they widen the weights inside the product.  (bf16
-#: models take the same options; not measured.)
+#: models take the same options; the measurements cover fp16.)
 GPU_LARGE_BATCH_OPTIONS = {"xla_gpu_enable_triton_gemm": False,
                            "xla_gpu_enable_cublaslt": True}
 LARGE_BATCH_ROWS = 64

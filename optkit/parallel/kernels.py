@@ -112,8 +112,8 @@ def matvec_fns(kernels: Kernels, cfg: OPTConfig, mesh: Mesh, q_specs: dict, int8
     ``q_specs``: kernel name -> (shape, PartitionSpec) of one layer's ``kernel_q``; ``int8``:
     whether the model is; ``dtype``: the model's.  A hook takes one row, or up to the
     tensor-core kernel's ``MAX_ROWS`` where that kernel tiles the product of an fp16 model
-    (the CUDA-core kernel multiplies on CUDA cores: at 4 rows it was half as fast as XLA's
-    dot on an H200)."""
+    (the CUDA-core kernel costs a multiply on the CUDA cores per weight and row, so XLA's dot
+    takes several rows; chosen by measurement on Hopper GPUs, ``benchmarks/README.md``)."""
     if not kernels.wants("matvec") or (not int8 and not kernels.required):
         return None
     kernel, why = _module("int8_matvec")

@@ -1,10 +1,10 @@
 """Token-embedding lookup from a table split over the vocabulary, placed explicitly.
 
 Tensor parallelism splits the tied embedding / LM head by vocabulary rows.  Left to its own
-partitioner, XLA on GPUs (jax 0.11.2) looked the tokens up by all-gathering the whole table
-on every call: two all-gathers per decode step, ~1.1 ms each for OPT-175B's table on two
-H100s (``benchmarks/results/gpu/profile_*``).  Here each device looks up only the ids in its
-own rows (zeros for the others) and one all-reduce of the (B, T, E) rows sums the parts.
+partitioner, XLA on GPUs (jax 0.11) looks the tokens up by all-gathering the whole table on
+every call: two all-gathers per decode step, each moving every other device's share of the
+table, far more bytes than the rows looked up.  Here each device looks up only the ids in
+its own rows (zeros for the others) and one all-reduce of the (B, T, E) rows sums the parts.
 """
 
 from __future__ import annotations

@@ -66,12 +66,11 @@ class CostModel:
     bubble of its micro-batches and ``dispatch`` per extra jitted call.
 
     The decode constants are fitted (``python benchmarks/plans.py --fit``, least squares of
-    the relative error, bandwidth efficiency held at 0.90) to optkit's own H200 decode steps:
-    opt-1.3b/6.7b/13b on one card, opt-13b/66b tensor-parallel on two, opt-66b/175b on four
-    (``benchmarks/plans.py`` ``MEASURED``); ``benchmarks/results/plans.md`` compares them.
-    0.90 of an H200's 4.8 TB/s is about the read bandwidth measured on the cards; fitted
-    freely it goes to 0.96, with the per-layer overhead taking up the difference.  The
-    network and ``dispatch`` constants were not measured (no multi-host machine was lent).
+    the relative error) to optkit's own decode steps on one, two and four Hopper GPUs
+    (``benchmarks/README.md``, 'The planner').  The bandwidth efficiency is held, not fitted,
+    near the read bandwidth the benchmarks measure on the cards, so the per-layer overhead
+    carries what the roofline does not see.  The network and ``dispatch`` constants are
+    estimates: no multi-host measurement backs them.
     """
 
     compute_efficiency: float = 0.6
