@@ -122,19 +122,17 @@ def test_reports_the_servers_known_delays(fake_server):
     assert s["completed"] == 4 and s["failed"] == 0 and s["served_model"] == "fake"
     assert all(r["output_tokens"] == 12 and r["chunks"] == 12 for r in reqs)
     server = server_means_ms(srv.url)
-    # the client's TTFT also spans the HTTP request and the SSE write: a few ms more
-    assert 0 <= s["ttft_mean_ms"] - server["ttft"] < 20
-    assert s["itl_mean_ms"] == pytest.approx(server["tpot"], rel=0.03)
-    assert 250 <= s["ttft_mean_ms"] < 300 and 250 <= s["ttft_p50_ms"] <= s["ttft_p99_ms"] < 300
-    assert s["itl_p50_ms"] == pytest.approx(40, rel=0.05)
-    # the mean also carries a loaded machine's scheduling delays (bounded by the server's)
-    assert 40 * 0.95 <= s["itl_mean_ms"] < 40 * 1.15
-    assert s["tpot_mean_ms"] == pytest.approx(40, rel=0.05)
-    # end to end = first token + 11 gaps: consistent with the means above, and like the
-    # inter-token mean bounded by the nominal delays below and a loaded machine's above
+    # The nominal delays bound every latency from below; a loaded machine only adds to them,
+    # so the checks above those bounds compare the client with the server's own measurement.
+    # The client's TTFT also spans the HTTP request and the SSE write: a little more.
+    assert 250 <= s["ttft_p50_ms"] <= s["ttft_p99_ms"] and s["ttft_mean_ms"] >= 250
+    assert 0 <= s["ttft_mean_ms"] - server["ttft"] < 50
+    assert s["itl_p50_ms"] >= 40 * 0.98 and s["tpot_mean_ms"] >= 40 * 0.98
+    assert s["itl_mean_ms"] == pytest.approx(server["tpot"], rel=0.1)
+    assert s["tpot_mean_ms"] == pytest.approx(s["itl_mean_ms"], rel=0.02)
+    # end to end = first token + 11 gaps
     assert s["e2e_mean_ms"] == pytest.approx(s["ttft_mean_ms"] + 11 * s["itl_mean_ms"],
                                              rel=0.03)
-    assert (250 + 11 * 40) * 0.95 <= s["e2e_mean_ms"] < (250 + 11 * 40) * 1.15
     assert s["mean_output_tokens"] == 12 and s["mean_prompt_tokens"] == 5
     assert s["request_throughput"] == pytest.approx(4 / s["duration_s"])
     assert s["output_token_throughput"] == pytest.approx(48 / s["duration_s"])
@@ -148,11 +146,13 @@ def test_chunks_of_several_tokens(fake_server):
                   token_range=LETTERS, progress=False)
     reqs, s = run_load(**common)
     assert all(r["output_tokens"] == 13 and r["chunks"] == 4 for r in reqs)
-    assert s["itl_p50_ms"] == pytest.approx(120, rel=0.05)   # one gap per chunk
-    assert s["tpot_mean_ms"] == pytest.approx(30, rel=0.05)  # from the token count
+    # one gap per chunk of 4 tokens; the time per token comes from the token count
+    assert s["itl_p50_ms"] >= 120 * 0.98 and s["tpot_mean_ms"] >= 30 * 0.98
+    assert s["itl_mean_ms"] == pytest.approx(4 * s["tpot_mean_ms"], rel=0.15)
     reqs, s = run_load(**common, logprobs=True)
     assert all(len(r["itl_s"]) == 12 for r in reqs)
-    assert s["itl_p50_ms"] == pytest.approx(30, rel=0.05)    # each gap over its 4 tokens
+    assert s["itl_p50_ms"] >= 30 * 0.98                      # each gap over its 4 tokens
+    assert s["itl_mean_ms"] == pytest.approx(s["tpot_mean_ms"], rel=0.15)
 
 
 def test_concurrency_cap_and_goodput(fake_server):
