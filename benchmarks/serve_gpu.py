@@ -307,6 +307,11 @@ class OptkitClient:
             rec.handle.cancel()
 
     def chunk_tokens(self, default: int) -> int:
+        """The engine's prefill token budget per step where it has one, else ``default``."""
+        for obj in (self.scheduler.engine, self.scheduler):
+            value = getattr(obj, "max_batched_tokens", None)
+            if isinstance(value, int) and value > 0:
+                return value
         return default
 
     def close(self) -> None:
@@ -898,12 +903,10 @@ def optkit_worker(args, model_name: str, emit) -> None:
             state.update(client=None, ctx=None)
             gc.collect()
 
-    offline_rows = []
-    works = workloads_for(cfg, args)
-    run_parts(make_client, cfg, model_name, works, args, emit, budget,
-              on_offline=lambda row, w: offline_rows.append((row, w)))
-    close()
-    for row, w in offline_rows:  # the engine is gone: generate() has the memory
+    def ideal(row: dict, w: Workload) -> None:
+        """Right after an offline run: free the engine (generate() needs the memory), time
+        a decode step at the batch it reached, emit the ideal bound."""
+        close()
         try:
             context = int(round(np.mean([len(p) for p in w.prompts]) + np.mean(w.max_tokens) / 2))
             step = generate_step_s(model, max(1, int(row["batch_reached"])), context,
@@ -912,6 +915,10 @@ def optkit_worker(args, model_name: str, emit) -> None:
         except Exception as e:
             emit({"kind": "error", "part": "ideal", "workload": w.name,
                   "error": f"{type(e).__name__}: {e}"})
+
+    run_parts(make_client, cfg, model_name, workloads_for(cfg, args), args, emit, budget,
+              on_offline=ideal)
+    close()
 
 
 def hf_model(model_name: str, dtype: str):
@@ -986,7 +993,7 @@ def hf_worker(args, model_name: str, emit) -> None:
         client = HFClient(manager, {"hf_options": hf_opts, "hf_config": {
             k: v for k, v in (vars(resolved) if resolved is not None else {}).items()
             if isinstance(v, int | float | bool | str | tuple | type(None))},
-            "attn_implementation": model.config._attn_implementation})
+            "attn_implementation": getattr(model.config, "_attn_implementation", None)})
         state.update(client=client, key=key)
         return client, time.perf_counter() - t
 
@@ -1042,12 +1049,17 @@ def summary_markdown(rows: list[dict]) -> str:
     if cap:
         lines += ["", "## Online (Poisson arrivals): highest rate within the SLOs", "",
                   "| model | workload | framework | SLO p99 TTFT / TPOT (ms) | rates tested | "
-                  "max rate within SLO (req/s) |", "|" + "---|" * 6]
+                  "max rate within SLO (req/s) | optkit / HF |", "|" + "---|" * 7]
+        hf_cap = {(r["model"], r["workload"]): r["max_rate_within_slo"] for r in cap
+                  if r.get("framework") == "hf"}
         for r in cap:
+            other = hf_cap.get((r["model"], r["workload"]))
+            ratio = (r["max_rate_within_slo"] / other if r.get("framework") == "optkit"
+                     and other and r["max_rate_within_slo"] else None)
             lines.append(f"| {r['model']} | {r['workload']} | {r['framework']} | "
                          f"{r['slo_ttft_ms']:g} / {r['slo_tpot_ms']:g} | "
                          f"{', '.join(f'{x:g}' for x in r['rates_tested'])} | "
-                         f"{_fmt(r['max_rate_within_slo'], 2)} |")
+                         f"{_fmt(r['max_rate_within_slo'], 2)} | {_fmt(ratio, 2)} |")
     onl = [r for r in rows if r.get("kind") == "online"]
     if onl:
         lines += ["", "| model | framework | rate | requests | gen tok/s | TTFT p50 / p99 (ms) | "
