@@ -27,9 +27,13 @@ submit time, then the time each delivery of tokens reaches the caller (optkit: t
 scheduler's ``on_output`` callback; HF: the manager's per-token ``record_timestamps``);
 TTFT = first delivery - submit, TPOT = (last - first) / (tokens - 1), ITL = gap / tokens
 delivered.  Rows are loadgen's :func:`~optkit.bench.loadgen.summarize` rows plus this
-script's fields.  Before a part is timed, its engine runs the same requests once (or the
-first ``--warmup-requests``): compiles and CUDA-graph captures land there, reported as
-``warmup_s``; model creation is ``init_s``.
+script's fields.  Before a workload is timed on a fresh engine, ``--warmup-requests`` of
+its requests (spread over the prompt lengths, with the longest prompt, context and output)
+run once: compiles and CUDA-graph captures land there, reported as ``warmup_s``; engine
+construction is ``setup_s``, model creation ``init_s``.  The parts run in the order
+offline, stall, online (the sweep last: it runs until the framework falls behind);
+``--budget-s`` bounds each (model, framework): parts that would start later are skipped
+(a ``skipped`` row says so).
 
 Request lengths (no data download):
 
@@ -807,7 +811,7 @@ def brief(row: dict) -> dict:
 
 def run_parts(make_client, cfg, model_name: str, works: dict[str, Workload], args, emit,
               budget: Budget, on_offline=None) -> None:
-    """Offline, online and stall parts through clients from ``make_client(workload)``
+    """Offline, stall and online parts (in that order) through clients from ``make_client(w)``
     (``(client, setup_s)``; the same client comes back while the workload's context fits).
     A failing part becomes an error row; the others still run."""
     def ready(w: Workload):
@@ -819,10 +823,10 @@ def run_parts(make_client, cfg, model_name: str, works: dict[str, Workload], arg
         return client, setup_s, warm_s
 
     jobs = [("offline", n) for n in args.workloads if "offline" in args.parts]
-    if "online" in args.parts:
-        jobs.append(("online", args.online_workload))
     if "stall" in args.parts:
         jobs.append(("stall", None))
+    if "online" in args.parts:  # last: it runs until the framework falls behind
+        jobs.append(("online", args.online_workload))
     for part, name in jobs:
         if budget.left() < 10:
             emit({"kind": "skipped", "part": part, "workload": name,

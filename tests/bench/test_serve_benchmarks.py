@@ -118,7 +118,7 @@ def test_serve_gpu_tiny_on_cpu(sg, tmp_path):
     rows = [json.loads(line) for line in (tmp_path / sg.ROWS).read_text().splitlines()]
     mine = [r for r in rows if r["framework"] == "optkit"]
     kinds = [r["kind"] for r in mine]
-    assert kinds == ["ceiling", "offline", "ideal", "online", "slo_capacity", "stall"], kinds
+    assert kinds == ["ceiling", "offline", "ideal", "stall", "online", "slo_capacity"], kinds
     off = mine[1]
     work = sg.make_workload("alpaca", n, 256, 50272)
     assert off["completed"] == n and off["failed"] == 0 and off["mismatched_outputs"] == 0
@@ -126,12 +126,12 @@ def test_serve_gpu_tiny_on_cpu(sg, tmp_path):
     assert 1 <= off["batch_reached"] <= 4 and off["warmup_s"] > 0
     assert off["engine_config"]["max_slots"] == 4 and off["card"] and off["jax"]
     assert off["ttft_p99_ms"] >= off["ttft_p50_ms"] > 0
-    online = mine[3]
+    online = mine[4]
     assert online["rate"] == 8 and online["num_requests"] == n and online["failed"] == 0
-    cap = mine[4]
+    cap = mine[5]
     assert cap["rates_tested"] == [8] and cap["slo_ttft_ms"] == 1000
     assert cap["max_rate_within_slo"] in (None, 8)
-    st = mine[5]
+    st = mine[3]
     assert st["long_prompt"] == 248 and st["stream_error"] is None and st["long_error"] is None
     assert st["chunk_prefill_ms"] > 0 and st["long_prefill_alone_ms"] > 0
     assert st["stream_median_gap_ms"] <= st["stream_max_gap_ms"]
