@@ -13,7 +13,7 @@ Then the server is stopped and ``get_model(model, dummy=True)`` (the same random
 generates the same number of new tokens from the same prompt ids, greedy, ``--repeats``
 times after a warm-up; the row says whether the texts are the same and the ratio of the
 server's median end-to-end time to generate's.  Rows go to ``--out``/serve_cpu.jsonl,
-a table to ``--out``/serve_cpu.md::
+a table to ``--out``/serve_cpu.md, each server's log to ``--out``/server-N.log::
 
     python benchmarks/serve_cpu.py
     python benchmarks/serve_cpu.py --server-args "--max-slots 1 --max-len 256"
@@ -116,10 +116,10 @@ def health_rtt_ms(url: str, n: int = 20) -> float:
     return statistics.median(ts) * 1e3
 
 
-def measure_server(args, extra: list[str], out: Path) -> dict:
+def measure_server(args, extra: list[str], log: Path) -> dict:
     from optkit.bench.loadgen import LoadConfig, run_load
 
-    with Server(args.model, extra, out / "server.log", args.timeout) as srv:
+    with Server(args.model, extra, log, args.timeout) as srv:
         warm = complete(srv.url, args.model, args.prompt, args.max_tokens, args.timeout)
         with tempfile.TemporaryDirectory() as tmp:
             data = Path(tmp) / "prompt.jsonl"
@@ -237,10 +237,10 @@ def main(argv=None) -> int:
     rows = []
     command = "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
     gen = None
-    for extra in configs:
+    for i, extra in enumerate(configs):
         row = {"model": args.model, "prompt": args.prompt, "max_tokens": args.max_tokens,
                "repeats": args.repeats, "command": command, **environment(),
-               **measure_server(args, extra, out)}
+               **measure_server(args, extra, out / f"server-{i}.log")}
         if gen is None or gen["generate_tokens"] != row["completion_tokens"]:
             gen = measure_generate(args, row["completion_tokens"])
         row.update(gen)
