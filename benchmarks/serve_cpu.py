@@ -216,7 +216,8 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3, help="timed requests / generate calls")
     ap.add_argument("--server-args", action="append", default=[], metavar="ARGS",
                     help="another server configuration to measure besides the defaults, "
-                         "e.g. \"--max-slots 1 --max-len 256\" (repeatable)")
+                         "e.g. \"--max-slots 1 --max-len 256\" or --server-args=--no-warmup "
+                         "(repeatable)")
     ap.add_argument("--no-defaults", action="store_true",
                     help="measure only the --server-args configurations")
     ap.add_argument("--timeout", type=float, default=600.0,

@@ -1277,6 +1277,13 @@ def run_worker(args, framework: str, model_name: str, rows_path: Path) -> None:
             "XLA_PYTHON_CLIENT_MEM_FRACTION")
         optkit_worker(args, model_name, Writer(rows_path, common))
     else:
+        try:
+            import torch
+
+            common["card"] = (torch.cuda.get_device_name(0) if torch.cuda.is_available()
+                              else "cpu")
+        except Exception as e:  # recorded; the HF worker writes its own error row
+            common["card"] = f"unknown ({type(e).__name__})"
         hf_worker(args, model_name, Writer(rows_path, common))
 
 
