@@ -312,7 +312,7 @@ class OptkitClient:
 
     def chunk_tokens(self, default: int) -> int:
         """The engine's prefill token budget per step where it has one, else ``default``."""
-        for obj in (self.scheduler.engine, self.scheduler):
+        for obj in (getattr(self.scheduler, "engine", None), self.scheduler):
             value = getattr(obj, "max_batched_tokens", None)
             if isinstance(value, int) and value > 0:
                 return value
@@ -567,7 +567,7 @@ def ideal_row(cfg, offline: dict, workload: Workload, tflops: float, step: dict)
             "prefill_ideal_s": prefill_s, "decode_steps_ideal": steps,
             "step_ms": step["step_s"] * 1e3, **{k: v for k, v in step.items() if k != "step_s"},
             "decode_ideal_s": decode_s, "ideal_s": ideal_s, "ideal_tokens_per_s": tokens / ideal_s,
-            "measured_s": offline["duration_s"],
+            "measured_s": offline["duration_s"], "offline_complete": offline["complete"],
             "measured_tokens_per_s": offline["output_token_throughput"],
             "fraction_of_ideal": ideal_s / offline["duration_s"]}
 
