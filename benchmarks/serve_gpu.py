@@ -1104,12 +1104,25 @@ def summary_markdown(rows: list[dict]) -> str:
 def plot_rates(rows: list[dict], out_dir: Path) -> list[Path]:
     """throughput_vs_rate.png and latency_vs_rate.png (TTFT and TPOT p50 / p99) from the
     online rows, one column per model, a line per framework."""
+    from matplotlib.ticker import FuncFormatter, NullLocator
+
     from optkit.bench.plots import ReportFigure, save
 
     onl = [r for r in rows if r.get("kind") == "online"]
     if not onl:
         return []
     models = sorted({r["model"] for r in onl})
+    rates = sorted({r["rate"] for r in onl})
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
+
+    def rate_axis(ax):
+        ax.set_xscale("log")
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.set_xticks(rates, [f"{r:g}" for r in rates])
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(FuncFormatter(
+            lambda v, _: f"{v:g}" if f"{v:g}"[0] in "25" else ""))
+        ax.grid(alpha=0.3)
     out = []
     fig = ReportFigure(figsize=(5 * len(models), 4), layout="constrained")
     axes = np.atleast_1d(fig.subplots(1, len(models)))
@@ -1120,9 +1133,8 @@ def plot_rates(rows: list[dict], out_dir: Path) -> list[Path]:
             if g:
                 ax.plot([r["rate"] for r in g], [r["output_token_throughput"] for r in g], "o-",
                         label=fw)
-        ax.set(title=m, xlabel="offered rate (req/s)", ylabel="generated tokens / s",
-               xscale="log")
-        ax.grid(alpha=0.3)
+        ax.set(title=m, xlabel="offered rate (req/s)", ylabel="generated tokens / s")
+        rate_axis(ax)
         ax.legend(fontsize=8)
     save(fig, out_dir / "throughput_vs_rate.png")
     out.append(out_dir / "throughput_vs_rate.png")
@@ -1145,8 +1157,8 @@ def plot_rates(rows: list[dict], out_dir: Path) -> list[Path]:
             if limit:
                 ax.axhline(limit, color="k", lw=0.8, ls=":", label="SLO")
             ax.set(title=f"{m}: {metric.upper()}", xlabel="offered rate (req/s)", ylabel="ms",
-                   xscale="log", yscale="log")
-            ax.grid(alpha=0.3)
+                   yscale="log")
+            rate_axis(ax)
             ax.legend(fontsize=7)
     save(fig, out_dir / "latency_vs_rate.png")
     out.append(out_dir / "latency_vs_rate.png")
