@@ -22,6 +22,7 @@ from optkit.config import OPTConfig, canonical_name
 from optkit.parallel.kernels import check_kernels
 from optkit.quant import check_quantize
 from optkit.weights.folder import WeightError, folder_path, is_weight_folder
+from optkit.weights.hub import hub_weights
 from optkit.weights.sources import open_weights
 
 log = logging.getLogger(__name__)
@@ -161,11 +162,11 @@ def resolve_config(short: str, own: OPTConfig | None) -> OPTConfig:
     return OPTConfig.from_name(short)
 
 
-def weights_location(short: str, path) -> Path:
-    """The weight folder or HF directory for ``path`` and the model name."""
+def weights_location(short: str, path, alpa_layout: bool = False, progress: bool = True) -> Path:
+    """The weight folder or HF directory for ``path`` and the model name; with no ``path``,
+    ``facebook/{short}`` from the Hugging Face cache or Hub (``optkit.weights.hub``)."""
     if path is None:
-        raise ValueError(f"no weights for {short}: pass path=... (a folder holding "
-                         f"{short}-np/, the folder itself, or an HF directory) or dummy=True")
+        return hub_weights(short, alpa_layout=alpa_layout, progress=progress)
     p = Path(os.path.expanduser(str(path)))
     if is_weight_folder(p) or (p / "config.json").is_file():
         return p
@@ -190,7 +191,8 @@ def get_model(model_name: str, path: str | os.PathLike | None = None, dtype="aut
       model_name: ``facebook/opt-*`` (HF transformers, torch), ``jax/opt-*`` (one JAX device)
         or ``alpa/opt-*`` (all visible devices, automatic or given ``plan``).
       path: where weights live: a folder containing ``{name}-np/``, the folder itself, or an
-        HF checkpoint directory.
+        HF checkpoint directory; if not given, ``facebook/{name}`` from the Hugging Face cache
+        (downloaded when online; converted once for ``jax/`` and ``alpa/``).
       dtype: ``auto`` (fp16 on GPU, fp32 on CPU), ``float32``, ``float16`` or ``bfloat16``.
       dummy: random weights of the named shape instead of loading (Alpa's ``dummy=True``).
       device: a ``jax.Device`` (``jax/``) or torch device string (``facebook/``).
@@ -231,7 +233,8 @@ def get_model(model_name: str, path: str | os.PathLike | None = None, dtype="aut
     if dummy:
         cfg = config or OPTConfig.from_name(short)
     else:
-        own, store = open_weights(weights_location(short, path))
+        own, store = open_weights(weights_location(short, path, alpa_layout=True,
+                                                   progress=progress))
         cfg = config or resolve_config(short, own)
 
     if backend == "alpa":
