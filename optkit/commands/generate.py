@@ -20,7 +20,8 @@ def register(sub) -> None:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="jax/opt-125m",
                    help="facebook/opt-*, jax/opt-* or alpa/opt-*")
-    p.add_argument("--path", help="folder holding {name}-np/ (or the folder / an HF dir)")
+    p.add_argument("--path", help="folder holding {name}-np/ (or the folder / an HF dir); "
+                   "default: facebook/{name} from the Hugging Face cache (or the Hub)")
     p.add_argument("--dummy", action="store_true", help="random weights instead of --path")
     p.add_argument("--tokenizer", help="tokenizer folder; optkit's embedded one if not given")
     p.add_argument("--prompt", action="append",
