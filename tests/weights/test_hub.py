@@ -94,3 +94,42 @@ def test_python_error_names_python_arguments(monkeypatch, tmp_path):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(MissingWeights, match=r"pass path=\.\.\. .* or dummy=True"):
         get_model("jax/opt-125m")
+
+
+def test_download_when_not_cached(monkeypatch, tmp_path):
+    """Online and not cached: safetensors are asked for first, then PyTorch's .bin, never
+    TF or Flax files; a failed download says why, in the same words as a missing cache."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    from optkit.weights.hub import MissingWeights, hub_weights
+    from tests.conftest import save_torch_bin
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("OPTKIT_CACHE", str(tmp_path / "optkit"))
+    snapshot = tmp_path / "snapshot" / REVISION
+    asked = []
+
+    def download(repo, allow_patterns):  # a repository with only pytorch_model.bin
+        asked.append((repo, allow_patterns))
+        if "pytorch_model.bin" in allow_patterns:
+            save_torch_bin(hf_model(SMALL), snapshot)
+        snapshot.mkdir(parents=True, exist_ok=True)
+        return str(snapshot)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", download)
+    assert hub_weights("opt-125m") == snapshot
+    assert [r for r, _ in asked] == ["facebook/opt-125m"] * 2
+    assert "model.safetensors" in asked[0][1] and "pytorch_model.bin" in asked[1][1]
+    assert not any(p.endswith((".h5", ".msgpack")) for _, pats in asked for p in pats)
+    folder = hub_weights("opt-125m", alpa_layout=True, progress=False)
+    assert folder == tmp_path / "optkit" / "facebook--opt-125m" / REVISION / "opt-125m-np"
+    assert (folder / "decoder.embed_tokens.weight").is_file()
+
+    def unreachable(repo, allow_patterns):
+        raise OSError("Name or service not known")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", unreachable)
+    with pytest.raises(MissingWeights, match="downloading it failed: OSError: Name or service"):
+        hub_weights("opt-350m")
