@@ -8,8 +8,7 @@ without a Pallas kernel that, independent of the all-reduce, reads the first ``M
 next product's weights with Triton's ``evict_last`` policy: if XLA runs it beside the
 all-reduce, the product then finds that part in L2.  ``--collective none`` leaves the
 all-reduces out (the time of everything else), ``--gpus 1`` runs it unsplit.  Weights are
-random; ms a stack.  (Two H200s: each MiB prefetched made the stack slower;
-``benchmarks/README.md``, eleventh session.)
+random; ms a stack.
 
     python benchmarks/allreduce_overlap.py --gpus 2 --prefetch-mb 0,8,16,24 --out ar.jsonl
 """

@@ -10,7 +10,7 @@ swept (the row without them is the kernel's own choice, ``blocks``); the best is
 ``us`` is wall time per layer (at batch 1 mostly launching); ``kernel_us`` the kernel's own
 median time from a profiler trace of one call.
 
-    python benchmarks/decode_attention.py --out results/gpu/decode_attention_h200.jsonl
+    python benchmarks/decode_attention.py --out build/decode_attention.jsonl
     python benchmarks/decode_attention.py --check        # correctness only (interpreted, CPU)
 """
 

@@ -2,19 +2,9 @@
 
 ``words``: ``optkit.kernels.int8_matvec`` (CUDA cores); ``dot``: ``optkit.kernels.int8_mma``
 (tensor cores) at its plan (no settings) and at a sweep of blocks, stages, warps and K
-splits; ``read``: a sum of the same bytes.  The results behind the tensor-core kernel's plan:
-``results/gpu/gemv_dot_tuning_h200.jsonl`` (OPT-175B's shards, one H200) and
-``gemv_mma_6.7b_h100.jsonl`` (opt-6.7b's, one H100; run before the plan's size threshold, so
-its rows without a ``split`` took the plan's split of that time: 2 for qkv, out and fc2, 1
-for fc1 — every setting is explicit now).
-
-Measured on the way and not kept (code removed; rows in ``gemv_rows_f16_h200.jsonl`` and
-``gemv_asm_dot_h200.jsonl``): the CUDA-core kernel with a thread's four words reduced every
-block (one accumulator per channel instead of four) and with fp16 inputs (``rows``): no gain;
-with the byte flip folded into the masks and the widening, or widening and FMAs, written in
-PTX (``words2`` modes ``fold``, ``asm_widen``, ``asm_all``): 1-4% faster; the first
-tensor-core kernel with Triton's own int8 -> fp16 conversion (``cvt``): 1.3-1.7x slower than
-the PTX widening (``prmt``), and with the input rows padded inside the kernel: no gain.
+splits; ``read``: a sum of the same bytes.  With ``--rows`` > 1, tiles of rows against
+XLA's dot over the widened kernel.  The rows behind the tensor-core kernel's plan are in
+``results/gpu/`` (``benchmarks/README.md`` names them).
 
     python benchmarks/gemv_variants.py --out variants.jsonl                  # on a GPU
     python benchmarks/gemv_variants.py --models 6.7b --out variants.jsonl

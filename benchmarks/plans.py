@@ -67,9 +67,8 @@ CASES_8GPU = [
     for n, dev in ((4, "H100-80GB"), (2, "H200-141GB")) for b in (1, 16)
 ]
 
-#: optkit's measured GPU decode rows (``benchmarks/gpu_decode.py``, jax 0.11.2, H200): one
-#: card (eighth session), opt-13b on two (seventh), opt-66b on two and four and opt-175b on
-#: four (tenth), all with the kernels and CUDA graphs of their time.
+#: optkit's measured GPU decode rows (``benchmarks/gpu_decode.py``, jax 0.11.2, H200s): one
+#: card, opt-13b on two, opt-66b on two and four and opt-175b on four.
 MEASURED = ["benchmarks/results/gpu/large_batch_h200.jsonl",
             "benchmarks/results/gpu/mma_13b_h200x2.jsonl",
             "benchmarks/results/gpu/gpu_4card_refresh_h200x4.jsonl"]

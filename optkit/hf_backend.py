@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 
 from optkit.config import OPTConfig
+from optkit.lm import CausalLMOutput, array_kind, as_kind, to_numpy, weights_location
+from optkit.options import dtype_name
 from optkit.weights.folder import is_weight_folder
 
 
@@ -32,8 +34,6 @@ class HFOPT:
     def _ids(self, x):
         import torch
 
-        from optkit.api import array_kind, to_numpy
-
         if x is None:
             return None, None
         kind = array_kind(x)
@@ -42,8 +42,6 @@ class HFOPT:
 
     def __call__(self, input_ids, attention_mask=None):
         import torch
-
-        from optkit.api import CausalLMOutput, as_kind
 
         ids, kind = self._ids(input_ids)
         mask, _ = self._ids(attention_mask)
@@ -55,8 +53,6 @@ class HFOPT:
 
     def generate(self, input_ids=None, attention_mask=None, **kwargs):
         import torch
-
-        from optkit.api import as_kind
 
         ids, kind = self._ids(input_ids)
         mask, _ = self._ids(attention_mask)
@@ -93,16 +89,13 @@ def get_hf_model(short: str, path=None, dtype="auto", dummy=False, device=None, 
     from transformers import OPTConfig as HFConfig
     from transformers import OPTForCausalLM
 
-    from optkit.api import weights_location
     from optkit.weights.folder import FolderStore
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    names = {"auto": torch.float16 if str(device).startswith("cuda") else torch.float32,
-             "float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
-             "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-    if str(dtype) not in names:
-        raise ValueError(f"unknown dtype {dtype!r}; use float32, float16 or bfloat16")
-    torch_dtype = names[str(dtype)]
+    name = dtype_name(dtype)
+    if name == "auto":
+        name = "float16" if str(device).startswith("cuda") else "float32"
+    torch_dtype = getattr(torch, name)
     if dummy:
         cfg = config or OPTConfig.from_name(short)
         torch.manual_seed(seed)

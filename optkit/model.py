@@ -15,12 +15,12 @@ Params pytree (kernels are stored (in, out), i.e. transposed from the torch layo
                      out {kernel (A, D, H), bias (H,)}, mlp_ln {scale, bias},
                      fc1 {kernel (H, F), bias (F,)}, fc2 {kernel (F, H), bias (H,)}
 
-``layers`` is a Python list (unrolled; best decode bandwidth) or a single dict whose arrays
-carry a leading layer axis (``lax.scan``; fast compiles).  Both give the same numbers.
+``layers`` is a Python list, unrolled in the compiled step (separate per-layer arrays are
+what lets a decode step read the weights at close to the memory bandwidth).
 
 KV cache pytree::
 
-    k, v    per layer (B, S, A, D) -- a list, or stacked (L, B, S, A, D) with scanned layers
+    k, v    per layer (B, S, A, D), a list
     mask    (B, S) bool             which cache positions hold real tokens
     index   (B,) int32              next write position of each row
 """
@@ -28,6 +28,8 @@ KV cache pytree::
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -41,29 +43,17 @@ Cache = dict
 # ---------------------------------------------------------------------------------------------
 # Cache
 # ---------------------------------------------------------------------------------------------
-def init_cache(cfg: OPTConfig, batch: int, max_len: int, dtype=jnp.float32, stacked: bool = False,
+def init_cache(cfg: OPTConfig, batch: int, max_len: int, dtype=jnp.float32,
                num_layers: int | None = None) -> Cache:
     """An empty KV cache for ``batch`` rows of up to ``max_len`` positions."""
     n = cfg.num_hidden_layers if num_layers is None else num_layers
     shape = (batch, max_len, cfg.num_attention_heads, cfg.head_dim)
-    if stacked:
-        k = jnp.zeros((n, *shape), dtype)
-        v = jnp.zeros((n, *shape), dtype)
-    else:
-        k = [jnp.zeros(shape, dtype) for _ in range(n)]
-        v = [jnp.zeros(shape, dtype) for _ in range(n)]
     return {
-        "k": k,
-        "v": v,
+        "k": [jnp.zeros(shape, dtype) for _ in range(n)],
+        "v": [jnp.zeros(shape, dtype) for _ in range(n)],
         "mask": jnp.zeros((batch, max_len), bool),
         "index": jnp.zeros((batch,), jnp.int32),
     }
-
-
-def cache_spec(cfg: OPTConfig, batch: int, max_len: int, dtype=jnp.float32,
-               stacked: bool = False) -> Cache:
-    """``jax.ShapeDtypeStruct`` tree of :func:`init_cache` (for abstract compilation)."""
-    return jax.eval_shape(lambda: init_cache(cfg, batch, max_len, dtype, stacked))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -79,25 +69,24 @@ def layer_norm(p: dict, x: jax.Array, eps: float) -> jax.Array:
     return y.astype(x.dtype)
 
 
-#: int8 products of at most this many token rows run as one fused widen-multiply-reduce.
-INT8_REDUCE_ROWS = 1
-#: ... and of at most this many through a ``matvec`` hook, where one is given, unless the
-#: hook says otherwise (its ``max_rows``: the tensor-core kernel takes 32; the CUDA-core one
-#: multiplies on CUDA cores: at 4 rows it was half as fast as XLA's dot on an H200).
-INT8_KERNEL_ROWS = 1
+class MatVec(NamedTuple):
+    """An int8 product hook: ``fn(x, q, scale, bias, relu)`` -> the finished output in x's
+    dtype (e.g. a kernel), used for products of at most ``max_rows`` token rows."""
+
+    fn: Callable
+    max_rows: int = 1
 
 
-def project(p: dict, x: jax.Array, eq: str, matvec=None, relu: bool = False,
+def project(p: dict, x: jax.Array, eq: str, matvec: MatVec | None = None, relu: bool = False,
             bias: bool = True) -> jax.Array:
     """``einsum(eq, x, kernel) + bias`` (then ReLU if ``relu``), ``eq`` naming the kernel's
     input axes first; ``bias=False`` leaves the bias to the caller.
 
     An int8 weight-only kernel (``kernel_q``, output-major, one scale per output channel; see
     ``optkit.quant``) is widened inside the product and scaled after it, so only the int8
-    bytes are read: for a single row as a multiply + reduction over the input axes (each
-    output's weights contiguous), else as a dot.  ``matvec(x, q, scale, bias, relu)`` (e.g. a
-    kernel, -> the finished output in x's dtype) replaces both for up to its ``max_rows``
-    (default :data:`INT8_KERNEL_ROWS`) rows.
+    bytes are read: for a single row as one fused multiply + reduction over the input axes
+    (each output's weights contiguous), else as a dot.  A ``matvec`` hook replaces both for
+    products of up to its ``max_rows`` rows.
     """
     b = p["bias"] if bias else None
     if "kernel_q" not in p:
@@ -109,9 +98,9 @@ def project(p: dict, x: jax.Array, eq: str, matvec=None, relu: bool = False,
     n_in = q.ndim - n_out
     lead = x.shape[:x.ndim - n_in]
     rows = math.prod(lead)
-    if matvec is not None and rows <= getattr(matvec, "max_rows", INT8_KERNEL_ROWS):
-        return matvec(x, q, scale, b, relu)
-    if rows <= INT8_REDUCE_ROWS:
+    if matvec is not None and rows <= matvec.max_rows:
+        return matvec.fn(x, q, scale, b, relu)
+    if rows == 1:
         xb = x.astype(jnp.float32).reshape(lead + (1,) * n_out + x.shape[x.ndim - n_in:])
         y = jnp.sum(xb * q.astype(jnp.float32), axis=tuple(range(-n_in, 0)))
     else:
@@ -124,18 +113,9 @@ def project(p: dict, x: jax.Array, eq: str, matvec=None, relu: bool = False,
     return jax.nn.relu(y) if relu else y
 
 
-def dense(p: dict, x: jax.Array, matvec=None, relu: bool = False,
+def dense(p: dict, x: jax.Array, matvec: MatVec | None = None, relu: bool = False,
           bias: bool = True) -> jax.Array:
     return project(p, x, "...i,io->...o", matvec, relu, bias)
-
-
-def add_layer_norm(p: dict, x: jax.Array, y: jax.Array, bias: jax.Array,
-                   eps: float) -> tuple[jax.Array, jax.Array]:
-    """``h = x + (y + bias)`` and ``layer_norm(p, h)``: a pre-LN layer's residual add (of a
-    product's output and its bias) and the LayerNorm after it.  A ``norm`` hook of the same
-    signature replaces it (e.g. with one fused kernel, ``optkit.kernels.add_layer_norm``)."""
-    h = x + (y + bias)
-    return h, layer_norm(p, h, eps)
 
 
 def positions_from_mask(attention_mask: jax.Array, start: jax.Array | int = 0) -> jax.Array:
@@ -194,62 +174,35 @@ def _write_rows(cache: jax.Array, rows: jax.Array, index: jax.Array, new: jax.Ar
                            mode=jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS)
 
 
-def _layer(lp: dict, cfg: OPTConfig, carry: tuple, attend, matvec=None,
-           norm=None) -> tuple[tuple, tuple]:
-    """One decoder layer.  ``attend(qkv) -> (out, new_kv)`` hides prefill vs decode;
-    ``matvec`` maps kernel names (qkv, out, fc1, fc2) to int8 product hooks (see project);
-    ``norm``: see :func:`add_layer_norm`.
-
-    ``carry`` is (x, y, bias): the residual stream is ``x + (y + bias)``, the last product's
-    output and bias not yet added (None: nothing pending), so that a pre-LN layer adds them
-    in the same step as its LayerNorm.  Post-LN layers (opt-350m) add them at once."""
+def _layer(lp: dict, cfg: OPTConfig, x: jax.Array, attend,
+           matvec: dict | None = None) -> tuple[jax.Array, tuple]:
+    """One decoder layer on hidden states ``x`` -> (x, new_kv).  ``attend(qkv) -> (out,
+    new_kv)`` hides prefill vs decode; ``matvec`` maps kernel names (qkv, out, fc1, fc2) to
+    int8 product hooks (see :func:`project`)."""
     eps = cfg.layer_norm_eps
     mv = matvec or {}
-    x, y, bias = carry
-    if not cfg.do_layer_norm_before:
-        residual = x
+    if not cfg.do_layer_norm_before:  # post-LN (opt-350m)
         a, new_kv = attend(project(lp["qkv"], x, "bth,hkad->btkad", mv.get("qkv")))
-        h = layer_norm(lp["attn_ln"], residual + project(lp["out"], a, "btad,adh->bth",
-                                                         mv.get("out")), eps)
+        h = layer_norm(lp["attn_ln"], x + project(lp["out"], a, "btad,adh->bth",
+                                                  mv.get("out")), eps)
         m = dense(lp["fc2"], dense(lp["fc1"], h, mv.get("fc1"), relu=True), mv.get("fc2"))
-        return (layer_norm(lp["mlp_ln"], h + m, eps), None, None), new_kv
-    fused = norm or add_layer_norm
-    x, h = (x, layer_norm(lp["attn_ln"], x, eps)) if y is None else \
-        fused(lp["attn_ln"], x, y, bias, eps)
+        return layer_norm(lp["mlp_ln"], h + m, eps), new_kv
+    h = layer_norm(lp["attn_ln"], x, eps)
     a, new_kv = attend(project(lp["qkv"], h, "bth,hkad->btkad", mv.get("qkv")))
-    y = project(lp["out"], a, "btad,adh->bth", mv.get("out"), bias=False)
-    x, m = fused(lp["mlp_ln"], x, y, lp["out"]["bias"], eps)
-    y = dense(lp["fc2"], dense(lp["fc1"], m, mv.get("fc1"), relu=True), mv.get("fc2"),
-              bias=False)
-    return (x, y, lp["fc2"]["bias"]), new_kv
+    x = x + project(lp["out"], a, "btad,adh->bth", mv.get("out"))
+    m = layer_norm(lp["mlp_ln"], x, eps)
+    x = x + dense(lp["fc2"], dense(lp["fc1"], m, mv.get("fc1"), relu=True), mv.get("fc2"))
+    return x, new_kv
 
 
-def _run_layers(layers, cfg: OPTConfig, x, ks, vs, make_attend, matvec=None, norm=None):
-    """Apply every layer (unrolled list or scanned stack), threading per-layer caches."""
-    if isinstance(layers, dict):  # stacked: leading layer axis, lax.scan
-
-        def body(carry, xs):
-            lp, k_c, v_c = xs
-            carry, (k_n, v_n) = _layer(lp, cfg, carry, make_attend(k_c, v_c), matvec, norm)
-            return carry, (k_n, v_n)
-
-        # a scan's carry keeps its structure: the first layer adds zeros
-        carry = ((x, jnp.zeros_like(x), jnp.zeros_like(layers["fc2"]["bias"][0]))
-                 if cfg.do_layer_norm_before else (x, None, None))
-        carry, (ks, vs) = jax.lax.scan(body, carry, (layers, ks, vs))
-        return _settle(carry), ks, vs
-    carry, new_k, new_v = (x, None, None), [], []
+def _run_layers(layers, cfg: OPTConfig, x, ks, vs, make_attend, matvec=None):
+    """Apply every layer, threading per-layer caches."""
+    new_k, new_v = [], []
     for lp, k_c, v_c in zip(layers, ks, vs, strict=True):
-        carry, (k_n, v_n) = _layer(lp, cfg, carry, make_attend(k_c, v_c), matvec, norm)
+        x, (k_n, v_n) = _layer(lp, cfg, x, make_attend(k_c, v_c), matvec)
         new_k.append(k_n)
         new_v.append(v_n)
-    return _settle(carry), new_k, new_v
-
-
-def _settle(carry: tuple) -> jax.Array:
-    """The residual stream of a layer carry: x with its pending product added."""
-    x, y, bias = carry
-    return x if y is None else x + (y + bias)
+    return x, new_k, new_v
 
 
 # ---------------------------------------------------------------------------------------------
@@ -295,14 +248,13 @@ def dense_decode_attention(qkv: jax.Array, k: jax.Array, v: jax.Array, mask: jax
 
 def decode_layers(layers, cfg: OPTConfig, x: jax.Array, cache: Cache,
                   live: int | None = None, attention=None,
-                  matvec=None, norm=None) -> tuple[jax.Array, Cache]:
+                  matvec=None) -> tuple[jax.Array, Cache]:
     """Run one new position per row (x: (B,1,H)) through ``layers``, writing at ``index``.
 
     ``live`` (static) promises every row's index is below it: attention then reads only the
     first ``live`` cache positions instead of the whole cache.  ``attention`` replaces
     :func:`dense_decode_attention` (same signature), e.g. with a fused kernel; ``matvec``
-    maps kernel names to int8 product hooks (see :func:`project`); ``norm`` replaces
-    :func:`add_layer_norm` (same signature).
+    maps kernel names to int8 product hooks (see :func:`project`).
     """
     b, s = cache["mask"].shape
     live = s if live is None else min(int(live), s)
@@ -319,7 +271,7 @@ def decode_layers(layers, cfg: OPTConfig, x: jax.Array, cache: Cache,
             return out[:, None], (k_n, v_n)
         return attend
 
-    x, ks, vs = _run_layers(layers, cfg, x, cache["k"], cache["v"], make_attend, matvec, norm)
+    x, ks, vs = _run_layers(layers, cfg, x, cache["k"], cache["v"], make_attend, matvec)
     return x, {"k": ks, "v": vs, "mask": mask, "index": cache["index"] + 1}
 
 
@@ -344,12 +296,11 @@ def decode_positions(cache: Cache) -> jax.Array:
 
 def decode_step(params: Params, cfg: OPTConfig, tokens: jax.Array, cache: Cache,
                 live: int | None = None, attention=None, matvec=None,
-                lookup=None, norm=None) -> tuple[jax.Array, Cache]:
+                lookup=None) -> tuple[jax.Array, Cache]:
     """Feed one token per row (B,) and return next-token logits (B,V) and the new cache
-    (``attention``, ``matvec``, ``norm``: see :func:`decode_layers`; ``lookup``:
-    :func:`embed`)."""
+    (``attention``, ``matvec``: see :func:`decode_layers`; ``lookup``: :func:`embed`)."""
     x = embed(params, cfg, tokens[:, None], decode_positions(cache), lookup)
-    x, cache = decode_layers(params["layers"], cfg, x, cache, live, attention, matvec, norm)
+    x, cache = decode_layers(params["layers"], cfg, x, cache, live, attention, matvec)
     return unembed(params, cfg, x[:, 0]), cache
 
 
@@ -359,7 +310,6 @@ def forward(params: Params, cfg: OPTConfig, tokens: jax.Array,
     if attention_mask is None:
         attention_mask = jnp.ones(tokens.shape, jnp.int32)
     dtype = params["embed_tokens"].dtype
-    stacked = isinstance(params["layers"], dict)
-    cache = init_cache(cfg, tokens.shape[0], tokens.shape[1], dtype, stacked)
+    cache = init_cache(cfg, tokens.shape[0], tokens.shape[1], dtype)
     logits, _ = prefill(params, cfg, tokens, attention_mask, cache)
     return logits

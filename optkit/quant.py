@@ -23,20 +23,12 @@ import jax.numpy as jnp
 from optkit.config import OPTConfig
 from optkit.weights.layout import ParamSpec, param_specs, tree_from_specs
 
-#: Values of ``get_model(..., quantize=)``.
-QUANTIZE = (None, "int8")
-
 #: Kernel name -> number of leading input dims (the rest are output channels).
 KERNELS = {"qkv": 1, "out": 2, "fc1": 1, "fc2": 1}
 
 
 def _is_kernel(spec: ParamSpec) -> bool:
     return len(spec.path) >= 2 and spec.path[-1] == "kernel" and spec.path[-2] in KERNELS
-
-
-def check_quantize(quantize) -> None:
-    if quantize not in QUANTIZE:
-        raise ValueError(f"quantize must be one of {QUANTIZE}; got {quantize!r}")
 
 
 #: Leaves whose dtype is not the model's: ``ParamSpec.init`` -> dtype.
@@ -83,7 +75,7 @@ def quantize_kernel(w: jax.Array, n_in: int) -> tuple[jax.Array, jax.Array]:
 
 
 def quantize_params(params: dict) -> dict:
-    """Quantize every layer's matmul kernels of an (unstacked) params tree."""
+    """Quantize every layer's matmul kernels of a params tree."""
     def layer(lp):
         out = dict(lp)
         for name, n_in in KERNELS.items():
@@ -91,8 +83,6 @@ def quantize_params(params: dict) -> dict:
             out[name] = {"kernel_q": q, "kernel_scale": scale, "bias": lp[name]["bias"]}
         return out
 
-    if isinstance(params["layers"], dict):
-        raise ValueError("quantize_params expects per-layer (unstacked) params")
     return {**params, "layers": [layer(lp) for lp in params["layers"]]}
 
 

@@ -95,6 +95,13 @@ def test_alpa_backend_runs(weights):
     ("facebook/opt-125m", {"dummy": True, "kernels": "pallas"}, ValueError, "jax/ or alpa/"),
     ("jax/opt-tiny", {"dummy": True, "kernels": "matvec"}, ValueError, "not int8"),
     ("jax/opt-tiny", {"dummy": True, "kernels": "attention,matvec"}, ValueError, "not int8"),
+    ("jax/opt-tiny", {"dummy": True, "kernels": "norm"}, ValueError, "choose one of"),
+    ("jax/opt-tiny", {"dummy": True, "kernels": 3}, TypeError, "kernels must be a string"),
+    ("jax/opt-tiny", {"dummy": True, "quantize": "int4"}, ValueError, "None or 'int8'"),
+    ("jax/opt-tiny", {"dummy": True, "dtype": "fp8"}, ValueError, "bfloat16"),
+    ("facebook/opt-125m", {"dummy": True, "kernels": "xla"}, ValueError, "jax/ or alpa/"),
+    ("alpa/opt-tiny", {"dummy": True, "kernels": "matvec", "cluster": "auto"}, ValueError,
+     "not int8"),
 ])
 def test_bad_arguments(name, kw, err, match):
     with pytest.raises(err, match=match):

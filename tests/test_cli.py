@@ -63,21 +63,30 @@ def test_no_command_prints_help(capsys):
     assert "convert" in capsys.readouterr().out
 
 
-def test_kernels_choices_match_the_package():
-    """--kernels checks its choices without importing JAX; they must stay the package's."""
+def test_loading_options_are_checked_where_they_enter(capsys):
+    """--dtype and --kernels are checked while parsing (optkit.options); a combination that
+    cannot load (the int8 product kernel without --quantize int8) fails before loading."""
     import argparse
 
-    from optkit.commands.loading import _KERNEL_NAMES, add_loading_options
-    from optkit.parallel.kernels import KERNEL_CHOICES, PALLAS_KERNELS, check_kernels
+    from optkit.commands.loading import add_loading_options
+    from optkit.options import KERNEL_CHOICES
 
-    assert _KERNEL_NAMES == PALLAS_KERNELS
     parser = argparse.ArgumentParser(exit_on_error=False)
     add_loading_options(parser)
-    for choice in (*KERNEL_CHOICES, "attention,norm", "norm,matvec"):
-        assert parser.parse_args(["--kernels", choice]).kernels == check_kernels(choice)
-    assert parser.parse_args([]).kernels == "auto"
-    for bad in ("flash", "norm,flash", ""):
+    for choice in (*KERNEL_CHOICES, "attention", "matvec,attention"):
+        assert parser.parse_args(["--kernels", choice]).kernels == choice
+    args = parser.parse_args([])
+    assert (args.kernels, args.dtype, args.quantize) == ("auto", "auto", None)
+    assert parser.parse_args(["--dtype", "bf16"]).dtype == "bfloat16"
+    for bad in ("flash", "norm", "attention,norm", ""):
         with pytest.raises(argparse.ArgumentError, match="names joined by commas"):
             parser.parse_args(["--kernels", bad])
-        with pytest.raises(ValueError):
-            check_kernels(bad)
+    with pytest.raises(argparse.ArgumentError, match="unknown dtype"):
+        parser.parse_args(["--dtype", "fp8"])
+    with pytest.raises(argparse.ArgumentError, match="invalid choice"):
+        parser.parse_args(["--quantize", "int4"])
+    assert main(["generate", "--model", "jax/opt-tiny", "--dummy", "--prompt", "hi",
+                 "--kernels", "matvec"]) == 1
+    assert "the model is not int8" in capsys.readouterr().err
+
+

@@ -1,7 +1,5 @@
 """Parity of the pure JAX model with HF transformers' OPTForCausalLM (torch, fp32)."""
 
-import itertools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,10 +7,9 @@ import pytest
 import torch
 
 from optkit import model as M
-from optkit.kernels import add_layer_norm as NORM
 from optkit.kernels import decode_attention as K
 from optkit.weights.folder import FolderStore
-from optkit.weights.load import load_params, stack_layers
+from optkit.weights.load import load_params
 from optkit.weights.random import random_state_dict
 from tests.conftest import hf_model, left_padded_batch
 
@@ -35,9 +32,6 @@ def test_prefill_logits_match_hf(cfg):
     out = np.asarray(M.forward(params, cfg, jnp.asarray(ids), jnp.asarray(mask)))
     real = mask.astype(bool)
     assert np.abs(out - ref)[real].max() <= 1e-4
-    # the scanned (stacked-layer) layout gives the same numbers
-    out2 = np.asarray(M.forward(stack_layers(params), cfg, jnp.asarray(ids), jnp.asarray(mask)))
-    assert np.abs(out2 - ref)[real].max() <= 1e-4
 
 
 def test_decode_steps_match_full_forward(cfg):
@@ -45,21 +39,15 @@ def test_decode_steps_match_full_forward(cfg):
     ids, mask = left_padded_batch(cfg, [7, 4, 5, 9], total=9)  # positions 5.. are real
     ref = hf_logits(hf_model(cfg), ids, mask)
     params = params_of(cfg)
-    # the fused decode-attention kernel (interpreted here) where it takes the head size, the
-    # fused residual add + LayerNorm where the model normalizes before its products
+    # the fused decode-attention kernel (interpreted here) where it takes the head size
     kernels = {"xla": {}, "pallas": {}}
     if K.supported(cfg.head_dim):
         kernels["pallas"]["attention"] = lambda qkv, k, v, mask, index, live, scale: \
             K.decode_attention(qkv, k, v, K.mask_bias(mask), index, scale=scale, block_k=4,
                                interpret=True)
-    if cfg.do_layer_norm_before:
-        kernels["pallas"]["norm"] = lambda p, x, y, bias, eps: tuple(
-            o.reshape(x.shape) for o in NORM.add_layer_norm(
-                x.reshape(-1, x.shape[-1]), y.reshape(-1, x.shape[-1]), bias, p["scale"],
-                p["bias"], eps=eps, interpret=True))
-    for (layers, name) in itertools.product(("list", "stacked"), kernels):
-        p = params if layers == "list" else stack_layers(params)
-        cache = M.init_cache(cfg, ids.shape[0], 12, stacked=layers == "stacked")
+    for name in kernels:
+        p = params
+        cache = M.init_cache(cfg, ids.shape[0], 12)
         logits, cache = M.prefill(p, cfg, jnp.asarray(ids[:, :5]), jnp.asarray(mask[:, :5]),
                                   cache, all_logits=False)
         assert np.abs(np.asarray(logits) - ref[:, 4])[mask[:, 4] == 1].max() <= 1e-4
@@ -67,7 +55,7 @@ def test_decode_steps_match_full_forward(cfg):
                        donate_argnums=2)
         for t in range(5, 9):
             logits, cache = step(p, jnp.asarray(ids[:, t]), cache)
-            assert np.abs(np.asarray(logits) - ref[:, t]).max() <= 1e-4, (layers, name, t)
+            assert np.abs(np.asarray(logits) - ref[:, t]).max() <= 1e-4, (name, t)
         assert np.asarray(cache["index"]).tolist() == [9] * 4
 
 

@@ -18,9 +18,15 @@ first one compiles), then ``repeats`` timed runs, and returns one flat row:
 * the roofline of one decode step: ``step_gflop`` and ``step_gbyte`` (weights + KV cache
   read), the achieved ``tflops`` / ``gbyte_per_s``, the device's ``peak_tflops`` /
   ``peak_gbyte_per_s`` (measured once per process: a large matmul and a read-only
-  reduction) and ``roofline_fraction`` = roofline time bound / measured step time;
-* device names, software versions (:func:`optkit.bench.textgen.environment`), the 1-minute
-  load average (other work on a shared machine skews timings) and a timestamp.
+  reduction) and ``roofline_fraction`` = roofline time bound / measured step time, the
+  bound split evenly over the model's devices; ``floor_ms``: the bytes alone at the peak
+  bandwidth (the step's bandwidth floor);
+* device names, software versions (:func:`environment`), the 1-minute load average (other
+  work on a shared machine skews timings) and a timestamp.
+
+:func:`timed_generate` is the one timed call every benchmark here is made of
+(``optkit bench textgen`` and ``benchmarks/gpu_decode.py`` too); the FLOP/byte model and
+the peaks are :mod:`optkit.bench.roofline`.
 
 Models are loaded through :class:`ModelCache`, so configs sharing (model, backend, plan,
 dtype, weights, seed) reuse one loaded model.  Sweeps over many configs live in
@@ -35,13 +41,16 @@ import functools
 import hashlib
 import json
 import os
+import platform
 import statistics
 import time
 from collections import OrderedDict
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from optkit.bench.roofline import bandwidth_floor_s, decode_step_cost, device_peaks
 from optkit.config import OPTConfig
 
 BACKENDS = ("jax", "alpa", "facebook")
@@ -67,6 +76,12 @@ class BenchConfig:
       steps_per_dispatch: decode steps per device call (JAX backends; ``None``: generate's
         default).
       do_sample: sample (top-k/top-p off, temperature 1) instead of greedy search.
+      quantize: ``None`` or ``"int8"`` (``get_model``'s option; JAX backends).
+      kernels: ``get_model``'s decode-kernel choice (``"auto"``, ``"xla"``, ``"pallas"`` or
+        names joined by commas; JAX backends).
+      hf_cache: ``facebook`` only: ``None`` (transformers' dynamic cache, eager) or
+        ``"static"`` (its static cache, whose ``generate`` compiles the decoding forward
+        with ``torch.compile``).
       label: free text carried into the row (plots can group by it).
     """
 
@@ -83,6 +98,9 @@ class BenchConfig:
     seed: int = 0
     steps_per_dispatch: int | None = None
     do_sample: bool = False
+    quantize: str | None = None
+    kernels: str = "auto"
+    hf_cache: str | None = None
     label: str = ""
 
     def __post_init__(self):
@@ -101,6 +119,12 @@ class BenchConfig:
             raise ValueError(f"warmup must be an integer >= 0; got {self.warmup!r}")
         if self.plan is not None and self.backend != "alpa":
             raise ValueError(f"plan= applies to the alpa backend, not {self.backend!r}")
+        if self.backend == "facebook" and (self.quantize or self.kernels != "auto"):
+            raise ValueError("quantize= and kernels= apply to the jax and alpa backends")
+        if self.hf_cache not in (None, "static"):
+            raise ValueError(f"hf_cache must be None or 'static'; got {self.hf_cache!r}")
+        if self.hf_cache and self.backend != "facebook":
+            raise ValueError("hf_cache= applies to the facebook backend")
         if self.path is not None:
             object.__setattr__(self, "path", str(self.path))
         if self.path is None:
@@ -129,7 +153,8 @@ class BenchConfig:
     def model_key(self) -> tuple:
         """Configs with equal keys share one loaded model."""
         return (self.backend, self.model, self.plan_text if isinstance(self.plan, str | None)
-                else repr(self.plan), self.dtype, self.path, self.seed)
+                else repr(self.plan), self.dtype, self.path, self.seed, self.quantize,
+                self.kernels)
 
 
 def as_config(cfg: BenchConfig | dict) -> BenchConfig:
@@ -184,6 +209,8 @@ class ModelCache:
 
             plan = Plan.parse(plan)
         kw = {"plan": plan} if cfg.backend == "alpa" else {}
+        if cfg.backend != "facebook":
+            kw.update(quantize=cfg.quantize, kernels=cfg.kernels)
         start = time.perf_counter()
         model = get_model(cfg.name, path=cfg.path, dummy=cfg.path is None, dtype=cfg.dtype,
                           seed=cfg.seed, progress=False, **kw)
@@ -195,54 +222,8 @@ class ModelCache:
 
 
 # --------------------------------------------------------------------------------------------
-# Costs and the device's peaks
+# What a row records besides timings
 # --------------------------------------------------------------------------------------------
-def decode_step_cost(cfg: OPTConfig, batch: int, context: float, itemsize: int) -> tuple[float,
-                                                                                        float]:
-    """(FLOPs, bytes) of one decode step of ``batch`` rows attending to ``context`` positions:
-    the matmuls ``2 L (4 H^2 + 2 H F) + 2 E V`` per row plus ``4 H L`` per attended position;
-    bytes read: every weight once, plus the K and V cache."""
-    h, f, n = cfg.hidden_size, cfg.ffn_dim, cfg.num_hidden_layers
-    e, v = cfg.word_embed_proj_dim, cfg.vocab_size
-    per_row = 2 * n * (4 * h * h + 2 * h * f) + 2 * e * v + 4 * h * n * context
-    if cfg.has_projections:
-        per_row += 4 * e * h
-    nbytes = cfg.num_params() * itemsize + cfg.kv_cache_bytes(batch, int(context), itemsize)
-    return float(batch * per_row), float(nbytes)
-
-
-def _best_time(fn, *args, runs: int = 5) -> float:
-    fn(*args).block_until_ready()
-    best = float("inf")
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn(*args).block_until_ready()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
-@functools.lru_cache(maxsize=8)
-def device_peaks(platform: str | None = None, dtype: str = "float32") -> dict:
-    """Measured peaks of the first JAX device: ``peak_gbyte_per_s`` (a read-only reduction
-    over a large array, the bandwidth that bounds decoding) and ``peak_tflops`` (a square
-    matmul in ``dtype``).  Cached per process."""
-    import jax
-    import jax.numpy as jnp
-
-    dev = jax.devices(platform)[0] if platform else jax.devices()[0]
-    on_cpu = dev.platform == "cpu"
-    n_bytes = (256 if on_cpu else 2048) * 2**20
-    size = 1024 if on_cpu else 8192
-    with jax.default_device(dev):
-        x = jnp.ones((n_bytes // 4,), jnp.float32)
-        t_read = _best_time(jax.jit(jnp.sum), x)
-        a = jnp.ones((size, size), jnp.dtype(dtype))
-        t_mm = _best_time(jax.jit(lambda m: m @ m), a)
-    del x, a
-    return {"peak_gbyte_per_s": n_bytes / t_read / 1e9,
-            "peak_tflops": 2 * size**3 / t_mm / 1e12, "peaks_measured_on": dev.device_kind}
-
-
 def param_bytes_per_device(model) -> int:
     """Parameter bytes held by the most loaded device."""
     executor = getattr(model, "executor", None)
@@ -260,6 +241,17 @@ def param_bytes_per_device(model) -> int:
     return max(per_device.values(), default=0)
 
 
+def param_bytes(model) -> int:
+    """Bytes of all the model's parameters (each once, however they are placed)."""
+    executor = getattr(model, "executor", None)
+    if executor is None:
+        return int(sum(p.numel() * p.element_size() for p in model.model.parameters()))
+    import jax
+
+    return int(sum(leaf.nbytes for leaf in jax.tree.leaves(executor.params)
+                   if hasattr(leaf, "nbytes")))
+
+
 def num_devices(model) -> int:
     mesh = getattr(getattr(model, "executor", None), "mesh", None)
     return 1 if mesh is None else int(mesh.devices.size)
@@ -273,11 +265,104 @@ def peak_memory() -> int | None:
     return stats.get("peak_bytes_in_use")
 
 
+#: Environment variables that change timings (recorded in every row).
+ENV_VARS = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "XLA_FLAGS", "JAX_PLATFORMS",
+            "CUDA_VISIBLE_DEVICES", "NCCL_PROTO", "NCCL_GRAPH_MIXING_SUPPORT")
+
+
+def environment() -> dict:
+    """Device names, software versions and timing-relevant environment variables."""
+    import jax
+    import torch
+    import transformers
+
+    import optkit
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    dev = jax.devices()[0]
+    return {
+        **{var.lower(): os.environ.get(var) for var in ENV_VARS},
+        "torch_threads": torch.get_num_threads(),
+        "jax_device": f"{dev.platform}:{dev.device_kind}", "jax_device_count": jax.device_count(),
+        "torch_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+        "cpu": cpu, "cpu_count": os.cpu_count(), "python": platform.python_version(),
+        "jax": jax.__version__, "torch": torch.__version__,
+        "transformers": transformers.__version__, "numpy": np.__version__,
+        "optkit": optkit.__version__, "host": platform.node(),
+    }
+
+
 @functools.lru_cache(maxsize=1)
 def _environment() -> dict:
-    from optkit.bench.textgen import environment
-
     return environment()
+
+
+# --------------------------------------------------------------------------------------------
+# The harness: one timed ``generate`` call
+# --------------------------------------------------------------------------------------------
+class _Stamps:
+    """An HF streamer that records when each put() arrives (the first is the prompt)."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def put(self, value) -> None:
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+def _sync(model) -> None:
+    """Wait for a torch model's queued GPU work (JAX calls return finished arrays)."""
+    if hasattr(model, "executor"):
+        return
+    import torch
+
+    if torch.cuda.is_available() and str(getattr(model, "device", "cpu")).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed_generate(model, ids: np.ndarray, mask: np.ndarray, kwargs: dict) -> dict:
+    """One ``model.generate`` call (any optkit model, ``facebook/`` included) with its
+    latency, time to the first token and time per decode step.
+
+    JAX models report their prefill and decode times (``return_dict_in_generate``); for the
+    torch model a streamer stamps each token as it arrives (not with beams: then the step
+    time is the latency over the tokens).
+    """
+    is_jax = hasattr(model, "executor")
+    stamps = _Stamps()
+    extra = {}
+    if is_jax:
+        extra = {"return_dict_in_generate": True}
+    elif kwargs.get("num_beams", 1) == 1:
+        extra = {"streamer": stamps}
+    _sync(model)
+    start = time.perf_counter()
+    out = model.generate(input_ids=ids, attention_mask=mask, **kwargs, **extra)
+    seqs = np.asarray(out.sequences if hasattr(out, "sequences") else out)
+    latency = time.perf_counter() - start
+    new = seqs.shape[1] - ids.shape[1]
+    if is_jax:
+        tm = out.timings
+        ttft = tm["first_token_s"]
+        step = tm["decode_s"] / tm["decode_steps"] if tm["decode_steps"] else None
+    else:
+        ttft = stamps.times[1] - start if len(stamps.times) > 1 else None
+        if ttft is not None:
+            step = (latency - ttft) / (new - 1) if new > 1 else None
+        else:  # beams: no per-token stamps
+            step = latency / max(new, 1)
+    return {"sequences": seqs, "new_tokens": new, "latency_s": latency, "ttft_s": ttft,
+            "decode_step_s": step}
 
 
 # --------------------------------------------------------------------------------------------
@@ -299,8 +384,6 @@ def run_benchmark(cfg: BenchConfig | dict, cache: ModelCache | None = None,
     per process), a dict with ``peak_gbyte_per_s`` / ``peak_tflops``, or ``None`` (no
     roofline columns).
     """
-    from optkit.bench.textgen import timed_generate
-
     cfg = as_config(cfg)
     cache = cache if cache is not None else ModelCache()
     model, load_s = cache.get(cfg)
@@ -316,6 +399,8 @@ def run_benchmark(cfg: BenchConfig | dict, cache: ModelCache | None = None,
     is_jax = hasattr(model, "executor")
     if is_jax and cfg.steps_per_dispatch:
         kwargs["steps_per_dispatch"] = cfg.steps_per_dispatch
+    if cfg.hf_cache:
+        kwargs["cache_implementation"] = cfg.hf_cache
     runs = []
     for i in range(cfg.warmup + cfg.repeats):
         if cfg.do_sample and is_jax:
@@ -339,6 +424,7 @@ def run_benchmark(cfg: BenchConfig | dict, cache: ModelCache | None = None,
     dtype = str(getattr(model.dtype, "name", model.dtype)).replace("torch.", "")
     itemsize = int(np.dtype({"bfloat16": "float16"}.get(dtype, dtype)).itemsize)
     flops, nbytes = decode_step_cost(mcfg, b, t + n / 2, itemsize)
+    nbytes += param_bytes(model) - mcfg.num_params() * itemsize  # int8 kernels: fewer
     row = {
         "cfg_id": cfg_id(cfg), **cfg.to_dict(), "model_name": cfg.name,
         "resolved_dtype": dtype, "resolved_plan": _plan_name(model, cfg),
@@ -351,7 +437,8 @@ def run_benchmark(cfg: BenchConfig | dict, cache: ModelCache | None = None,
         "prefill_tokens_per_s": b * t / ttft if ttft else None,
         "decode_tokens_per_s": b / step if step else None,
         "warmup_s": runs[0]["latency_s"] if cfg.warmup else None,
-        "compile_s": max(0.0, runs[0]["latency_s"] - latency) if cfg.warmup else None,
+        "compile_s": max(0.0, runs[0]["latency_s"] - latency)
+        if cfg.warmup and (is_jax or cfg.hf_cache) else None,
         "load_s": load_s,
         "param_bytes_per_device": param_bytes_per_device(model),
         "kv_cache_bytes": mcfg.kv_cache_bytes(b, t + n, itemsize),
@@ -375,18 +462,23 @@ def _plan_name(model, cfg: BenchConfig) -> str | None:
 
 
 def roofline(row: dict, peaks: dict | str | None, dtype: str) -> dict:
-    """Peak columns and ``roofline_fraction``: max(FLOPs / peak FLOP/s, bytes / peak
-    bandwidth) over the measured decode step time (1.0 = on the roofline)."""
+    """Peak columns, ``floor_ms`` (bytes / peak bandwidth) and ``roofline_fraction``:
+    max(FLOPs / peak FLOP/s, bytes / peak bandwidth), split over the row's devices, over the
+    measured decode step time (1.0 = on the roofline)."""
     if peaks is None:
         return {"peak_tflops": None, "peak_gbyte_per_s": None, "roofline_fraction": None}
     if peaks == "measure":
         peaks = device_peaks(dtype=dtype if dtype in ("float32", "float16", "bfloat16")
                              else "float32")
     out = {"peak_tflops": peaks.get("peak_tflops"),
-           "peak_gbyte_per_s": peaks.get("peak_gbyte_per_s"), "roofline_fraction": None}
-    step = row["decode_step_ms"]
+           "peak_gbyte_per_s": peaks.get("peak_gbyte_per_s"), "roofline_fraction": None,
+           "floor_ms": None}
+    step, devices = row["decode_step_ms"], row.get("num_devices", 1)
+    if out["peak_gbyte_per_s"]:
+        out["floor_ms"] = 1e3 * bandwidth_floor_s(row["step_gbyte"], out["peak_gbyte_per_s"],
+                                                  devices)
     if step and out["peak_tflops"] and out["peak_gbyte_per_s"]:
-        bound = max(row["step_gflop"] / (1e3 * out["peak_tflops"]),
-                    row["step_gbyte"] / out["peak_gbyte_per_s"])
+        bound = max(row["step_gflop"] / (1e3 * out["peak_tflops"] * devices),
+                    out["floor_ms"] / 1e3)
         out["roofline_fraction"] = bound / (step / 1e3)
     return out

@@ -6,7 +6,10 @@ display in Jupyter as a cell's value).
 * :func:`plot_speedup` — each row's ratio to its same-run baseline;
 * :func:`plot_roofline` — decode steps on the device's roofline, and the fraction reached;
 * :func:`plot_load` — TTFT / TPOT / ITL / E2E percentiles and throughput vs request rate;
-* :func:`plot_strategies` — memory per device and step time per parallel plan.
+* :func:`plot_strategies` — memory per device and step time per parallel plan;
+* :func:`plot_decode` — decode step time vs batch size against the bandwidth floor, a panel
+  per model and a line per framework (``benchmarks/gpu_decode.py`` rows);
+* :func:`plot_serving` — throughput vs offered load, a line per engine or mode.
 
 Every function takes a DataFrame (or a path to a ``.csv`` / ``.jsonl`` results file);
 :func:`save` writes a PNG and returns the figure.
@@ -264,3 +267,45 @@ def sweep_plots(data, out_dir: str | os.PathLike) -> dict[str, Path]:
         save(fig, out / f"{name}.png")
         paths[name] = out / f"{name}.png"
     return paths
+
+
+def plot_decode(data, by: str = "framework", floor_of: str = "optkit") -> Figure:
+    """Decode ms per step vs batch size, one panel per ``model``, a line per ``by`` value, and
+    the step's bandwidth floor (``floor_ms`` of the ``floor_of`` rows, else of the panel's
+    first line: weights and live KV cache read once at the measured read bandwidth) dashed.
+    Columns: ``model``, ``batch_size``, ``decode_step_ms``, ``floor_ms``, ``by``."""
+    df = _frame(data).dropna(subset=["decode_step_ms"]).sort_values("batch_size")
+    models = list(dict.fromkeys(df["model"]))
+    fig = ReportFigure(figsize=(4.2 * len(models), 3.8), layout="constrained")
+    axes = fig.subplots(1, len(models), squeeze=False)[0]
+    for ax, model in zip(axes, models, strict=True):
+        g = df[df["model"] == model]
+        for name, h in g.groupby(by, sort=False):
+            ax.plot(h["batch_size"], h["decode_step_ms"], "o-", label=str(name))
+        ref = g[g[by] == (floor_of if floor_of in set(g[by]) else g[by].iloc[0])]
+        if "floor_ms" in ref and ref["floor_ms"].notna().any():
+            f = ref.dropna(subset=["floor_ms"]).drop_duplicates("batch_size")
+            ax.plot(f["batch_size"], f["floor_ms"], "k--", lw=1, label="bandwidth floor")
+        ticks = sorted(g["batch_size"].unique())
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.set_ylim(bottom=0)
+        ax.set(title=str(model), xlabel="batch size", ylabel="ms per decode step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    return fig
+
+
+def plot_serving(data, x: str = "rate", y: str = "tokens_per_s", by: str = "mode") -> Figure:
+    """``y`` (default generated tokens/s) vs ``x`` (default offered requests/s), a line per
+    ``by`` value (an engine, a batching mode)."""
+    df = _frame(data).sort_values(x)
+    fig = ReportFigure(figsize=(6, 4), layout="constrained")
+    ax = fig.subplots()
+    for name, g in df.groupby(by, sort=False):
+        ax.plot(g[x], g[y], "o-", label=str(name))
+    ax.set(xlabel=x.replace("_", " "), ylabel=y.replace("_", " "))
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return fig

@@ -8,7 +8,9 @@
   (nbconvert; code cells hidden by default, plots embedded);
 * :func:`make_report` = both for the benchmark sweep notebook: CSV, JSONL and PNGs (written
   by the notebook), the executed ``report.ipynb`` and ``report.html`` in one folder.
-  ``optkit bench report`` and ``make demo`` call it.
+  ``optkit bench report`` and ``make demo`` call it;
+* :func:`describe_run` — what a report's rows were measured on, as markdown: the weights
+  (random or from where), the prompts, device, software, measured peaks and load average.
 """
 
 from __future__ import annotations
@@ -161,3 +163,67 @@ def make_report(output_dir: str | os.PathLike = "build/report",
     run_notebook(notebook, executed, params, progress=progress, **run_kw)
     notebook_html(executed, out / "report.html", no_input=no_input)
     return {p.name: p for p in sorted(out.iterdir()) if p.is_file()}
+
+
+class Markdown(str):
+    """Text that Jupyter front ends (and nbconvert's HTML) render as markdown."""
+
+    def _repr_markdown_(self) -> str:
+        return str(self)
+
+
+def describe_run(rows) -> Markdown:
+    """The conditions of benchmark rows (``run_benchmark`` rows, a DataFrame or a results
+    file) as a short markdown list."""
+    import pandas as pd
+
+    from optkit.bench.results import read_rows
+
+    df = read_rows(rows) if isinstance(rows, str | os.PathLike) else pd.DataFrame(rows)
+    if df.empty:
+        raise ValueError("no rows to describe")
+
+    def have(col):
+        return col in df and df[col].notna().any()
+
+    def first(col):
+        return df[col].dropna().iloc[0]
+
+    paths = sorted({str(p) for p in df["path"].dropna() if p}) if have("path") else []
+    if not paths:
+        weights = ("**random** (`dummy=True`, seeded): the timings are real, the generated "
+                   "text means nothing")
+    elif df["path"].isna().any():
+        weights = f"from `{'`, `'.join(paths)}` for some rows, random for the others"
+    else:
+        weights = f"from `{'`, `'.join(paths)}`"
+    lines = [f"* Weights: {weights}."]
+    if have("prompt_len"):
+        lines.append(f"* Prompts: random token ids, {int(first('prompt_len'))} a row; "
+                     f"{int(first('new_tokens'))} tokens generated a row, EOS ignored.")
+    if have("jax_device"):
+        dev = f"* Device: JAX `{first('jax_device')}`"
+        if have("jax_device_count"):
+            dev += f" ({int(first('jax_device_count'))} visible)"
+        if have("torch_device"):
+            dev += f", torch `{first('torch_device')}`"
+        if have("cpu"):
+            dev += f"; CPU {first('cpu')}"
+            if have("cpu_count"):
+                dev += f" ({int(first('cpu_count'))} cores)"
+        lines.append(dev + ".")
+    versions = [f"{k} {first(k)}" for k in ("python", "jax", "torch", "transformers",
+                                            "optkit") if have(k)]
+    if versions:
+        lines.append(f"* Software: {', '.join(versions)}.")
+    if have("peak_gbyte_per_s") and have("peak_tflops"):
+        lines.append(f"* Measured peaks: read bandwidth {first('peak_gbyte_per_s'):.1f} GB/s, "
+                     f"matmul {first('peak_tflops'):.3g} TFLOP/s.")
+    if have("load_avg_1m"):
+        lo, hi = df["load_avg_1m"].min(), df["load_avg_1m"].max()
+        cores = f" on {int(first('cpu_count'))} cores" if have("cpu_count") else ""
+        lines.append(f"* 1-minute load average while measuring: {lo:.1f}–{hi:.1f}{cores} "
+                     "(other work on the machine slows the timings).")
+    if have("timestamp"):
+        lines.append(f"* Run: {df['timestamp'].min()} to {df['timestamp'].max()} (UTC).")
+    return Markdown("\n".join(lines) + "\n")

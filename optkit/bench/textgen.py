@@ -10,29 +10,24 @@ tokens/s, TFLOPS, time to the first token, time per decode step, the device, sof
 versions and a timestamp.  By default EOS is ignored (``min_new_tokens = max_new_tokens``)
 so every backend generates the same number of tokens.
 
-FLOPs (:func:`generation_flops`) count the matrix multiplies of the padded batch, the way
-the hardware executes them: per token through the layers ``2 * L * (4 H^2 + 2 H F)``
-(Q, K, V, output, FC1, FC2), plus ``4 H L`` per attended (query, key) pair (``QK^T`` and
-``PV``; causal pairs in the prefill, the whole prefix in each decode step), plus the LM head
-``2 E V`` per generated token (and ``2 E H`` per token for each of opt-350m's projections).
-Layer norms, softmax, biases and embeddings are left out.
+Each batch is one :func:`optkit.bench.core.timed_generate` call; FLOPs are those of the
+padded batch (:func:`optkit.bench.roofline.generation_flops`).  The compile estimate is
+left empty for the torch backend, which does not compile.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime
-import json
 import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 
-from optkit.config import OPTConfig
+from optkit.bench.core import environment, timed_generate
+from optkit.bench.roofline import generation_flops
 
 #: Built-in prompts of different lengths (batches cycle through them).
 PROMPTS = [
@@ -73,54 +68,6 @@ class TextgenConfig:
     torch_threads: int | None = None
 
 
-def generation_flops(cfg: OPTConfig, rows: int, prompt_len: int, new_tokens: int) -> float:
-    """Matmul FLOPs of generating ``new_tokens`` per row for ``rows`` rows whose prompts are
-    padded to ``prompt_len`` (see the module docstring)."""
-    h, f, e, v, n_layers = (cfg.hidden_size, cfg.ffn_dim, cfg.word_embed_proj_dim,
-                            cfg.vocab_size, cfg.num_hidden_layers)
-    t, n = prompt_len, new_tokens
-    fed = t + max(n - 1, 0)  # the last generated token is never fed back
-    per_token = 2 * n_layers * (4 * h * h + 2 * h * f)
-    pairs = t * (t + 1) / 2 + sum(t + i for i in range(1, n))
-    head = 2 * e * v * n
-    proj = 2 * e * h * (fed + n) if cfg.has_projections else 0
-    return float(rows * (per_token * fed + 4 * h * n_layers * pairs + head + proj))
-
-
-#: Environment variables that change timings (recorded, and shown in the command).
-ENV_VARS = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "XLA_FLAGS", "JAX_PLATFORMS",
-            "CUDA_VISIBLE_DEVICES", "OPTKIT_CUDA_GRAPHS")
-
-
-def environment() -> dict:
-    """Device names and software versions recorded with every row."""
-    import jax
-    import torch
-    import transformers
-
-    import optkit
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    dev = jax.devices()[0]
-    return {
-        **{var.lower(): os.environ.get(var) for var in ENV_VARS},
-        "torch_threads": torch.get_num_threads(),
-        "jax_device": f"{dev.platform}:{dev.device_kind}", "jax_device_count": jax.device_count(),
-        "torch_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-        "cpu": cpu, "cpu_count": os.cpu_count(), "python": platform.python_version(),
-        "jax": jax.__version__, "torch": torch.__version__,
-        "transformers": transformers.__version__, "numpy": np.__version__,
-        "optkit": optkit.__version__, "host": platform.node(),
-    }
-
-
 def make_batches(tokenizer, prompts: list[str], batch_size: int, count: int):
     """``count`` batches cycling through ``prompts``, all padded (left) to one length."""
     side = tokenizer.padding_side
@@ -137,45 +84,6 @@ def make_batches(tokenizer, prompts: list[str], batch_size: int, count: int):
         return out
     finally:
         tokenizer.padding_side = side
-
-
-class _Stamps:
-    """An HF streamer that records when each put() arrives (the first is the prompt)."""
-
-    def __init__(self):
-        self.times: list[float] = []
-
-    def put(self, value) -> None:
-        self.times.append(time.perf_counter())
-
-    def end(self) -> None:
-        pass
-
-
-def timed_generate(model, ids: np.ndarray, mask: np.ndarray, kwargs: dict) -> dict:
-    """Run one batch; latency, time to first token and time per decode step."""
-    is_jax = hasattr(model, "executor")
-    stamps = _Stamps()
-    extra = {}
-    if is_jax:
-        extra = {"return_dict_in_generate": True}
-    elif kwargs.get("num_beams", 1) == 1:
-        extra = {"streamer": stamps}
-    start = time.perf_counter()
-    out = model.generate(input_ids=ids, attention_mask=mask, **kwargs, **extra)
-    latency = time.perf_counter() - start
-    seqs = np.asarray(out.sequences if hasattr(out, "sequences") else out)
-    new = seqs.shape[1] - ids.shape[1]
-    if is_jax:
-        tm = out.timings
-        ttft = tm["first_token_s"]
-        step = tm["decode_s"] / tm["decode_steps"] if tm["decode_steps"] else None
-    else:
-        ttft = stamps.times[1] - start if len(stamps.times) > 1 else None
-        step = (latency - ttft) / (new - 1) if ttft is not None and new > 1 else \
-            latency / max(new, 1)
-    return {"sequences": seqs, "new_tokens": new, "latency_s": latency, "ttft_s": ttft,
-            "decode_step_s": step}
 
 
 class _Runner:
@@ -230,13 +138,14 @@ class _Runner:
 
 
 def _with_compile_times(runs: list[dict]) -> list[dict]:
-    """Add the warm-up latency and compile estimate (warm-up minus the median batch)."""
+    """Add the warm-up latency and compile estimate (warm-up minus the median batch; none
+    for the torch backend, which runs eagerly)."""
     measured = [x["latency_s"] for x in runs if x["phase"] == "measure"]
     warm = [x["latency_s"] for x in runs if x["phase"] == "warmup"]
     steady = statistics.median(measured)
     for x in runs:
         x["warmup_s"] = warm[0] if warm else None
-        x["compile_s"] = (warm[0] - steady) if warm else None
+        x["compile_s"] = (warm[0] - steady) if warm and x["backend"] != "facebook" else None
     return runs
 
 
@@ -299,23 +208,6 @@ def run_textgen(cfg: TextgenConfig, progress: bool = True,
     return rows
 
 
-def write_rows(rows: list[dict], path: str | os.PathLike) -> Path:
-    """Append rows to a ``.jsonl`` or ``.csv`` file (created with its header if new)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix == ".csv":
-        import pandas as pd
-
-        flat = [{k: json.dumps(v) if isinstance(v, dict) else v for k, v in r.items()}
-                for r in rows]
-        pd.DataFrame(flat).to_csv(path, mode="a", header=not path.exists(), index=False)
-    else:
-        with path.open("a") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
-    return path
-
-
 def summarize(rows: list[dict], baseline: str | None = None) -> list[dict]:
     """Median over the measured batches per (model, batch size), with the ratio of tokens/s
     to ``baseline`` (default: the first ``facebook/`` model, else the first model)."""
@@ -336,7 +228,8 @@ def summarize(rows: list[dict], baseline: str | None = None) -> list[dict]:
                     "new_tokens": rs[0]["new_tokens"], "latency_s": med("latency_s"),
                     "tokens_per_s": med("tokens_per_s"), "ttft_s": med("ttft_s"),
                     "decode_step_ms": med("decode_step_ms"), "tflops": med("tflops"),
-                    "warmup_s": rs[0]["warmup_s"], "compile_s": rs[0]["compile_s"],
+                    "warmup_s": rs[0]["warmup_s"],
+                    "compile_s": None if model.startswith("facebook/") else rs[0]["compile_s"],
                     "batches": len(rs)})
     for s in out:
         base = next((b for b in out if b["model"] == baseline
@@ -375,7 +268,8 @@ def summary_markdown(rows: list[dict], command: str = "", baseline: str | None =
         f"Medians over {summary[0]['batches']} measured batches"
         + (" (round-robin over the models)" if r0["config"].get("interleave") else "")
         + f" after {r0['config']['warmup']} warm-up batch(es).  `vs {base}` is the ratio of "
-        "generated tokens/s.  Compile = first (warm-up) batch minus the median batch.", "",
+        "generated tokens/s.  Compile = first (warm-up) batch minus the median batch (n/a for "
+        "HF torch, which runs eagerly).", "",
         f"| model | batch | latency s | tokens/s | first token s | decode ms/step | "
         f"TFLOPS | warm-up s | compile s | vs {base} |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -385,6 +279,7 @@ def summary_markdown(rows: list[dict], command: str = "", baseline: str | None =
             f"| {s['model']} | {s['batch_size']} | {fmt(s['latency_s'], '.3f')} | "
             f"{fmt(s['tokens_per_s'], '.1f')} | {fmt(s['ttft_s'], '.3f')} | "
             f"{fmt(s['decode_step_ms'], '.2f')} | {fmt(s['tflops'], '.4f')} | "
-            f"{fmt(s['warmup_s'], '.2f')} | {fmt(s['compile_s'], '.2f')} | "
+            f"{fmt(s['warmup_s'], '.2f')} | "
+            f"{'n/a' if s['compile_s'] is None else format(s['compile_s'], '.2f')} | "
             f"{fmt(s['vs_baseline'], '.2f')} |")
     return "\n".join(lines) + "\n"

@@ -16,7 +16,9 @@ def add_textgen(sub) -> None:
         description="Generate from built-in prompts with each --model at each --batch-size "
                     "and report, per batch, input/output length, latency, tokens/s, TFLOPS, "
                     "time to first token and per decode step; warm-up (compile) batches are "
-                    "timed separately.  Rows are appended to --output.")
+                    "timed separately.  Rows are appended to --output (default under build/, "
+                    "so a run never dirties the checkout); --summary also writes the "
+                    "markdown report.")
     p.add_argument("--model", nargs="+", default=["jax/opt-125m"],
                    help="one or more of facebook/opt-*, jax/opt-*, alpa/opt-*")
     p.add_argument("--path", help="folder holding {name}-np/ (or the folder / an HF dir)")
@@ -47,8 +49,9 @@ def add_textgen(sub) -> None:
                    "several times")
     p.add_argument("--tokenizer", help="tokenizer folder; optkit's embedded one if not given")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output", default="benchmarks/results/textgen.jsonl",
-                   help="rows are appended here (.jsonl or .csv)")
+    p.add_argument("--output", "--out", default="build/bench/textgen.jsonl",
+                   help="rows are appended here (.jsonl or .csv; parent folders are "
+                        "created)")
     p.add_argument("--summary", help="also write a markdown summary to this file")
     p.add_argument("--debug", action="store_true", help="print the generated text")
     p.set_defaults(func=run_textgen_command, parser=p)
@@ -59,7 +62,7 @@ def command_of(args, prog: str = "optkit bench textgen") -> str:
     the timing-relevant environment variables that are set."""
     import os
 
-    from optkit.bench.textgen import ENV_VARS
+    from optkit.bench.core import ENV_VARS
 
     parts = [f"{var}={os.environ[var]}" for var in ENV_VARS if var in os.environ] + [prog]
     for action in args.parser._actions:
@@ -81,7 +84,8 @@ def command_of(args, prog: str = "optkit bench textgen") -> str:
 
 
 def run_textgen_command(args) -> int:
-    from optkit.bench.textgen import TextgenConfig, run_textgen, summary_markdown, write_rows
+    from optkit.bench.results import append_rows
+    from optkit.bench.textgen import TextgenConfig, run_textgen, summary_markdown
 
     command = command_of(args)
     if args.max_new_tokens is None and args.max_length is None:
@@ -95,7 +99,7 @@ def run_textgen_command(args) -> int:
                         debug=args.debug, interleave=args.interleave,
                         torch_threads=args.torch_threads)
     rows = run_textgen(cfg, command=command)
-    path = write_rows(rows, args.output)
+    path = append_rows(rows, args.output)
     report = summary_markdown(rows, command)
     print(report)
     print(f"appended {len(rows)} rows to {path}")

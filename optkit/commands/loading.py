@@ -4,28 +4,40 @@ from __future__ import annotations
 
 import argparse
 
-from optkit.parallel.kernels import PALLAS_KERNELS as _KERNEL_NAMES
-from optkit.parallel.kernels import check_kernels
+from optkit.options import DTYPE_ALIASES, DTYPES, PALLAS_KERNELS, Kernels, dtype_name
 
 
-def _kernels(text: str) -> str:
-    """``--kernels``, checked by ``optkit.parallel.kernels``."""
+def _dtype(text: str) -> str:
+    """``--dtype``: a canonical dtype name (``optkit.options``)."""
     try:
-        return check_kernels(text)
+        return dtype_name(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _kernels(text: str) -> str:
+    """``--kernels``, checked by ``optkit.options.Kernels`` (``pallas`` is resolved against
+    ``--quantize`` when the model loads)."""
+    try:
+        Kernels.parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text.strip().lower()
+
+
 def add_loading_options(group) -> None:
     """``--dtype``, ``--quantize``, ``--kernels`` and ``--cluster`` on a parser or group."""
-    group.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16")
+    group.add_argument("--dtype", type=_dtype, default="auto", metavar="DTYPE",
+                       help=f"{', '.join(DTYPES)} (or {', '.join(DTYPE_ALIASES)}); auto: "
+                            "float16 on GPUs, float32 on CPU")
     group.add_argument("--quantize", choices=["int8"],
                        help="int8 weight-only matmul kernels, quantized while loading")
     group.add_argument("--kernels", type=_kernels, default="auto", metavar="CHOICE",
                        help="Pallas kernels in the decode step of jax/ and alpa/ models: "
                             "auto (on GPUs, those that apply: fused attention, int8 products), "
-                            "xla (none), pallas (all), or "
-                            f"names joined by commas from {', '.join(_KERNEL_NAMES)}")
+                            "xla (none), pallas (all that apply), or "
+                            f"names joined by commas from {', '.join(PALLAS_KERNELS)} "
+                            "(matvec: int8 models)")
     group.add_argument("--cluster", metavar="ADDRESS",
                        help="run an alpa/ model on a Ray cluster: auto (the cluster this "
                             "machine joined with `ray start`), HEAD:6379 or ray://HEAD:10001")

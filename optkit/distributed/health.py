@@ -24,6 +24,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from optkit.version import __version__
 from optkit.weights.folder import WeightError
 
 #: Fields every worker must share with the driver (the SPMD program and the step functions
@@ -157,9 +158,7 @@ def _reason(e: BaseException) -> str:
 def source_digest() -> str:
     """sha256 (first 12 hex digits) of optkit's Python sources: two hosts with the same
     digest run the same optkit code."""
-    import optkit
-
-    root = Path(optkit.__file__).parent
+    root = Path(__file__).resolve().parents[1]
     h = hashlib.sha256()
     for f in sorted(root.rglob("*.py")):
         h.update(str(f.relative_to(root)).encode())
@@ -169,9 +168,7 @@ def source_digest() -> str:
 
 def local_versions() -> dict[str, str]:
     """This process's versions (the keys of :data:`CORE_VERSIONS` and installed plugins)."""
-    import optkit
-
-    out = {"python": platform.python_version(), "optkit": optkit.__version__,
+    out = {"python": platform.python_version(), "optkit": __version__,
            "optkit source": source_digest()}
     for dist in ("jax", "jaxlib", *PLUGINS):
         try:
@@ -208,7 +205,7 @@ def check_versions(driver: Mapping[str, str],
 def weights_report(short: str, path) -> dict:
     """What this host sees at ``path`` for model ``short``: the folder, its files and sizes,
     and the config it holds (run on each worker)."""
-    from optkit.api import weights_location
+    from optkit.lm import weights_location
     from optkit.weights.sources import open_weights
 
     try:

@@ -2,7 +2,7 @@
 
 :func:`load_model` (``get_model("alpa/...", cluster=...)``) checks the weights on every host,
 chooses or validates the plan over the cluster's devices, loads each process's slices and
-returns a :class:`RemoteOPT` (a :class:`~optkit.api.JaxOPT`), so ``generate``, ``__call__``,
+returns a :class:`RemoteOPT` (a :class:`~optkit.lm.JaxOPT`), so ``generate``, ``__call__``,
 ``generate_text`` and the serving engine run unchanged.
 
 :class:`RemoteExecutor` has the executor methods (``init_cache``, ``prefill``, ``decode``,
@@ -24,11 +24,13 @@ from typing import Any
 
 import numpy as np
 
-from optkit.api import JaxOPT, split_name
 from optkit.config import OPTConfig
 from optkit.distributed import wire
 from optkit.distributed.cluster import RayCluster
 from optkit.distributed.health import check_weights
+from optkit.lm import JaxOPT, split_name
+from optkit.options import ModelOptions
+from optkit.parallel.executor import LIVE_BUCKET
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +145,11 @@ class RemoteExecutor:
                 max_steps, cache=cache, donate=True, shape=(cache.batch, cache.length))
         return tok, new, state, outs
 
+    def dispatch_span(self, position: int, remaining: int, batch: int, max_len: int) -> int:
+        """Decode steps per dispatch: up to the end of the current live bucket (whether the
+        workers' attention reads only written positions is not known here)."""
+        return max(1, min(remaining, -(-(position + 1) // LIVE_BUCKET) * LIVE_BUCKET - position))
+
     def logits(self, tokens, attention_mask=None):
         tokens = np.asarray(tokens, np.int32)
         if attention_mask is None:
@@ -164,7 +171,7 @@ class RemoteExecutor:
 
 
 class RemoteOPT(JaxOPT):
-    """A :class:`~optkit.api.JaxOPT` whose executor runs on a Ray cluster.  ``close()`` stops
+    """A :class:`~optkit.lm.JaxOPT` whose executor runs on a Ray cluster.  ``close()`` stops
     the cluster when the model started it (``cluster=`` given as an address)."""
 
     def __init__(self, executor: RemoteExecutor, name: str, plan, owns_cluster: bool):
@@ -194,12 +201,12 @@ class RemoteOPT(JaxOPT):
                 f"over {len(self.cluster.workers)} processes)")
 
 
-def choose_plan(cfg: OPTConfig, plan, cluster: RayCluster, dtype, progress: bool = True,
-                quantize: str | None = None):
+def choose_plan(cfg: OPTConfig, plan, cluster: RayCluster, options: ModelOptions,
+                progress: bool = True):
     """The given :class:`~optkit.parallel.Plan` (checked against the cluster) or the
     planner's choice for the cluster's devices (described by worker 0, grouped by host)."""
-    from optkit.parallel import Cluster, Plan, PlanError, auto_plan
-    from optkit.parallel.build import auto_plan_options
+    from optkit.parallel import Cluster, Plan, PlanError
+    from optkit.parallel.planner import auto_plan, auto_plan_options
 
     count = cluster.num_devices
     if isinstance(plan, Plan):
@@ -211,25 +218,27 @@ def choose_plan(cfg: OPTConfig, plan, cluster: RayCluster, dtype, progress: bool
     if plan is not None and plan != "auto" and not isinstance(plan, dict):
         raise TypeError(f"plan must be a Plan, 'auto' or a dict of planner options; got "
                         f"{type(plan).__name__}")
-    opts = auto_plan_options(cfg, plan, dtype, quantize)
+    opts = auto_plan_options(cfg, plan, options)
     per_host = cluster.devices[0]["local_devices"] if len(cluster.workers) > 1 else None
     described = Cluster(cluster.devices[0]["spec"], count, per_host=per_host)
     report = auto_plan(cfg, cluster=described, progress=progress, **opts)
     log.info("automatic plan for %s on %s:\n%s", cfg.name, described.describe(),
-             report.best.describe(cfg, quantize=quantize))
+             report.best.describe(cfg, quantize=options.quantize))
     return report.best
 
 
-def load_model(cluster: RayCluster | str, model_name: str, path=None, dtype="auto",
-               dummy: bool = False, plan=None, seed: int = 0, config: OPTConfig | None = None,
-               checksums: bool = False, progress: bool = True,
-               quantize: str | None = None, kernels: str = "auto") -> RemoteOPT:
-    """``get_model(model_name, ..., cluster=cluster)``: an ``alpa/`` model on a Ray cluster.
+def load_model(cluster: RayCluster | str, model_name: str, path=None,
+               options: ModelOptions | None = None, dummy: bool = False, plan=None,
+               seed: int = 0, config: OPTConfig | None = None, checksums: bool = False,
+               progress: bool = True) -> RemoteOPT:
+    """``get_model(model_name, ..., cluster=cluster)``: an ``alpa/`` model on a Ray cluster,
+    loaded and run as ``options`` say (default :class:`~optkit.options.ModelOptions`).
 
     ``cluster`` is a :class:`RayCluster` (started if needed) or an address (a cluster this
     model starts and :meth:`RemoteOPT.close` stops).  The weights must be at ``path`` on
     every host (or a shared filesystem); ``path`` is resolved on each host.
     """
+    options = options or ModelOptions()
     backend, short = split_name(model_name)
     if backend != "alpa":
         raise ValueError(f"cluster= runs alpa/ models (the plan spans the cluster's devices); "
@@ -245,11 +254,10 @@ def load_model(cluster: RayCluster | str, model_name: str, path=None, dtype="aut
             first = check_weights(list(zip(cluster.workers, reports, strict=True)), short, path)
             cfg = cfg or first["config"]
         cfg = cfg or OPTConfig.from_name(short)
-        plan = choose_plan(cfg, plan, cluster, dtype, progress, quantize)
+        plan = choose_plan(cfg, plan, cluster, options, progress)
         model_id = cluster.next_model_id()
         spec = {"short": short, "path": path, "dummy": dummy, "config": cfg, "plan": plan,
-                "dtype": dtype, "seed": seed, "checksums": checksums, "quantize": quantize,
-                "kernels": kernels}
+                "options": options, "seed": seed, "checksums": checksums}
         info = cluster.call("load", model_id, spec, cluster.take_unloads(),
                             what=f"loading {model_name}")[0]
     except BaseException:

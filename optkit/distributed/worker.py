@@ -100,8 +100,8 @@ class JaxWorker:
         import jax
         import jax.numpy as jnp
 
-        from optkit.api import weights_location
-        from optkit.parallel import build_executor
+        from optkit.lm import weights_location
+        from optkit.parallel.build import build_executor
         from optkit.weights.sources import open_weights
 
         for m in unload:
@@ -110,10 +110,8 @@ class JaxWorker:
         if not spec["dummy"]:
             _, store = open_weights(weights_location(spec["short"], spec["path"]))
         executor = build_executor(spec["config"], spec["plan"], store, devices=jax.devices(),
-                                  dtype=spec["dtype"], seed=spec["seed"],
-                                  checksums=spec["checksums"], progress=False,
-                                  quantize=spec["quantize"],
-                                  kernels=spec.get("kernels", "auto"))
+                                  options=spec["options"], seed=spec["seed"],
+                                  checksums=spec["checksums"], progress=False)
         self.models[model_id] = _Model(executor)
         return {"dtype": jnp.dtype(executor.dtype).name}
 

@@ -22,7 +22,7 @@ hypotheses.  Each step (HF's ``_beam_search``):
 The arithmetic mirrors HF's float32 operations (the same -1e9 sentinels, the same order of
 additions, length penalties computed in double precision then rounded) so the same logits
 give the same sequences.  Between steps the executor reorders the cache rows to the beams'
-origins (``executor.select``); the host only checks every ``steps_per_dispatch`` steps
+origins (``executor.select``); the host only checks every ``steps_per_dispatch`` (default 8) steps
 whether the search has stopped, and the step leaves a stopped search unchanged.  The prompt's
 last column is fed through the decode loop (the prefill takes the others), so the first
 step runs in the same compiled program as the rest.
@@ -41,8 +41,8 @@ import numpy as np
 from optkit.generation.config import GenerationConfig
 from optkit.generation.output import GenerateOutput
 from optkit.generation.processors import Processors, apply_processors, is_eos, processor_state
-from optkit.generation.sampling import filter_logits, sample_without_replacement
-from optkit.generation.search import key_table, processors_of, replicate_like, step_keys
+from optkit.generation.sampling import filter_logits, sample_without_replacement, token_keys
+from optkit.generation.search import STREAM_STEPS, processors_of, replicate_like
 
 SENTINEL = -1.0e9  # HF's "impossible" score
 
@@ -87,7 +87,8 @@ def beam_step(spec: BeamSpec):
                                  min_keep=c // k)
         acc = (logp.reshape(b, k, v) + st["run_scores"][:, :, None]).reshape(b, k * v)
         if spec.sample:
-            idx = sample_without_replacement(acc, step_keys(st), c)
+            keys = token_keys(st["seeds"], st["streams"], jnp.full((b,), cur - t))
+            idx = sample_without_replacement(acc, keys, c)
             vals = jnp.take_along_axis(acc, idx, axis=1)
             order = jnp.argsort(-vals, axis=1, stable=True)
             vals, idx = (jnp.take_along_axis(x, order, axis=1) for x in (vals, idx))
@@ -199,7 +200,7 @@ def beam_search(executor, input_ids: np.ndarray, attention_mask: np.ndarray,
     if gc.do_sample:
         state.update(temperature=np.full(n, gc.temperature, np.float32),
                      top_k=np.full(n, gc.top_k, np.int32), top_p=np.full(n, gc.top_p, np.float32),
-                     keys=key_table(gc.seed, b, new_max), start=np.int32(t))
+                     seeds=np.full(b, gc.seed, np.uint32), streams=np.arange(b, dtype=np.uint32))
     step = beam_step(spec)
 
     start = time.perf_counter()
@@ -211,9 +212,9 @@ def beam_search(executor, input_ids: np.ndarray, attention_mask: np.ndarray,
     cache = executor.select(cache, np.repeat(np.arange(b), k))
     tok = np.repeat(input_ids[:, -1], k)
     state = replicate_like(state, cache)
-    outs, steps = [], 0
+    outs, steps, check = [], 0, gc.steps_per_dispatch or STREAM_STEPS
     while steps < new_max:
-        if steps and steps % gc.steps_per_dispatch == 0 and bool(state["done"]):
+        if steps and steps % check == 0 and bool(state["done"]):
             break
         tok, cache, state, o = executor.decode_loop(step, tok, cache, state, 1)
         outs.append(o)

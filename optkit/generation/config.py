@@ -64,7 +64,7 @@ class GenerationConfig:
     stop: tuple[str, ...] = ()
     tokenizer: Any = None
     on_token: Callable | None = None
-    steps_per_dispatch: int = 8
+    steps_per_dispatch: int | None = None  # None: as many as the executor allows
 
     @property
     def max_length(self) -> int:
@@ -229,5 +229,6 @@ def resolve(model_cfg: OPTConfig, prompt_length: int, **kw) -> GenerationConfig:
                          "supported")
     seed = kw.get("seed")
     out["seed"] = secrets.randbits(31) if seed is None else _int("seed", seed, 0)
-    out["steps_per_dispatch"] = _int("steps_per_dispatch", kw.get("steps_per_dispatch", 8), 1)
+    spd = kw.get("steps_per_dispatch")
+    out["steps_per_dispatch"] = None if spd is None else _int("steps_per_dispatch", spd, 1)
     return GenerationConfig(**out)

@@ -2,11 +2,15 @@
 
 Flow: ``prefill`` the prompts into a cache sized for the whole generation, pick the first
 token from the prefill logits, then call ``executor.decode_loop`` with a step function that
-runs the logits processors and picks the next token on the device, ``steps_per_dispatch``
-steps per call.  The host receives each dispatch's tokens at once, streams them to
-``on_token`` in order, checks stop strings, and stops when every row has finished (a finished
-row is padded with ``pad_token_id``, as in HF).  The last dispatch runs only the steps still
-needed (the loop's trip count is dynamic, so it is the same compiled program).
+runs the logits processors and picks the next token on the device.  Without streaming or
+stop strings a dispatch runs every remaining step the executor allows in one call (on GPUs
+the whole generation), ending on the device once every row has met EOS; with them,
+``steps_per_dispatch`` steps per call (default :data:`STREAM_STEPS`).  A second dispatch is
+always queued behind the one whose tokens the host is reading, so the device does not wait
+for the host.  The host streams each step's tokens to ``on_token`` in order, checks stop
+strings, and stops when every row has finished (a finished row is padded with
+``pad_token_id``, as in HF).  The loop's trip count is dynamic, so dispatches of any length
+share one compiled program.
 
 Step functions are built once per static setting (:class:`StepSpec`, ``functools.lru_cache``),
 and everything that may change between calls (temperature, top-k/p, penalties, seeds) is an
@@ -15,6 +19,7 @@ array in the loop state, so repeated calls with the same shapes never recompile.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import time
@@ -27,8 +32,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 from optkit.generation.config import GenerationConfig
 from optkit.generation.output import GenerateOutput
 from optkit.generation.processors import Processors, apply_processors, is_eos, processor_state
-from optkit.generation.sampling import filter_logits, logprobs
-from optkit.generation.stop import StopStrings
+from optkit.generation.sampling import logprobs, sample_tokens
+from optkit.generation.stream import StopStrings
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,8 +56,8 @@ def search_step(spec: StepSpec):
         hist, cur = st["hist"], st["cur"]
         scores = apply_processors(spec.processors, raw, hist, cur, st["proc"])
         if spec.sample:
-            scores = filter_logits(scores, st["temperature"], st["top_k"], st["top_p"])
-            tok = jax.vmap(jax.random.categorical)(step_keys(st), scores)
+            tok = sample_tokens(scores, st["seeds"], st["streams"], cur - st["start"],
+                                st["temperature"], st["top_k"], st["top_p"])
         else:
             tok = jnp.argmax(scores, axis=-1)
         tok = jnp.where(st["done"], spec.pad, tok).astype(jnp.int32)
@@ -69,6 +74,20 @@ def search_step(spec: StepSpec):
         return tok, {**st, "hist": hist, "cur": cur + 1, "done": done}, out
 
     return step
+
+
+#: Decode steps per dispatch while tokens are streamed or stop strings checked (unless
+#: ``steps_per_dispatch`` says otherwise).
+STREAM_STEPS = 8
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+@jax.jit
+def _or(done, host_done):
+    return done | host_done
 
 
 @functools.lru_cache(maxsize=256)
@@ -92,25 +111,6 @@ def replicate_like(tree, reference):
     if not isinstance(sharding, NamedSharding):
         return tree
     return jax.device_put(tree, NamedSharding(sharding.mesh, PartitionSpec()))
-
-
-def key_table(seed: int, rows: int, steps: int):
-    """(steps, rows) PRNG keys; key ``[i, r]`` depends only on (seed, r, i), so a row's draws
-    do not depend on the batch or on how steps are grouped into dispatches.
-
-    The keys are drawn on the host (numpy) for XLA's RngBitGenerator (``impl="rbg"``): the
-    decode step then contains no threefry hash, which compiles in seconds on CPU.  Streams
-    are reproducible on one backend, not across CPU and GPU.
-    """
-    data = np.stack([np.random.default_rng([seed, r]).integers(0, 2**32, size=(steps, 4),
-                                                                dtype=np.uint32)
-                     for r in range(rows)], axis=1)
-    return jax.random.wrap_key_data(data, impl="rbg")
-
-
-def step_keys(st):
-    """This step's key per row from the loop state's table."""
-    return jax.lax.dynamic_index_in_dim(st["keys"], st["cur"] - st["start"], 0, keepdims=False)
 
 
 def processors_of(gc: GenerationConfig) -> Processors:
@@ -201,11 +201,19 @@ def search(executor, input_ids: np.ndarray, attention_mask: np.ndarray,
     if gc.do_sample:
         state.update(temperature=np.full(n, gc.temperature, np.float32),
                      top_k=np.full(n, gc.top_k, np.int32), top_p=np.full(n, gc.top_p, np.float32),
-                     keys=key_table(gc.seed, n, hist.shape[1] - t), start=np.int32(t))
+                     seeds=np.full(n, gc.seed, np.uint32), streams=np.arange(n, dtype=np.uint32),
+                     start=np.full(n, t, np.int32))
     host = _Host(gc, n)
+    total = hist.shape[1]
+    # Streaming (on_token) and stop strings need the tokens on the host as they come:
+    # dispatches of ``steps_per_dispatch`` steps (default STREAM_STEPS).  Otherwise each
+    # dispatch runs as far as the executor allows (all remaining steps where attention
+    # reads only the written positions), ending on the device once every row is done.
+    chunk = spd or (STREAM_STEPS if gc.on_token is not None or host.stop is not None else None)
+    max_steps = chunk or _pow2(gc.max_new_tokens - 1)
 
     start = time.perf_counter()
-    cache = executor.init_cache(b, hist.shape[1])
+    cache = executor.init_cache(b, total)
     logits, cache = executor.prefill(input_ids, attention_mask, cache)
     if r > 1:
         cache = executor.select(cache, rows)
@@ -213,19 +221,24 @@ def search(executor, input_ids: np.ndarray, attention_mask: np.ndarray,
     tok, state, out = jitted(step)(logits, state)
     host.take(out, None)
     first = time.perf_counter()
-    dispatches = steps = 0
+    dispatches, queued, pending = 0, len(host.steps), collections.deque()
     while not host.finished:
-        if host.changed:
-            state = {**state, "done": jax.device_put(host.done, state["done"].sharding)}
-            host.changed = False
-        # never past the cache; attention reads only the positions written so far
-        k = min(spd, gc.max_new_tokens - len(host.steps))
-        tok, cache, state, outs = executor.decode_loop(
-            step, tok, cache, state, k, live=t + len(host.steps) + k, max_steps=spd)
-        dispatches += 1
-        steps += k
+        # one dispatch queued behind the one being read: the device never waits on the host
+        while len(pending) < 2 and queued < gc.max_new_tokens:
+            if host.changed:  # rows finished by a stop string
+                state = {**state, "done": _or(state["done"], host.done)}
+                host.changed = False
+            k = executor.dispatch_span(t + queued, gc.max_new_tokens - queued, n, total)
+            k = min(k, chunk) if chunk else k
+            # never past the cache; attention reads only the positions written so far
+            tok, cache, state, outs = executor.decode_loop(
+                step, tok, cache, state, k, live=t + queued + k, max_steps=max_steps)
+            pending.append((outs, k))
+            queued += k
+            dispatches += 1
+        outs, k = pending.popleft()
         host.take(outs, k)
     end = time.perf_counter()
     timings = {"first_token_s": first - start, "decode_s": end - first,
-               "decode_steps": steps, "dispatches": dispatches}
+               "decode_steps": len(host.steps) - 1, "dispatches": dispatches}
     return host.output(ids, timings)

@@ -1,36 +1,43 @@
-"""Stop strings: matched on decoded text, so they may start or end inside a token.
+"""Stop strings, matched on decoded text (so they may start or end inside a token).
 
-Decoding runs on the device; the host checks each new token of each live row here.  A row
-stops at the token whose text completes the first occurrence of any stop string in its
-continuation (the prompt is not searched); the returned text ends just before that
-occurrence (:func:`cut_at_stop`).
+:class:`StopMatcher` is the one matcher: the incremental
+:class:`~optkit.generation.stream.TextStream` (under ``generate``'s host loop,
+``generate_text`` and the server) asks it where the first stop string begins in text that
+grew, and how much of the text's end could still turn into one (held back while streaming).
+A continuation ends just before the earliest occurrence of any stop string; the prompt is not
+searched.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable
 
 
-def cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
-    """``text`` up to the earliest stop string, and whether one was found."""
-    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
-    return (text[:min(hits)], True) if hits else (text, False)
+class StopMatcher:
+    """A set of non-empty stop strings (empty ones are dropped)."""
 
+    def __init__(self, stops: Iterable[str] = ()):
+        self.stops = tuple(dict.fromkeys(s for s in stops if s))
 
-class StopStrings:
-    """Incremental stop-string detection for ``rows`` continuations."""
+    def __bool__(self) -> bool:
+        return bool(self.stops)
 
-    def __init__(self, tokenizer, stops: Sequence[str], rows: int):
-        self.tokenizer = tokenizer
-        self.stops = tuple(stops)
-        # Enough tokens to hold the longest stop string even at one UTF-8 byte per token,
-        # plus the token that completes it.
-        self.window = 4 * max(len(s) for s in self.stops) + 4
-        self.tokens: list[list[int]] = [[] for _ in range(rows)]
+    def find(self, text: str, start: int = 0) -> int | None:
+        """Where the earliest stop string in ``text`` begins, or None.  ``text[:start]`` is
+        known to hold none, so only occurrences ending after ``start`` are looked for."""
+        cut = None
+        for s in self.stops:
+            i = text.find(s, max(0, start - len(s) + 1))
+            if i >= 0 and (cut is None or i < cut):
+                cut = i
+        return cut
 
-    def push(self, row: int, token: int) -> bool:
-        """Add ``token`` to ``row``; True when a stop string now occurs in its text."""
-        toks = self.tokens[row]
-        toks.append(int(token))
-        tail = self.tokenizer.decode(toks[-self.window:], skip_special_tokens=True)
-        return any(s in tail for s in self.stops)
+    def held(self, text: str) -> int:
+        """Length of the longest end of ``text`` that begins some stop string."""
+        best = 0
+        for s in self.stops:
+            for k in range(min(len(s) - 1, len(text)), best, -1):
+                if text.endswith(s[:k]):
+                    best = k
+                    break
+        return best

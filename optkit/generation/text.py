@@ -1,10 +1,11 @@
 """Strings in, strings out: tokenize, generate, decode, cut at stop strings, stream text.
 
 ``generate_text(model, tokenizer, prompts, stop=..., on_text=..., **generate_kwargs)`` is
-what notebooks and the server call.  ``on_text(row, delta)`` receives each row's text as it
-grows; a delta is never retracted, so text that could still turn into a stop string (or an
-incomplete UTF-8 character) is held back until it is safe, and a stop string is never
-streamed.
+what notebooks and the CLI call.  Each row's tokens go through one
+:class:`~optkit.generation.stream.TextStream` (the server's detokenizer): ``on_text(row,
+delta)`` receives the row's text as it grows; a delta is never retracted, so text that could
+still turn into a stop string (or an incomplete UTF-8 character) is held back until it is
+safe, and a stop string is never streamed.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from optkit.generation.stop import cut_at_stop
+from optkit.generation.api import generate
+from optkit.generation.stream import HFCodec, TextStream
 
 
 @dataclasses.dataclass
@@ -28,45 +30,6 @@ class Completion:
     logprobs: list[float] | None = None  # per token, when output_logprobs=True
 
 
-class TextStream:
-    """One row's tokens -> text deltas that are final."""
-
-    def __init__(self, tokenizer, stops: Sequence[str] = ()):
-        self.tokenizer = tokenizer
-        self.stops = tuple(stops)
-        self.tokens: list[int] = []
-        self.sent = 0
-        self.closed = False
-
-    def _text(self) -> tuple[str, bool]:
-        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
-        return cut_at_stop(text, self.stops)
-
-    def push(self, token: int) -> str:
-        if self.closed:
-            return ""
-        self.tokens.append(int(token))
-        text, hit = self._text()
-        if hit:
-            self.closed = True
-            return self._emit(text, len(text))
-        safe = len(text.rstrip("\ufffd"))
-        held = max((i for s in self.stops for i in range(1, len(s))
-                    if text[:safe].endswith(s[:i])), default=0)
-        return self._emit(text, safe - held)
-
-    def finish(self) -> str:
-        """Whatever was held back, once the row has ended."""
-        text, _ = self._text()
-        self.closed = True
-        return self._emit(text, len(text))
-
-    def _emit(self, text: str, upto: int) -> str:
-        delta = text[self.sent:upto] if upto > self.sent else ""
-        self.sent = max(self.sent, upto)
-        return delta
-
-
 def generate_text(model, tokenizer=None, prompts: str | Sequence[str] = (), *,
                   stop: str | Sequence[str] | None = None,
                   on_text: Callable[[int, str], None] | None = None,
@@ -77,7 +40,6 @@ def generate_text(model, tokenizer=None, prompts: str | Sequence[str] = (), *,
     :func:`optkit.generation.generate`'s.  Returns one :class:`Completion` per prompt (times
     ``num_return_sequences``, row ``i * r + j`` continuing prompt ``i``).
     """
-    from optkit.generation import generate
     from optkit.weights.tokenizer import get_tokenizer
 
     executor = getattr(model, "executor", model)
@@ -100,11 +62,13 @@ def generate_text(model, tokenizer=None, prompts: str | Sequence[str] = (), *,
         tok.padding_side = side
     ids, mask = enc["input_ids"], enc["attention_mask"]
     r = kwargs.get("num_return_sequences") or 1
-    streams = [TextStream(tok, stops) for _ in range(len(prompts) * r)] if on_text else None
+    codec = HFCodec(tok)
+    streams = [TextStream(codec, stops) for _ in range(len(prompts) * r)]
 
-    def on_token(tokens: np.ndarray) -> None:
+    def on_token(tokens: np.ndarray) -> None:  # finished rows get pad (special) tokens
         for row, t in enumerate(tokens):
-            delta = streams[row].push(t)
+            streams[row].add(t)
+            delta = streams[row].release()
             if delta:
                 on_text(row, delta)
 
@@ -115,11 +79,14 @@ def generate_text(model, tokenizer=None, prompts: str | Sequence[str] = (), *,
     completions = []
     for row, (n, reason) in enumerate(zip(out.lengths, out.finish_reasons, strict=True)):
         gen = out.sequences[row, t:t + n]
-        text, _ = cut_at_stop(tok.decode(gen, skip_special_tokens=True), stops)
-        if streams is not None:
-            rest = streams[row].finish()
-            if rest:
-                on_text(row, rest)
+        stream = streams[row]
+        if on_text is None:
+            for token in gen:
+                stream.add(token)
+        stream.finish()
+        rest = stream.release(final=True)
+        if on_text is not None and rest:
+            on_text(row, rest)
         lp = None if out.logprobs is None else out.logprobs[row, :n].tolist()
-        completions.append(Completion(prompts[row // r], text, reason, gen.tolist(), lp))
+        completions.append(Completion(prompts[row // r], stream.text, reason, gen.tolist(), lp))
     return completions

@@ -30,7 +30,8 @@ import numpy as np
 from jax.sharding import Mesh
 
 from optkit.config import OPTConfig
-from optkit.parallel.executor import MeshExecutor
+from optkit.options import Kernels
+from optkit.parallel.placement import Placement
 from optkit.parallel.plan import stage_specs
 from optkit.parallel.stages import stage_decode, stage_prefill
 from optkit.quant import spec_dtype
@@ -215,18 +216,18 @@ def lower_job(cfg: OPTConfig, job: StageJob, devices: Sequence[jax.Device]):
     mesh = Mesh(grid.reshape(job.dp, job.tp), ("data", "tensor"))
     dtype = jnp.dtype(job.dtype)
     sub = cfg.replace(num_hidden_layers=job.layers)
-    ex = MeshExecutor(sub, {"layers": []}, mesh, dict(job.rules), dtype=dtype)
+    place = Placement(sub, mesh, dict(job.rules))
     specs = stage_specs(cfg, range(job.layers), job.first, job.last, job.quantize)
     params = tree_from_specs(specs, lambda s: jax.ShapeDtypeStruct(
-        s.shape, spec_dtype(s, dtype), sharding=ex.param_sharding(s)))
+        s.shape, spec_dtype(s, dtype), sharding=place.param(s)))
     b, t, s_len = job.batch, job.prompt_len, job.cache_len
     cache = _abstract(jax.eval_shape(lambda: M.init_cache(sub, b, s_len, dtype)),
-                      ex.cache_shardings(b, s_len))
+                      place.cache(b, s_len))
     h, v = cfg.hidden_size, cfg.vocab_size
-    lookup = ex.embed_lookup if job.first else None  # as the executors look tokens up
+    lookup = place.embed_lookup if job.first else None  # as the executors look tokens up
 
     def arg(shape, dt):
-        return jax.ShapeDtypeStruct(shape, dt, sharding=ex.batch_sharding(shape))
+        return jax.ShapeDtypeStruct(shape, dt, sharding=place.batch(shape))
 
     if job.kind == "prefill":
         x = arg((b, t), jnp.int32) if job.first else arg((b, t, h), dtype)
@@ -234,19 +235,20 @@ def lower_job(cfg: OPTConfig, job: StageJob, devices: Sequence[jax.Device]):
         fn = jax.jit(lambda p, x, m, c: stage_prefill(p, sub, x, m, c, first=job.first,
                                                        last=job.last, lookup=lookup),
                      donate_argnums=(3,),
-                     out_shardings=(ex.logits_sharding(out) if job.last else
-                                    ex.batch_sharding(out), ex.cache_shardings(b, s_len)))
+                     out_shardings=(place.logits(out) if job.last else place.batch(out),
+                                    place.cache(b, s_len)))
         return fn.lower(params, x, arg((b, t), jnp.int32), cache)
     if job.kind != "decode":
         raise ValueError(f"unknown job kind {job.kind!r}")
     x = arg((b,), jnp.int32) if job.first else arg((b, 1, h), dtype)
     out = (b, v) if job.last else (b, 1, h)
-    kern = ex.decode_kernels(b, s_len)  # Pallas kernels on GPUs, as the executor runs
+    # Pallas kernels on GPUs as ``auto`` picks them (int8 products stay XLA's here)
+    kern = place.decode_kernels(Kernels(), b, s_len, int8=False, dtype=dtype)
     fn = jax.jit(lambda p, x, c: stage_decode(p, sub, x, c, first=job.first, last=job.last,
                                               lookup=lookup, **kern),
                  donate_argnums=(2,),
-                 out_shardings=(ex.logits_sharding(out) if job.last else ex.batch_sharding(out),
-                                ex.cache_shardings(b, s_len)))
+                 out_shardings=(place.logits(out) if job.last else place.batch(out),
+                                place.cache(b, s_len)))
     return fn.lower(params, x, cache)
 
 

@@ -11,26 +11,23 @@ from __future__ import annotations
 
 import functools
 import math
-import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding
 
 from optkit import model as M
 from optkit.config import OPTConfig
+from optkit.options import ModelOptions
 from optkit.parallel.dispatch import settled
-from optkit.parallel.kernels import check_kernels, decode_kernels, on_gpus
-from optkit.parallel.lookup import vocab_lookup
-from optkit.parallel.rules import axis_names
+from optkit.parallel.kernels import on_gpus
+from optkit.parallel.placement import Placement
+from optkit.parallel.rules import Rules, axis_names
 from optkit.parallel.transfer import move
-from optkit.weights.layout import ParamSpec, embed_tokens_spec
-
-#: Logical axis name -> mesh axis name (or tuple of names, or None for replicated).
-Rules = Mapping[str, str | tuple[str, ...] | None]
+from optkit.weights.layout import ParamSpec
 
 #: Attention over the KV cache reads positions in multiples of this many (see ``live``).
 LIVE_BUCKET = 128
@@ -63,53 +60,16 @@ GPU_MULTI_DECODE_OPTIONS = {
 GPU_LARGE_BATCH_OPTIONS = {"xla_gpu_enable_triton_gemm": False,
                            "xla_gpu_enable_cublaslt": True}
 LARGE_BATCH_ROWS = 64
-#: Environment variable choosing the decode jits' graph options on GPUs: ``auto`` (the
-#: above, by whether a step has collectives), ``single`` (:data:`GPU_DECODE_OPTIONS`
-#: everywhere: collectives stay outside the graphs, as before 2026-11-26), ``off`` (none).
-GRAPHS_ENV = "OPTKIT_CUDA_GRAPHS"
 
 
 def decode_graph_options(collectives: bool) -> dict:
-    """The decode jits' XLA options on GPUs, for a step with or without ``collectives``
-    (see :data:`GRAPHS_ENV`)."""
-    choice = os.environ.get(GRAPHS_ENV, "auto").strip().lower() or "auto"
-    if choice not in ("auto", "single", "off"):
-        raise ValueError(f"{GRAPHS_ENV}={choice!r}: choose auto, single or off")
-    if choice == "off":
-        return {}
-    multi = collectives and choice == "auto"
-    return dict(GPU_MULTI_DECODE_OPTIONS if multi else GPU_DECODE_OPTIONS)
-
-CACHE_AXES = {
-    "kv": ("batch", "cache_seq", "heads", "head_dim"),
-    "kv_stacked": ("layers", "batch", "cache_seq", "heads", "head_dim"),
-    "mask": ("batch", "cache_seq"),
-    "index": ("batch",),
-}
+    """The decode jits' XLA options on GPUs, for a step with or without ``collectives``."""
+    return dict(GPU_MULTI_DECODE_OPTIONS if collectives else GPU_DECODE_OPTIONS)
 
 
 def single_device_mesh(device: jax.Device | None = None) -> Mesh:
     device = device or jax.devices()[0]
     return Mesh(np.array([device]).reshape(1, 1), ("data", "tensor"))
-
-
-def partition_spec(axes: tuple[str | None, ...], shape: tuple[int, ...], rules: Rules,
-                   mesh: Mesh) -> PartitionSpec:
-    """Map logical axes to mesh axes; a dim the mesh axes do not divide stays replicated."""
-    out, used = [], set()
-    for name, dim in zip(axes, shape, strict=True):
-        target = rules.get(name) if name else None
-        if target is None:
-            out.append(None)
-            continue
-        names = tuple(n for n in axis_names(target) if n in mesh.shape and n not in used)
-        size = int(np.prod([mesh.shape[n] for n in names])) if names else 1
-        if size == 1 or dim % size:
-            out.append(None)
-            continue
-        used.update(names)
-        out.append(names[0] if len(names) == 1 else names)
-    return PartitionSpec(*out)
 
 
 class Executor:
@@ -141,24 +101,27 @@ class Executor:
 class MeshExecutor(Executor):
     """Jitted prefill/decode of one model on one mesh under a sharding-rule table.
 
-    ``kernels``: see ``optkit.parallel.kernels``; ``command_buffers`` (default: on GPUs)
-    compiles the decode jits with :data:`GPU_MULTI_DECODE_OPTIONS` where weights are split
-    over devices, else :data:`GPU_DECODE_OPTIONS` (:data:`GRAPHS_ENV` overrides)."""
+    ``options``: the model's :class:`~optkit.options.ModelOptions` (its ``kernels`` pick
+    the decode step's Pallas kernels; default: those of ``auto``); ``command_buffers``
+    (default: on GPUs) compiles the decode jits with :data:`GPU_MULTI_DECODE_OPTIONS` where
+    weights are split over devices, else :data:`GPU_DECODE_OPTIONS`."""
 
     def __init__(self, cfg: OPTConfig, params: Any, mesh: Mesh | None = None,
-                 rules: Rules | None = None, dtype=None, kernels: str = "auto",
+                 rules: Rules | None = None, dtype=None, options: ModelOptions | None = None,
                  command_buffers: bool | None = None):
         self.cfg = cfg
-        self.kernels = check_kernels(kernels)
         self.mesh = mesh or single_device_mesh()
         self.rules = dict(rules or {})
+        self.place = Placement(cfg, self.mesh, self.rules)
         self.params = params
         self.dtype = jnp.dtype(dtype or jax.tree.leaves(params)[0].dtype)
-        self.stacked = isinstance(params["layers"], dict)
         self._fns: dict[Any, Any] = {}
-        if "matvec" in self.kernels.split(",") and not self.int8:
-            raise ValueError(f"kernels={self.kernels!r}: the matvec kernel runs int8 products, "
-                             "but the model is not int8 (quantize='int8')")
+        if options is None:
+            options = ModelOptions(quantize="int8" if self.int8 else None)
+        if options.int8 != self.int8:
+            raise ValueError(f"options.quantize={options.quantize!r}, but the model's weights "
+                             f"are {'int8' if self.int8 else 'not int8'}")
+        self.options = options
         self.gpu = on_gpus(self.mesh)
         if command_buffers is None:
             command_buffers = self.gpu
@@ -184,67 +147,34 @@ class MeshExecutor(Executor):
             return {**self.decode_options, **GPU_LARGE_BATCH_OPTIONS}
         return self.decode_options
 
-    # Shardings -----------------------------------------------------------------------------
-    def sharding(self, axes: tuple[str | None, ...], shape: tuple[int, ...]) -> NamedSharding:
-        return NamedSharding(self.mesh, partition_spec(axes, shape, self.rules, self.mesh))
-
+    # Shardings (see ``optkit.parallel.placement``) ---------------------------------------
     def param_sharding(self, spec: ParamSpec) -> NamedSharding:
-        return self.sharding(spec.axes, spec.shape)
+        return self.place.param(spec)
 
     def cache_shardings(self, batch: int, max_len: int) -> dict:
-        a, d = self.cfg.num_attention_heads, self.cfg.head_dim
-        if self.stacked:
-            n = self.cfg.num_hidden_layers
-            kv = self.sharding(CACHE_AXES["kv_stacked"], (n, batch, max_len, a, d))
-        else:
-            kv = [self.sharding(CACHE_AXES["kv"], (batch, max_len, a, d))] * \
-                 self.cfg.num_hidden_layers
-        return {"k": kv, "v": kv, "mask": self.sharding(CACHE_AXES["mask"], (batch, max_len)),
-                "index": self.sharding(CACHE_AXES["index"], (batch,))}
+        return self.place.cache(batch, max_len)
+
+    def batch_sharding(self, shape: tuple[int, ...]) -> NamedSharding:
+        return self.place.batch(shape)
+
+    def logits_sharding(self, shape: tuple[int, ...]) -> NamedSharding:
+        return self.place.logits(shape)
+
+    @property
+    def embed_lookup(self) -> Callable | None:
+        return self.place.embed_lookup
 
     @property
     def int8(self) -> bool:
         """Whether the model's matmul kernels are int8 (``optkit.quant``)."""
         layers = self.params["layers"]
-        first = layers if self.stacked else layers[0] if layers else {}  # a stage may have none
-        return "kernel_q" in first.get("qkv", {})
-
-    @functools.cached_property
-    def int8_kernel_specs(self) -> dict:
-        """Kernel name -> (shape, PartitionSpec) of one layer's int8 ``kernel_q``."""
-        from optkit.quant import KERNELS, quantized_specs
-
-        specs = {s.path[2]: s for s in quantized_specs(self.cfg)
-                 if s.path[:2] == ("layers", 0) and s.path[-1] == "kernel_q"}
-        return {name: (specs[name].shape, self.param_sharding(specs[name]).spec)
-                for name in KERNELS}
-
-    @functools.cached_property
-    def embed_lookup(self) -> Callable | None:
-        """The token lookup ``model.embed`` takes on this mesh (``optkit.parallel.lookup``):
-        None unless the rules split the table's vocabulary."""
-        return vocab_lookup(self.mesh, self.param_sharding(embed_tokens_spec(self.cfg)).spec,
-                            lambda shape: self.batch_sharding(shape).spec)
+        return "kernel_q" in (layers[0] if layers else {}).get("qkv", {})
 
     def decode_kernels(self, batch: int, max_len: int) -> dict:
-        """Keyword arguments (``attention``, ``matvec``, ``norm``) of ``model.decode_step``
-        for this batch and cache (see ``optkit.parallel.kernels``)."""
-        def make():  # asked on every dispatch: resolved once per shape
-            shape = (batch, max_len, self.cfg.num_attention_heads, self.cfg.head_dim)
-            spec = partition_spec(CACHE_AXES["kv"], shape, self.rules, self.mesh)
-            hidden = partition_spec(("batch", None, "embed"), (batch, 1, self.cfg.hidden_size),
-                                    self.rules, self.mesh)
-            return decode_kernels(self.kernels, self.cfg, self.mesh, spec,
-                                  self.int8_kernel_specs if self.int8 else {}, self.int8,
-                                  self.dtype, hidden)
-
-        return self._once(("kernels", batch, max_len), make)
-
-    def batch_sharding(self, shape: tuple[int, ...]) -> NamedSharding:
-        return self.sharding(("batch",) + (None,) * (len(shape) - 1), shape)
-
-    def logits_sharding(self, shape: tuple[int, ...]) -> NamedSharding:
-        return self.sharding(("batch",) + (None,) * (len(shape) - 2) + ("vocab",), shape)
+        """Keyword arguments (``attention``, ``matvec``) of ``model.decode_step`` for this
+        batch and cache (see ``optkit.parallel.kernels``)."""
+        return self._once(("kernels", batch, max_len), lambda: self.place.decode_kernels(
+            self.options.kernels, batch, max_len, self.int8, self.dtype))
 
     def put_batch(self, x) -> jax.Array:
         x = np.asarray(x) if not isinstance(x, jax.Array) else x
@@ -253,7 +183,7 @@ class MeshExecutor(Executor):
     # Cache ---------------------------------------------------------------------------------
     def init_cache(self, batch: int, max_len: int):
         return self._once(("init", batch, max_len), lambda: jax.jit(
-            functools.partial(M.init_cache, self.cfg, batch, max_len, self.dtype, self.stacked),
+            functools.partial(M.init_cache, self.cfg, batch, max_len, self.dtype),
             out_shardings=self.cache_shardings(batch, max_len)))()
 
     # Model calls ---------------------------------------------------------------------------
@@ -299,14 +229,16 @@ class MeshExecutor(Executor):
 
     def decode_loop(self, step_fn: Callable, tokens, cache, state, num_steps: int,
                     live: int | None = None, max_steps: int | None = None):
-        """``num_steps`` decode steps in one dispatch.
+        """Up to ``num_steps`` decode steps in one dispatch.
 
         ``step_fn(logits, state) -> (next_tokens, state, out)`` is pure JAX (sampling, logits
         processors) and must be the same function object across calls (it keys the compile
         cache).  ``out`` leaves are stacked over steps.  The trip count is dynamic: one
         compilation serves every ``num_steps`` up to ``max_steps`` (default: the next power
-        of two).  ``live`` bounds every row's position after the dispatch (attention then
-        reads only that much of the cache).  Returns (tokens, cache, state, outs).
+        of two).  A dict ``state`` with a boolean ``done`` entry ends the loop on the device
+        once every entry is true (the outs of steps not run are zeros).  ``live`` bounds
+        every row's position after the dispatch (attention then reads only that much of
+        the cache).  Returns (tokens, cache, state, outs).
         """
         tokens = self.put_batch(tokens)
         max_steps = max_steps or 1 << max(0, int(num_steps) - 1).bit_length()
@@ -321,15 +253,22 @@ class MeshExecutor(Executor):
             _, _, out_shape = jax.eval_shape(step_fn, logits_shape, state)
             outs = jax.tree.map(lambda o: jnp.zeros((max_steps, *o.shape), o.dtype), out_shape)
 
-            def body(i, carry):
-                tok, c, st, outs = carry
+            def body(carry):
+                i, tok, c, st, outs = carry
                 logits, c = M.decode_step(params, cfg, tok, c, n_live, lookup=lookup, **kern)
                 tok, st, out = step_fn(logits, st)
                 outs = jax.tree.map(
                     lambda buf, o: jax.lax.dynamic_update_index_in_dim(buf, o, i, 0), outs, out)
-                return tok, c, st, outs
+                return i + 1, tok, c, st, outs
 
-            return jax.lax.fori_loop(0, n, body, (tokens, cache, state, outs))
+            def more(carry):
+                i, st = carry[0], carry[3]
+                if isinstance(st, dict) and "done" in st:
+                    return (i < n) & ~jnp.all(st["done"])
+                return i < n
+
+            _, *out = jax.lax.while_loop(more, body, (jnp.int32(0), tokens, cache, state, outs))
+            return tuple(out)
 
         fn = self._once(("loop", step_fn, max_steps, b, s, n_live), lambda: jax.jit(
             run, donate_argnums=(2,), compiler_options=self.decode_options_for(b),
@@ -339,20 +278,23 @@ class MeshExecutor(Executor):
             outs = jax.tree.map(lambda o: o[:num_steps], outs)
         return tok, cache, state, outs
 
+    def dispatch_span(self, position: int, remaining: int, batch: int, max_len: int) -> int:
+        """How many of ``remaining`` decode steps one :meth:`decode_loop` dispatch should run
+        when the rows' next position is ``position``: all of them where attention reads only
+        the positions each row has written (the fused kernel), else up to the end of the
+        current :data:`LIVE_BUCKET` (attention reads the whole live bucket every step)."""
+        if self.decode_kernels(batch, max_len)["attention"] is not None:
+            return remaining
+        return max(1, min(remaining, -(-(position + 1) // LIVE_BUCKET) * LIVE_BUCKET - position))
+
     def select(self, cache, rows):
         """Cache rows reordered/replicated by ``rows`` (beam search, ``num_return_sequences``)."""
         rows = jnp.asarray(rows, jnp.int32)
         b, s = rows.shape[0], cache_len(cache)
-        axis = 1 if self.stacked else 0
 
         def take(c, r):
-            out = {"mask": c["mask"][r], "index": c["index"][r]}
-            for name in ("k", "v"):
-                if self.stacked:
-                    out[name] = jnp.take(c[name], r, axis=axis)
-                else:
-                    out[name] = [x[r] for x in c[name]]
-            return out
+            return {"mask": c["mask"][r], "index": c["index"][r],
+                    "k": [x[r] for x in c["k"]], "v": [x[r] for x in c["v"]]}
 
         fn = self._once(("select", b, s, cache_len(cache)), lambda: jax.jit(
             take, out_shardings=self.cache_shardings(b, s)))
@@ -373,14 +315,10 @@ class MeshExecutor(Executor):
                 small = jnp.pad(small, pad)
                 return jax.lax.dynamic_update_slice_in_dim(big, small.astype(big.dtype), slot,
                                                            axis=axis)
-            lax_axis = 1 if self.stacked else 0
             out = {"mask": row(c["mask"], pre["mask"], 0),
                    "index": jax.lax.dynamic_update_slice_in_dim(c["index"], pre["index"], slot, 0)}
             for name in ("k", "v"):
-                if self.stacked:
-                    out[name] = row(c[name], pre[name], lax_axis)
-                else:
-                    out[name] = [row(x, y, 0) for x, y in zip(c[name], pre[name], strict=True)]
+                out[name] = [row(x, y, 0) for x, y in zip(c[name], pre[name], strict=True)]
             return out
 
         fn = self._once(("insert", b, s, p), lambda: jax.jit(

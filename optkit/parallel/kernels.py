@@ -1,24 +1,20 @@
 """Which GPU kernels an executor's decode step calls, placed on its mesh.
 
-Three Pallas kernels can replace XLA's code in a decode step (``optkit.kernels``):
+Two Pallas kernels can replace XLA's code in a decode step (``optkit.kernels``):
 
 * ``attention``: the fused cache write + attention of :mod:`optkit.kernels.decode_attention`
   instead of :func:`optkit.model.dense_decode_attention` (needs a power-of-two head size);
 * ``matvec``: the int8 products of int8 models' few-row products (``optkit.model.project``):
   :mod:`optkit.kernels.int8_mma` (tensor cores) for fp16 inputs where its blocks tile the
-  kernel, else :mod:`optkit.kernels.int8_matvec` (CUDA cores);
-* ``norm``: a pre-LN layer's residual add and LayerNorm as one kernel
-  (:mod:`optkit.kernels.add_layer_norm`) instead of :func:`optkit.model.add_layer_norm`
-  (needs the hidden states whole on each device).  Only by name: on an H200 it took longer
-  than XLA's three kernels together, and whole decode steps were unchanged.
+  kernel, else :mod:`optkit.kernels.int8_matvec` (CUDA cores).
 
-``kernels=`` picks them: ``"auto"`` takes the first two on GPUs where they apply, else
-XLA; ``"xla"`` none; ``"pallas"`` all (the matvec only for int8 models, the norm only for
-pre-LN ones); a kernel's name, or several joined by commas (``"attention,norm"``), those
-alone.  A kernel asked for by name that cannot run is an error.  Each runs per shard under
-``shard_map``, split as the rule table splits its operands (an int8 product whose input axes
-are split sums its partial products with ``psum``).  Off GPUs an explicit choice runs the
-kernels through Pallas' interpreter: the same numbers, slowly (tests).
+A :class:`~optkit.options.Kernels` value picks them (``kernels=`` of ``get_model``): ``auto``
+takes both on GPUs where they apply, else XLA; ``xla`` none; ``pallas`` all that apply to
+the model; kernel names, those alone.  A kernel asked for by name (or by ``pallas``) that
+cannot run is an error.  Each runs per shard under ``shard_map``, split as the rule table
+splits its operands (an int8 product whose input axes are split sums its partial products
+with ``psum``).  Off GPUs an explicit choice runs the kernels through Pallas' interpreter:
+the same numbers, slowly (tests).
 """
 
 from __future__ import annotations
@@ -32,26 +28,10 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from optkit.config import OPTConfig
+from optkit.model import MatVec
+from optkit.options import Kernels
 from optkit.parallel.rules import axis_names
 from optkit.quant import KERNELS
-
-PALLAS_KERNELS = ("attention", "matvec", "norm")
-KERNEL_CHOICES = ("auto", "xla", "pallas", *PALLAS_KERNELS)
-
-
-def check_kernels(choice: str) -> str:
-    names = choice.split(",")
-    if not (choice in KERNEL_CHOICES or all(n in PALLAS_KERNELS for n in names)):
-        raise ValueError(f"kernels={choice!r}: choose one of {', '.join(KERNEL_CHOICES)}, "
-                         f"or kernel names joined by commas")
-    return choice
-
-
-def _wants(choice: str, kernel: str) -> tuple[bool, bool]:
-    """(use ``kernel`` if it can run, its absence is an error) under ``choice``."""
-    check_kernels(choice)
-    explicit = choice == "pallas" or kernel in choice.split(",")
-    return choice == "auto" or explicit, explicit
 
 
 def _module(name: str):
@@ -67,24 +47,23 @@ def on_gpus(mesh: Mesh) -> bool:
     return all(d.platform == "gpu" for d in mesh.devices.flat)
 
 
-def _decide(choice: str, kernel: str, why: str | None, mesh: Mesh) -> bool:
-    """Whether to run ``kernel``; raises where it was asked for by name and cannot run."""
-    want, explicit = _wants(choice, kernel)
-    if not want:
+def _decide(kernels: Kernels, kernel: str, why: str | None, mesh: Mesh) -> bool:
+    """Whether to run ``kernel``; raises where it was asked for and cannot run."""
+    if not kernels.wants(kernel):
         return False
-    if why is None and not explicit and not on_gpus(mesh):
+    if why is None and not kernels.required and not on_gpus(mesh):
         why = "not on GPUs"
     if why is None:
         return True
-    if explicit:
-        raise ValueError(f"kernels={choice!r}: the {kernel} kernel cannot run here: {why}")
+    if kernels.required:
+        raise ValueError(f"kernels={str(kernels)!r}: the {kernel} kernel cannot run here: {why}")
     return False
 
 
 # ---------------------------------------------------------------------------------------------
 # Decode attention
 # ---------------------------------------------------------------------------------------------
-def resolve_attention(choice: str, cfg: OPTConfig, mesh: Mesh, kv_spec: PartitionSpec) -> str:
+def resolve_attention(kernels: Kernels, cfg: OPTConfig, mesh: Mesh, kv_spec: PartitionSpec) -> str:
     """``"xla"`` or ``"pallas"``: the decode attention for this model on this mesh
     (``kv_spec``: the cache's partitioning)."""
     kernel, why = _module("decode_attention")
@@ -92,15 +71,15 @@ def resolve_attention(choice: str, cfg: OPTConfig, mesh: Mesh, kv_spec: Partitio
         why = f"head size {cfg.head_dim} is not a power of two >= 16"
     if why is None and (kv_spec[1] is not None or kv_spec[3] is not None):
         why = "the cache's sequence or head_dim axis is split over devices"
-    return "pallas" if _decide(choice, "attention", why, mesh) else "xla"
+    return "pallas" if _decide(kernels, "attention", why, mesh) else "xla"
 
 
-def decode_attention_fn(choice: str, cfg: OPTConfig, mesh: Mesh, kv_spec: PartitionSpec,
+def decode_attention_fn(kernels: Kernels, cfg: OPTConfig, mesh: Mesh, kv_spec: PartitionSpec,
                         interpret: bool | None = None):
     """The ``attention`` argument for ``model.decode_layers``: None (the model's own) or the
     fused kernel, wrapped in ``shard_map`` over ``mesh`` when the mesh has several devices.
     ``interpret`` (default: off GPUs) runs the kernel through Pallas' interpreter."""
-    if resolve_attention(choice, cfg, mesh, kv_spec) == "xla":
+    if resolve_attention(kernels, cfg, mesh, kv_spec) == "xla":
         return None
     kernel, _ = _module("decode_attention")
     interpret = not on_gpus(mesh) if interpret is None else interpret
@@ -126,18 +105,19 @@ def decode_attention_fn(choice: str, cfg: OPTConfig, mesh: Mesh, kv_spec: Partit
 # ---------------------------------------------------------------------------------------------
 # int8 products
 # ---------------------------------------------------------------------------------------------
-def matvec_fns(choice: str, cfg: OPTConfig, mesh: Mesh, q_specs: dict, int8: bool,
+def matvec_fns(kernels: Kernels, cfg: OPTConfig, mesh: Mesh, q_specs: dict, int8: bool,
                interpret: bool | None = None, dtype=None) -> dict | None:
     """The ``matvec`` argument for ``model.decode_layers``: kernel name -> the int8 product
-    kernel over ``mesh``, or None (XLA's products).  ``q_specs``: kernel name ->
-    (shape, PartitionSpec) of one layer's ``kernel_q``; ``int8``: whether the model is;
-    ``dtype``: the model's (an fp16 model's products that the tensor-core kernel takes run
-    through it up to its ``MAX_ROWS`` rows, ``max_rows`` of the returned function)."""
+    hook (:class:`optkit.model.MatVec`) over ``mesh``, or None (XLA's products).
+    ``q_specs``: kernel name -> (shape, PartitionSpec) of one layer's ``kernel_q``; ``int8``:
+    whether the model is; ``dtype``: the model's.  A hook takes one row, or up to the
+    tensor-core kernel's ``MAX_ROWS`` where that kernel tiles the product of an fp16 model
+    (the CUDA-core kernel multiplies on CUDA cores: at 4 rows it was half as fast as XLA's
+    dot on an H200)."""
+    if not kernels.wants("matvec") or (not int8 and not kernels.required):
+        return None
     kernel, why = _module("int8_matvec")
     mma, _ = _module("int8_mma")
-    want, explicit = _wants(choice, "matvec")
-    if not want or (not int8 and "matvec" not in choice.split(",")):
-        return None
     if why is None and not int8:
         why = "the model is not int8 (get_model(..., quantize='int8'))"
     blocks = {}
@@ -150,15 +130,14 @@ def matvec_fns(choice: str, cfg: OPTConfig, mesh: Mesh, q_specs: dict, int8: boo
             blocks[name] = n_out, kernel.blocks(n, k), tiles
             if not blocks[name][1][1]:
                 why = f"{name}'s kernel ({n} x {k} per device) has no block tiling"
-    if not _decide(choice, "matvec", why, mesh):
+    if not _decide(kernels, "matvec", why, mesh):
         return None
     interpret = not on_gpus(mesh) if interpret is None else interpret
+    fp16 = dtype is not None and jnp.dtype(dtype) == jnp.float16
     fns = {}
     for name, (n_out, words, tiles) in blocks.items():
-        fns[name] = _placed_matvec(kernel, mma, n_out, q_specs[name][1], words, tiles, mesh,
-                                   interpret)
-        if tiles[1] and dtype is not None and jnp.dtype(dtype) == jnp.float16:
-            fns[name].max_rows = mma.MAX_ROWS
+        fn = _placed_matvec(kernel, mma, n_out, q_specs[name][1], words, tiles, mesh, interpret)
+        fns[name] = MatVec(fn, mma.MAX_ROWS if tiles[1] and fp16 else 1)
     return fns
 
 
@@ -211,57 +190,9 @@ def _placed_matvec(kernel, mma, n_out: int, q_spec: PartitionSpec, blocks, tiles
     return matvec
 
 
-# ---------------------------------------------------------------------------------------------
-# Residual add + LayerNorm
-# ---------------------------------------------------------------------------------------------
-def resolve_norm(choice: str, cfg: OPTConfig, mesh: Mesh, hidden_spec: PartitionSpec) -> str:
-    """``"xla"`` or ``"pallas"``: the residual add + LayerNorm of this model's decode steps
-    on this mesh (``hidden_spec``: the partitioning of the (B, 1, H) hidden states)."""
-    if choice == "auto":  # not faster than XLA's three kernels where measured (below)
-        return "xla"
-    kernel, why = _module("add_layer_norm")
-    if not cfg.do_layer_norm_before:
-        if choice == "pallas":  # "all kernels": those that apply to the model
-            return "xla"
-        why = "the model normalizes after its residual adds (post-LN), not before"
-    if why is None and any(s is not None for s in hidden_spec[1:]):
-        why = "the hidden states are split over devices"
-    return "pallas" if _decide(choice, "norm", why, mesh) else "xla"
-
-
-def norm_fn(choice: str, cfg: OPTConfig, mesh: Mesh, hidden_spec: PartitionSpec,
-            interpret: bool | None = None):
-    """The ``norm`` argument for ``model.decode_layers``: None (the model's own) or the fused
-    kernel, each device normalizing its rows of the (B, 1, H) hidden states."""
-    if resolve_norm(choice, cfg, mesh, hidden_spec) == "xla":
-        return None
-    kernel, _ = _module("add_layer_norm")
-    interpret = not on_gpus(mesh) if interpret is None else interpret
-
-    def local(x, y, bias, scale, shift, *, eps):
-        h, out = kernel.add_layer_norm(x.reshape(-1, x.shape[-1]), y.reshape(-1, x.shape[-1]),
-                                       bias, scale, shift, eps=eps, interpret=interpret)
-        return h.reshape(x.shape), out.reshape(x.shape)
-
-    def norm(p, x, y, bias, eps):
-        fn = functools.partial(local, eps=eps)
-        if mesh.devices.size > 1:
-            rows, vec = PartitionSpec(*hidden_spec), PartitionSpec(None)
-            fn = jax.shard_map(fn, mesh=mesh, check_vma=False,
-                               in_specs=(rows, rows, vec, vec, vec), out_specs=(rows, rows))
-        return fn(x, y.astype(x.dtype), bias, p["scale"], p["bias"])
-
-    return norm
-
-
-def decode_kernels(choice: str, cfg: OPTConfig, mesh: Mesh, kv_spec: PartitionSpec,
-                   q_specs: dict, int8: bool, dtype=None,
-                   hidden_spec: PartitionSpec | None = None) -> dict:
-    """Keyword arguments (``attention``, ``matvec``, ``norm``) of ``model.decode_step``
-    under ``choice`` (see the module docstring) for a model of ``dtype``; ``hidden_spec``:
-    the hidden states' partitioning (default: rows as the cache's)."""
-    if hidden_spec is None:
-        hidden_spec = PartitionSpec(kv_spec[0], None, None)
-    return {"attention": decode_attention_fn(choice, cfg, mesh, kv_spec),
-            "matvec": matvec_fns(choice, cfg, mesh, q_specs, int8, dtype=dtype),
-            "norm": norm_fn(choice, cfg, mesh, hidden_spec)}
+def decode_kernels(kernels: Kernels, cfg: OPTConfig, mesh: Mesh, kv_spec: PartitionSpec,
+                   q_specs: dict, int8: bool, dtype=None) -> dict:
+    """Keyword arguments (``attention``, ``matvec``) of ``model.decode_step`` under
+    ``kernels`` (see the module docstring) for a model of ``dtype``."""
+    return {"attention": decode_attention_fn(kernels, cfg, mesh, kv_spec),
+            "matvec": matvec_fns(kernels, cfg, mesh, q_specs, int8, dtype=dtype)}

@@ -23,6 +23,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from optkit.config import OPTConfig
+from optkit.options import ModelOptions
 from optkit.parallel.executor import Executor, MeshExecutor, cache_len
 from optkit.parallel.plan import Plan, split_rows
 from optkit.parallel.stages import stage_decode, stage_prefill
@@ -30,11 +31,12 @@ from optkit.parallel.transfer import move
 
 
 class PipelineExecutor(Executor):
-    """Jitted prefill/decode of one model split into ``plan.pp`` stages."""
+    """Jitted prefill/decode of one model split into ``plan.pp`` stages (each a
+    :class:`MeshExecutor` with the model's ``options``)."""
 
     def __init__(self, cfg: OPTConfig, stage_params: Sequence[dict], plan: Plan,
                  devices: Sequence[jax.Device] | None = None, dtype=None,
-                 kernels: str = "auto"):
+                 options: ModelOptions | None = None):
         self.cfg = cfg
         self.plan = plan
         self.ranges = plan.stage_ranges(cfg)
@@ -46,7 +48,7 @@ class PipelineExecutor(Executor):
         self.params = list(stage_params)
         self.dtype = jnp.dtype(dtype or jax.tree.leaves(stage_params[0])[0].dtype)
         self.stages = [MeshExecutor(cfg.replace(num_hidden_layers=len(r)), p, m, self.rules,
-                                    dtype=self.dtype, kernels=kernels)
+                                    dtype=self.dtype, options=options)
                        for r, p, m in zip(self.ranges, self.params, self.meshes, strict=True)]
         self._fns: dict[Any, Any] = {}
 
@@ -177,6 +179,10 @@ class PipelineExecutor(Executor):
         stack = self._once(("stack", num_steps), lambda: jax.jit(
             lambda *xs: jax.tree.map(lambda *ys: jnp.stack(ys), *xs)))
         return tokens, cache, state, stack(*outs)
+
+    def dispatch_span(self, position: int, remaining: int, batch: int, max_len: int) -> int:
+        """See :meth:`MeshExecutor.dispatch_span` (the first stage's kernels decide)."""
+        return self.stages[0].dispatch_span(position, remaining, batch, max_len)
 
     def select(self, cache, rows):
         """Cache rows reordered/replicated by ``rows`` (beam search, ``num_return_sequences``)."""

@@ -8,6 +8,7 @@ device list (stage-major, tensor innermost, so tensor groups are neighbouring de
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from collections.abc import Mapping, Sequence
 
@@ -17,12 +18,16 @@ import numpy as np
 from jax.sharding import AbstractMesh, Mesh
 
 from optkit.config import OPTConfig
-from optkit.parallel.executor import CACHE_AXES, partition_spec
-from optkit.parallel.rules import DEFAULT_RULES, check_rules, format_rules
-from optkit.quant import check_quantize, quantize_specs, spec_dtype
+from optkit.options import check_quantize, dtype_name
+from optkit.parallel.rules import (
+    CACHE_AXES,
+    DEFAULT_RULES,
+    check_rules,
+    format_rules,
+    logical_sharding,
+)
+from optkit.quant import quantize_specs, spec_dtype
 from optkit.weights.layout import ParamSpec, param_specs
-
-DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 
 class PlanError(ValueError):
@@ -88,14 +93,10 @@ class Plan:
             object.__setattr__(self, f, int(v))
         if self.micro_batches > 1 and self.pp == 1:
             raise PlanError("micro_batches > 1 only applies to pipeline plans (pp > 1)")
-        dtype = "auto" if self.dtype is None else self.dtype
-        if not isinstance(dtype, str):
-            dtype = jnp.dtype(dtype).name
-        dtype = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16",
-                 "half": "float16"}.get(dtype, dtype)
-        if dtype not in DTYPES:
-            raise PlanError(f"Plan.dtype must be one of {DTYPES}; got {self.dtype!r}")
-        object.__setattr__(self, "dtype", dtype)
+        try:
+            object.__setattr__(self, "dtype", dtype_name(self.dtype))
+        except ValueError as e:
+            raise PlanError(f"Plan.dtype: {e}") from None
         if self.stages is not None:
             stages = tuple(int(s) for s in self.stages)
             if len(stages) != self.pp or min(stages) < 1:
@@ -270,12 +271,8 @@ class Plan:
 
 
 def _shard_size(axes, shape, rules, mesh) -> int:
-    spec = partition_spec(tuple(axes), tuple(shape), rules, mesh)
-    size = 1
-    for dim, part in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)), strict=True):
-        names = () if part is None else (part,) if isinstance(part, str) else part
-        size *= dim // int(np.prod([mesh.shape[n] for n in names])) if names else dim
-    return size
+    shape = tuple(shape)
+    return math.prod(logical_sharding(mesh, rules, tuple(axes), shape).shard_shape(shape))
 
 
 #: Top-level params the first / last pipeline stage holds (the LM head is tied to the

@@ -33,15 +33,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from optkit.config import OPTConfig
+from optkit.options import ModelOptions, check_quantize, resolve_dtype
 from optkit.parallel.analysis import (
     Cost,
     StageJob,
     compile_jobs,
     compile_jobs_on_fake_cpus,
 )
+from optkit.parallel.build import build_executor
 from optkit.parallel.devices import Cluster, GiB
 from optkit.parallel.plan import Plan, PlanError, divisors, split_rows
-from optkit.quant import check_quantize
 
 log = logging.getLogger(__name__)
 
@@ -363,12 +364,6 @@ def _compile_all(cfg: OPTConfig, jobs: list[StageJob], cluster: Cluster,
 # --------------------------------------------------------------------------------------------
 # The planner
 # --------------------------------------------------------------------------------------------
-def resolve_dtype_name(dtype, platform: str) -> str:
-    if dtype in (None, "auto"):
-        return "float32" if platform == "cpu" else "float16"
-    return Plan(dtype=dtype).dtype
-
-
 def auto_plan(cfg: OPTConfig | str, batch: int = 1, prompt_len: int = 128, gen_len: int = 32,
               dtype="auto", devices: Sequence[jax.Device] | None = None,
               cluster: Cluster | None = None, plans: Sequence[Plan] | None = None,
@@ -410,7 +405,7 @@ def auto_plan(cfg: OPTConfig | str, batch: int = 1, prompt_len: int = 128, gen_l
     if w.cache_len > cfg.max_position_embeddings:
         raise ValueError(f"prompt_len + gen_len = {w.cache_len} exceeds {cfg.name}'s "
                          f"{cfg.max_position_embeddings} positions")
-    name = resolve_dtype_name(dtype, cluster.device.platform)
+    name = resolve_dtype(dtype, cluster.device.platform).name
     itemsize = jnp.dtype(name).itemsize
     compile_on_cpu = cluster.devices is None or cluster.devices[0].platform == "cpu"
     compile_dtype, scale = name, 1.0
@@ -581,8 +576,6 @@ def _rank(cands: list[Candidate], cluster: Cluster, measured: bool = False) -> N
 def _measure(report: PlanReport, top: int, progress: bool) -> None:
     """Time the ``top`` best plans on the real devices (zero weights: the same work) and
     re-rank."""
-    from optkit.parallel.build import build_executor
-
     cfg, w = report.cfg, report.workload
     devices = report.cluster.devices
     rng = np.random.default_rng(0)
@@ -592,8 +585,9 @@ def _measure(report: PlanReport, top: int, progress: bool) -> None:
     measured = [c for c in report.candidates if c.fits][:top]
     for c in measured:
         # zero weights (random int8 ones for an int8 plan): the same work
-        ex = build_executor(cfg, c.plan, None, devices, dtype=report.dtype, progress=False,
-                            zeros=not report.quantize, quantize=report.quantize)
+        options = ModelOptions(dtype=report.dtype, quantize=report.quantize)
+        ex = build_executor(cfg, c.plan, None, devices, options, progress=False,
+                            zeros=not report.quantize)
         for _ in range(2):  # the first round compiles
             t0 = time.perf_counter()
             cache = ex.init_cache(w.batch, w.cache_len)
@@ -618,3 +612,51 @@ def _measure(report: PlanReport, top: int, progress: bool) -> None:
 def _greedy(logits, state):
     tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     return tok, state, tok
+
+
+# --------------------------------------------------------------------------------------------
+# get_model("alpa/...")
+# --------------------------------------------------------------------------------------------
+def auto_plan_options(cfg: OPTConfig, plan, options: ModelOptions) -> dict:
+    """:func:`auto_plan` options for ``plan`` (``None``, ``"auto"`` or a dict of options):
+    every device, the model's dtype and quantization (``options``), a 128-token prompt and
+    32 new tokens (shorter where the model's positions require)."""
+    dtype, quantize = options.dtype, options.quantize
+    opts = dict(plan) if isinstance(plan, dict) else {}
+    if opts.get("quantize", quantize) != quantize:
+        raise PlanError(f"the planner options' quantize={opts['quantize']!r} disagrees with "
+                        f"quantize={quantize!r}")
+    opts["quantize"] = quantize
+    opts.setdefault("dtype", dtype)
+    opts.setdefault("all_devices", True)
+    positions = cfg.max_position_embeddings
+    opts.setdefault("prompt_len", min(128, positions // 2))
+    opts.setdefault("gen_len", min(32, positions - opts["prompt_len"]))
+    return opts
+
+
+def build_parallel(cfg: OPTConfig, store, options: ModelOptions | None = None, plan=None,
+                   seed: int = 0, checksums: bool = False, progress: bool = True,
+                   devices=None):
+    """``get_model("alpa/...")``: (executor, plan) over all visible devices, loaded and run
+    as ``options`` say.
+
+    ``plan`` is a :class:`Plan`, ``None``/``"auto"`` (the planner's choice among plans using
+    every device, for batch 1) or a dict of :func:`auto_plan` options (``{"batch": 8,
+    "all_devices": False, ...}``).  For an int8 model the planner sizes and compiles int8
+    kernels.
+    """
+    options = options or ModelOptions()
+    devices = list(jax.devices() if devices is None else devices)
+    if plan is None or plan == "auto" or isinstance(plan, dict):
+        report = auto_plan(cfg, devices=devices, progress=progress,
+                           **auto_plan_options(cfg, plan, options))
+        log.info("automatic plan for %s on %d devices:\n%s", cfg.name, len(devices),
+                 report.best.describe(cfg, devices, quantize=options.quantize))
+        plan = report.best
+    elif not isinstance(plan, Plan):
+        raise TypeError(f"plan must be a Plan, 'auto' or a dict of planner options; got "
+                        f"{type(plan).__name__}")
+    executor = build_executor(cfg, plan, store, devices, options, seed=seed,
+                              checksums=checksums, progress=progress)
+    return executor, plan

@@ -1,8 +1,10 @@
 """Parallel strategies as tables: logical axis name -> mesh axis.
 
 Every weight and cache dimension carries a logical name (``ParamSpec.axes`` in
-``optkit.weights.layout``; ``CACHE_AXES`` in ``optkit.parallel.executor``).  A strategy only
-says which mesh axis each name is split over; the model code never changes.
+``optkit.weights.layout``; :data:`CACHE_AXES` here).  A strategy only says which mesh axis
+each name is split over; the model code never changes.  :func:`logical_sharding` turns a
+table, a mesh and an array's logical axes into its sharding: every sharding optkit uses comes
+from it.
 
 =========== ======================================================================
 mesh axis   meaning
@@ -19,10 +21,23 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import numpy as np
+from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
+
+#: Logical axis name -> mesh axis name (or tuple of names, or None for replicated).
+Rules = Mapping[str, str | tuple[str, ...] | None]
+
 #: Logical names of every dimension the rules can map.
 LOGICAL_AXES = ("batch", "vocab", "embed", "heads", "head_dim", "mlp", "norm", "layers",
                 "cache_seq")
 MESH_AXES = ("stage", "data", "tensor")
+
+#: Logical axes of the KV cache's arrays (``optkit.model.init_cache``).
+CACHE_AXES = {
+    "kv": ("batch", "cache_seq", "heads", "head_dim"),
+    "mask": ("batch", "cache_seq"),
+    "index": ("batch",),
+}
 
 DATA_PARALLEL = {"batch": "data"}
 TENSOR_PARALLEL = {"heads": "tensor", "mlp": "tensor", "vocab": "tensor"}
@@ -38,7 +53,25 @@ def axis_names(target) -> tuple[str, ...]:
     return () if target is None else (target,) if isinstance(target, str) else tuple(target)
 
 
-def check_rules(rules: Mapping[str, str | tuple[str, ...] | None]) -> dict:
+def logical_sharding(mesh: Mesh | AbstractMesh, rules: Rules, axes: tuple[str | None, ...],
+                     shape: tuple[int, ...]) -> NamedSharding:
+    """The sharding of an array of ``shape`` whose dims have logical names ``axes`` (None:
+    unnamed) on ``mesh`` under ``rules``.  A dim the mesh axes do not divide, or whose mesh
+    axes an earlier dim already uses, stays replicated."""
+    out, used = [], set()
+    for name, dim in zip(axes, shape, strict=True):
+        target = rules.get(name) if name else None
+        names = tuple(n for n in axis_names(target) if n in mesh.shape and n not in used)
+        size = int(np.prod([mesh.shape[n] for n in names])) if names else 1
+        if size == 1 or dim % size:
+            out.append(None)
+            continue
+        used.update(names)
+        out.append(names[0] if len(names) == 1 else names)
+    return NamedSharding(mesh, PartitionSpec(*out))
+
+
+def check_rules(rules: Rules) -> dict:
     """A copy of ``rules`` after checking every name (typos would silently replicate)."""
     out = {}
     for name, target in rules.items():

@@ -30,16 +30,15 @@ def stage_prefill(params, cfg: OPTConfig, inputs: jax.Array, attention_mask: jax
 
 def stage_decode(params, cfg: OPTConfig, inputs: jax.Array, cache, *, first: bool,
                  last: bool, live: int | None = None, attention=None, matvec=None,
-                 lookup=None, norm=None):
+                 lookup=None):
     """tokens (B,) [first] or hidden (B,1,H) -> hidden (B,1,H) or logits (B,V) [last], cache.
     ``live`` (static) bounds every row's position: attention reads only that much cache;
-    ``attention``, ``matvec``, ``norm``: see ``model.decode_layers``; ``lookup``:
+    ``attention``, ``matvec``: see ``model.decode_layers``; ``lookup``:
     ``model.embed``."""
     x = inputs
     if first:
         x = M.embed(params, cfg, inputs[:, None], M.decode_positions(cache), lookup)
-    x, cache = M.decode_layers(params["layers"], cfg, x, cache, live, attention, matvec,
-                                norm)
+    x, cache = M.decode_layers(params["layers"], cfg, x, cache, live, attention, matvec)
     if last:
         x = M.unembed(params, cfg, x[:, 0])
     return x, cache

@@ -6,9 +6,13 @@ Layers (each file one job)::
     fake.py       a hand-checkable engine without a model (tests, UI work)
     queue.py      waiting requests, weighted by API key
     scheduler.py  the engine thread: admission, slots, stop strings, cancellation
-    text.py       tokenizer codecs, incremental detokenization, stop strings
-    protocol.py   OpenAI request/response models
-    app.py        FastAPI endpoints;  metrics.py  Prometheus;  static/index.html  the page
+    text.py       tokenizer codecs and log-prob entries (detokenizing: optkit.generation)
+    protocol.py   OpenAI / vLLM request and response models, APIError
+    chat.py       chat templates: messages -> one prompt + stop strings
+    requests.py   request validation and expansion into sequences; /tokenize, /detokenize
+    responses.py  completion and chat response bodies and chunks
+    streaming.py  submit, the non-streaming collector, the SSE stream
+    app.py        thin FastAPI routes;  metrics.py  Prometheus;  static/  the page, the icon
     server.py     uvicorn in the foreground or on a thread
 
 ``serve_app(model)`` builds the whole stack for a ``get_model`` result::

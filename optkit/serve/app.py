@@ -1,18 +1,20 @@
-"""The HTTP server: OpenAI-compatible completions, health, metrics and the web page.
+"""The HTTP server: thin routes over the request planner, the collector and the SSE stream.
 
-``create_app(scheduler, codec, model_name)`` returns a FastAPI app; the scheduler's engine
-thread does all model work and hands outputs back with ``loop.call_soon_threadsafe`` (see
-:mod:`optkit.serve.scheduler` for the threads and queues), so no endpoint ever blocks the
-event loop.  Every error is an OpenAI error object ``{"error": {message, type, param, code}}``.
-(No ``from __future__ import annotations`` here: FastAPI reads the endpoints' annotations,
-which refer to names local to :func:`create_app`.)
+``create_app(scheduler, codec, model_name)`` returns a FastAPI app: OpenAI-compatible
+``/v1/completions`` and ``/v1/chat/completions`` (chat messages rendered by a plain-text
+template, :mod:`optkit.serve.chat`), vLLM's ``/tokenize`` and ``/detokenize``, ``/v1/models``,
+``/health``, Prometheus ``/metrics`` and the web page.  A completion route is three calls:
+:class:`~optkit.serve.requests.RequestPlanner` validates and expands the body,
+:func:`~optkit.serve.streaming.submit` queues the sequences, and
+:func:`~optkit.serve.streaming.collect` or :func:`~optkit.serve.streaming.sse` answers in
+the API's format (:mod:`optkit.serve.responses`).  The scheduler's engine thread does all
+model work (see :mod:`optkit.serve.scheduler`), so no endpoint blocks the event loop.  Every
+error is an OpenAI error object ``{"error": {message, type, param, code}}``.  (No ``from
+__future__ import annotations`` here: FastAPI reads the endpoints' annotations, which refer
+to names local to :func:`create_app`.)
 """
 
-import asyncio
-import json
 import logging
-import secrets
-import weakref
 from collections.abc import Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -24,31 +26,28 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from optkit.serve.engine import SamplingParams
+from optkit.serve.chat import get_template
 from optkit.serve.metrics import Metrics
 from optkit.serve.protocol import (
-    Choice,
-    Completion,
+    APIError,
+    ChatCompletionRequest,
     CompletionRequest,
-    Logprobs,
-    Usage,
-    completion_id,
+    DetokenizeRequest,
+    TokenizeRequest,
     error_body,
-    now,
 )
-from optkit.serve.scheduler import Handle, Output, QueueFull, RequestError, Scheduler, SeqRequest
-from optkit.serve.text import Codec, TokenEntry
+from optkit.serve.requests import RequestPlanner
+from optkit.serve.responses import ChatFormat, CompletionFormat
+from optkit.serve.scheduler import Scheduler
+from optkit.serve.streaming import collect, sse, submit
+from optkit.serve.text import Codec
 
 log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).resolve().parent / "static"
-
-
-class APIError(Exception):
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None):
-        super().__init__(message)
-        self.status, self.body = status, error_body(message, type, param, code)
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+#: rejected-request counter label per status of an APIError
+REJECTED = {400: "invalid", 401: "auth", 429: "queue_full"}
 
 
 def read_api_keys(path) -> dict[str, float]:
@@ -73,58 +72,13 @@ def read_api_keys(path) -> dict[str, float]:
     return keys
 
 
-def _logprobs(entries: list[TokenEntry]) -> Logprobs:
-    return Logprobs(tokens=[e.token for e in entries],
-                    token_logprobs=[e.logprob for e in entries],
-                    top_logprobs=[e.top for e in entries],
-                    text_offset=[e.offset for e in entries])
+def add_error_handlers(app: FastAPI, metrics: Metrics) -> None:
+    """Every error as an OpenAI error object; refusals counted in ``metrics``."""
 
-
-class _Collected:
-    """Everything one sequence produced (non-streaming responses)."""
-
-    def __init__(self):
-        self.text, self.entries, self.final = [], [], None
-
-    def add(self, out: Output) -> None:
-        if out.prompt_text is not None:
-            self.text.append(out.prompt_text)
-            self.entries.extend(out.prompt_entries or [])
-        self.text.append(out.text)
-        self.entries.extend(out.entries)
-        if out.finish_reason is not None:
-            self.final = out
-
-
-def create_app(scheduler: Scheduler, codec: Codec, model_name: str, *,
-               api_keys: Mapping[str, float] | None = None, max_n: int = 16,
-               metrics: Metrics | None = None, aliases: tuple[str, ...] = ()) -> FastAPI:
-    """FastAPI app serving ``scheduler`` (started and stopped with the app)."""
-    metrics = metrics or scheduler.metrics or Metrics()
-    if scheduler.metrics is None:
-        scheduler.metrics = metrics
-    metrics.bind(scheduler)
-    names = {model_name, *aliases}
-    engine = scheduler.engine
-    page = (STATIC / "index.html").read_text()
-
-    @asynccontextmanager
-    async def lifespan(app):
-        scheduler.start()
-        try:
-            yield
-        finally:
-            await run_in_threadpool(scheduler.stop)
-
-    app = FastAPI(title="optkit", version="0.1.0", lifespan=lifespan,
-                  description="OpenAI-compatible completions over a continuous-batching "
-                              "engine")
-    app.state.scheduler = scheduler
-    app.state.metrics = metrics
-
-    # Errors -------------------------------------------------------------------------------
     @app.exception_handler(APIError)
     async def _api_error(request, exc: APIError):
+        if exc.status in REJECTED:
+            metrics.rejected.labels(REJECTED[exc.status]).inc()
         return JSONResponse(exc.body, status_code=exc.status)
 
     @app.exception_handler(RequestValidationError)
@@ -136,7 +90,8 @@ def create_app(scheduler: Scheduler, codec: Codec, model_name: str, *,
             param = None
         else:  # the top-level field (deeper parts name union members, not fields)
             param = str(loc[0]) if loc and isinstance(loc[0], str) else None
-            msg = f"{param}: {err.get('msg')}" if param else str(err.get("msg"))
+            text = str(err.get("msg")).removeprefix("Value error, ")
+            msg = f"{param}: {text}" if param else text
         metrics.rejected.labels("invalid").inc()
         return JSONResponse(error_body(msg, param=param, code=err.get("type")), status_code=400)
 
@@ -152,23 +107,66 @@ def create_app(scheduler: Scheduler, codec: Codec, model_name: str, *,
         return JSONResponse(error_body(f"internal error: {exc}", "server_error"),
                             status_code=500)
 
+
+def key_auth(api_keys: Mapping[str, float] | None):
+    """The dependency that checks ``Authorization: Bearer KEY`` (None: keys are off)."""
+
     async def auth(request: Request) -> str | None:
         if not api_keys:
             return None
         header = request.headers.get("authorization", "")
         key = header[7:].strip() if header[:7].lower() == "bearer " else ""
         if key not in api_keys:
-            metrics.rejected.labels("auth").inc()
             raise APIError(401, "invalid or missing API key (send 'Authorization: Bearer "
                                 "KEY')", code="invalid_api_key")
         return key
 
-    Key = Annotated[str | None, Depends(auth)]
+    return auth
+
+
+def create_app(scheduler: Scheduler, codec: Codec, model_name: str, *,
+               api_keys: Mapping[str, float] | None = None, max_n: int = 16,
+               metrics: Metrics | None = None, aliases: tuple[str, ...] = (),
+               chat_template: str | None = None) -> FastAPI:
+    """FastAPI app serving ``scheduler`` (started and stopped with the app).
+    ``chat_template``: ``plain`` or ``instruct`` (default: by ``model_name``)."""
+    metrics = metrics or scheduler.metrics or Metrics()
+    if scheduler.metrics is None:
+        scheduler.metrics = metrics
+    metrics.bind(scheduler)
+    engine = scheduler.engine
+    planner = RequestPlanner(scheduler, codec, model_name, aliases, max_n,
+                             get_template(chat_template, model_name))
+    page = (STATIC / "index.html").read_text()
+    icon = (STATIC / "favicon.ico").read_bytes()
+
+    @asynccontextmanager
+    async def lifespan(app):
+        scheduler.start()
+        try:
+            yield
+        finally:
+            await run_in_threadpool(scheduler.stop)
+
+    app = FastAPI(title="optkit", version="0.1.0", lifespan=lifespan,
+                  description="OpenAI-compatible completions and chat over a "
+                              "continuous-batching engine")
+    app.state.scheduler = scheduler
+    app.state.metrics = metrics
+    app.state.planner = planner
+
+    add_error_handlers(app, metrics)
+    Key = Annotated[str | None, Depends(key_auth(api_keys))]
 
     # Plain endpoints ----------------------------------------------------------------------
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def index():
         return page
+
+    @app.get("/favicon.ico", include_in_schema=False)
+    async def favicon():
+        return Response(icon, media_type="image/x-icon",
+                        headers={"Cache-Control": "max-age=86400"})
 
     @app.get("/health")
     async def health():
@@ -186,162 +184,35 @@ def create_app(scheduler: Scheduler, codec: Codec, model_name: str, *,
         return {"object": "list", "data": [{
             "id": model_name, "object": "model", "created": 0, "owned_by": "optkit",
             "max_model_len": engine.max_len, "max_slots": engine.max_slots,
-            "max_logprobs": engine.max_logprobs, "requires_key": bool(api_keys)}]}
+            "max_logprobs": engine.max_logprobs, "requires_key": bool(api_keys),
+            "chat_template": planner.template.name}]}
 
-    # Completions --------------------------------------------------------------------------
-    def plan(body: CompletionRequest) -> tuple[list[list[int]], list[SeqRequest], int, int]:
-        """Tokenize and expand a request into sequences (prompt-major, best_of each)."""
-        if body.model not in names:
-            raise APIError(404, f"the model {body.model!r} does not exist; this server "
-                                f"serves {model_name!r}", param="model",
-                           code="model_not_found")
-        n = body.n or 1
-        best_of = body.best_of or n
-        if best_of < n:
-            raise APIError(400, "best_of must be at least n", param="best_of")
-        if best_of > max_n:
-            raise APIError(400, f"n and best_of may be at most {max_n}",
-                           param="best_of" if body.best_of else "n")
-        if body.stream and best_of > n:
-            raise APIError(400, "best_of > n cannot be streamed", param="best_of")
-        prompts = []
-        for p in body.prompts():
-            ids = codec.encode(p) if isinstance(p, str) else list(p)
-            prompts.append(ids)
-        total = len(prompts) * best_of
-        if total > scheduler.limits.max_queue:
-            raise APIError(400, f"{total} sequences in one request; the server queues at most "
-                                f"{scheduler.limits.max_queue}", param="prompt")
-        seed = body.seed if body.seed is not None else secrets.randbits(32)
-        temperature = 1.0 if body.temperature is None else body.temperature
-        seqs = [SeqRequest(
-            prompt=tuple(ids), max_tokens=16 if body.max_tokens is None else body.max_tokens,
-            sampling=SamplingParams(temperature=temperature,
-                                    top_p=1.0 if body.top_p is None else body.top_p,
-                                    top_k=max(body.top_k or 0, 0),
-                                    seed=(seed + j) % 2**32),
-            stop=body.stops(), logprobs=body.logprobs, echo=bool(body.echo))
-            for ids in prompts for j in range(best_of)]
-        for s in seqs:
-            scheduler.check(s)
-        return prompts, seqs, n, best_of
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest, key: Key):
+        return planner.tokenize(body)
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest, key: Key):
+        return planner.detokenize(body)
+
+    # Generation ---------------------------------------------------------------------------
+    async def answer(plan, fmt, stream: bool, request: Request, key: str | None):
+        sub = submit(scheduler, plan, key)
+        if stream:
+            return StreamingResponse(sse(sub, plan, fmt), media_type="text/event-stream",
+                                     headers=SSE_HEADERS)
+        return fmt.response(await collect(sub, plan, request.receive))
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request, key: Key):
-        try:
-            prompts, seqs, n, best_of = plan(body)  # tokenizing is fast: no thread hop
-        except RequestError as e:
-            metrics.rejected.labels("invalid").inc()
-            raise APIError(400, str(e), param=e.param, code=e.code) from None
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[tuple[Handle, Output]] = asyncio.Queue()
+        plan = planner.completion(body)  # tokenizing is fast: no thread hop
+        return await answer(plan, CompletionFormat(model_name, plan), bool(body.stream),
+                            request, key)
 
-        def on_output(h: Handle, out: Output) -> None:  # engine thread
-            try:
-                loop.call_soon_threadsafe(queue.put_nowait, (h, out))
-            except RuntimeError:  # the loop is gone (shutdown)
-                pass
-
-        try:
-            handles = scheduler.submit(seqs, key=key, on_output=on_output)
-        except QueueFull as e:
-            metrics.rejected.labels("queue_full").inc()
-            raise APIError(429, str(e), "rate_limit_error", code="queue_full") from None
-        except RuntimeError as e:
-            raise APIError(503, str(e), "server_error") from None
-        index = {h.id: i for i, h in enumerate(handles)}
-        rid, created = completion_id(), now()
-        prompt_tokens = sum(len(p) for p in prompts)
-        if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            events = _stream(queue, handles, index, rid, created, body.logprobs is not None,
-                             include_usage, prompt_tokens)
-            # a client gone before the first byte: the generator never runs its ``finally``
-            weakref.finalize(events, _cancel_all, handles)
-            return StreamingResponse(
-                events, media_type="text/event-stream",
-                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
-        watcher = asyncio.create_task(_cancel_on_disconnect(request, handles))
-        got = {h.id: _Collected() for h in handles}
-        try:
-            done = 0
-            while done < len(handles):
-                h, out = await queue.get()
-                got[h.id].add(out)
-                done += out.finish_reason is not None
-        finally:
-            watcher.cancel()
-            _cancel_all(handles)
-        _raise_failures([got[h.id].final for h in handles])
-        choices, completion_tokens = [], 0
-        for i in range(len(prompts)):
-            cands = [got[h.id] for h in handles[i * best_of:(i + 1) * best_of]]
-            if best_of > n:
-                cands = sorted(cands, key=lambda c: -c.final.cum_logprob)[:n]
-            for j, c in enumerate(cands):
-                completion_tokens += c.final.num_generated
-                choices.append(Choice(
-                    index=i * n + j, text="".join(c.text),
-                    logprobs=_logprobs(c.entries) if body.logprobs is not None else None,
-                    finish_reason=c.final.finish_reason))
-        return Completion(id=rid, created=created, model=model_name, choices=choices,
-                          usage=Usage(prompt_tokens=prompt_tokens,
-                                      completion_tokens=completion_tokens,
-                                      total_tokens=prompt_tokens + completion_tokens))
-
-    async def _stream(queue, handles, index, rid, created, want_logprobs, include_usage,
-                      prompt_tokens):
-        try:
-            remaining, completion_tokens = len(handles), 0
-            while remaining:
-                h, out = await queue.get()
-                if out.finish_reason is not None:
-                    remaining -= 1
-                    completion_tokens += out.num_generated
-                    if out.finish_reason not in ("stop", "length"):
-                        msg = out.error or f"the request was {out.finish_reason}"
-                        yield _sse(error_body(msg, "server_error"))
-                        return
-                entries = (out.prompt_entries or []) + out.entries
-                chunk = Completion(id=rid, created=created, model=model_name, choices=[Choice(
-                    index=index[h.id], text=(out.prompt_text or "") + out.text,
-                    logprobs=_logprobs(entries) if want_logprobs else None,
-                    finish_reason=out.finish_reason)])
-                yield _sse(chunk.model_dump(exclude_none=False))
-            if include_usage:
-                yield _sse(Completion(id=rid, created=created, model=model_name, choices=[],
-                                      usage=Usage(prompt_tokens=prompt_tokens,
-                                                  completion_tokens=completion_tokens,
-                                                  total_tokens=prompt_tokens +
-                                                  completion_tokens)).model_dump())
-            yield "data: [DONE]\n\n"
-        finally:  # normal end, client gone (the response task is cancelled) or error
-            _cancel_all(handles)
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request, key: Key):
+        plan = planner.chat(body)
+        return await answer(plan, ChatFormat(model_name, plan), bool(body.stream), request,
+                            key)
 
     return app
-
-
-def _cancel_all(handles: list[Handle]) -> None:
-    for h in handles:
-        h.cancel()  # a no-op once finished
-
-
-def _sse(obj) -> str:
-    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
-
-
-def _raise_failures(finals: list[Output]) -> None:
-    for out in finals:
-        if out.finish_reason not in ("stop", "length"):
-            raise APIError(500 if out.finish_reason == "error" else 503,
-                           out.error or f"the request was {out.finish_reason}", "server_error")
-
-
-async def _cancel_on_disconnect(request: Request, handles: list[Handle]) -> None:
-    """Cancel ``handles`` when the client goes away (non-streaming requests)."""
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            _cancel_all(handles)
-            return

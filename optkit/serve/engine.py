@@ -9,9 +9,11 @@ nothing of HTTP, queues or text.  The scheduler drives it with three calls::
                                        # garbage that nobody reads)
     engine.free(slot)                  # the row may be overwritten by the next insert
 
-Sampling parameters live per slot (temperature, top-k, top-p and a seed), so one batch mixes
-greedy and sampled requests; the i-th token of a request is drawn with the key
-``fold_in(key(seed), i)`` whatever slot it sits in and whatever else runs beside it.
+Sampling parameters live per slot (temperature, top-k, top-p, a seed and the sequence's
+stream within its request), so one batch mixes greedy and sampled requests; the i-th token
+is drawn by ``optkit.generation.sampling.sample_tokens`` with the key of (seed, stream, i),
+whatever slot it sits in and whatever else runs beside it -- the same draw ``generate``
+makes for row ``stream`` of a call with that seed.
 
 :class:`ModelEngine` only calls the executor interface (``init_cache``, ``prefill``,
 ``insert``, and ``decode_loop`` -- or plain ``decode`` where an executor has no loop), so a
@@ -30,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from optkit.generation.sampling import logprobs as token_logprobs
-from optkit.generation.sampling import sample
+from optkit.generation.sampling import sample_tokens
 
 MIN_BUCKET = 16
 
@@ -41,6 +43,9 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0             # <= 0: off
     seed: int = 0
+    stream: int = 0            # the sequence's index within its request (``n`` > 1)
+    min_tokens: int = 0        # no EOS before this many generated tokens
+    repetition_penalty: float = 1.0  # 1: off; a seen token: logit / p if > 0 else logit * p
 
 
 @dataclass(frozen=True)
@@ -94,40 +99,14 @@ class Engine(Protocol):
 # ---------------------------------------------------------------------------------------------
 # Pure functions (jitted once per shape)
 # ---------------------------------------------------------------------------------------------
-def _keys(seeds, counts):
-    return jax.vmap(lambda s, c: jax.random.fold_in(jax.random.key(s), c))(seeds, counts)
-
-
-def sample_rows(logits, keys, temperature, top_k, top_p):
-    """:func:`~optkit.generation.sampling.sample`, skipping work no row needs: only an
-    argmax when every row is greedy, no sort over the vocabulary unless a sampled row uses
-    top-k or top-p.  A row draws the same token whichever branch its batch takes."""
-    v = logits.shape[-1]
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    sampled = temperature > 0
-    filtered = sampled & (((top_k > 0) & (top_k < v)) | (top_p < 1))
-
-    def plain(_):
-        x = logits.astype(jnp.float32) / jnp.where(sampled, temperature, 1.0)[:, None]
-        drawn = jax.vmap(jax.random.categorical)(keys, x).astype(jnp.int32)
-        return jnp.where(sampled, drawn, greedy)
-
-    def full(_):
-        return sample(logits, keys, temperature, top_k, top_p)
-
-    def unfiltered(_):
-        return jax.lax.cond(sampled.any(), plain, lambda _: greedy, None)
-
-    return jax.lax.cond(filtered.any(), full, unfiltered, None)
-
-
 def sample_step(num_top: int, logits, state):
-    """``decode_loop`` step: per-row sampling + log-probs; state = (seeds, counts, T, k, p)."""
-    seeds, counts, temperature, top_k, top_p = state
-    tok = sample_rows(logits, _keys(seeds, counts), temperature, top_k, top_p)
+    """``decode_loop`` step: per-row sampling + log-probs;
+    state = (seeds, streams, counts, temperature, top_k, top_p)."""
+    seeds, streams, counts, temperature, top_k, top_p = state
+    tok = sample_tokens(logits, seeds, streams, counts, temperature, top_k, top_p)
     lp, top_ids, top_lp = token_logprobs(logits, tok, num_top)
     out = (tok, lp) if num_top == 0 else (tok, lp, top_ids, top_lp)
-    return tok, (seeds, counts + 1, temperature, top_k, top_p), out
+    return tok, (seeds, streams, counts + 1, temperature, top_k, top_p), out
 
 
 @functools.cache
@@ -191,6 +170,7 @@ class ModelEngine:
         b = self.max_slots
         self._last = np.full(b, self.pad_token_id, np.int32)
         self._seeds = np.zeros(b, np.uint32)
+        self._streams = np.zeros(b, np.uint32)
         self._counts = np.zeros(b, np.int32)
         self._temp = np.zeros(b, np.float32)
         self._top_k = np.zeros(b, np.int32)
@@ -216,7 +196,8 @@ class ModelEngine:
         last = logits[:, -1] if request.prompt_logprobs else logits
         sp = request.sampling
         num_top = self.max_logprobs if request.num_top else 0
-        state = (np.array([sp.seed], np.uint32), np.zeros(1, np.int32),
+        state = (np.array([sp.seed], np.uint32), np.array([sp.stream], np.uint32),
+                 np.zeros(1, np.int32),
                  np.array([sp.temperature], np.float32), np.array([sp.top_k], np.int32),
                  np.array([sp.top_p], np.float32))
         first = _tokens(_first_token(num_top, last, state), num_top)
@@ -235,6 +216,7 @@ class ModelEngine:
         sp = request.sampling
         self._last[slot] = prefix.first.ids[0]
         self._seeds[slot] = sp.seed
+        self._streams[slot] = sp.stream
         self._counts[slot] = 1  # draw 0 gave the first token
         self._temp[slot] = sp.temperature
         self._top_k[slot] = sp.top_k
@@ -243,7 +225,7 @@ class ModelEngine:
 
     def generate(self, num_steps: int = 1) -> Tokens:
         num_top = self.max_logprobs if self._num_top.any() else 0
-        state = (self._seeds, self._counts, self._temp, self._top_k, self._top_p)
+        state = (self._seeds, self._streams, self._counts, self._temp, self._top_k, self._top_p)
         if hasattr(self.executor, "decode_loop"):  # several steps in one dispatch
             _, self.cache, _, out = self.executor.decode_loop(
                 step_fn(num_top), self._last, self.cache, state, num_steps)
@@ -285,4 +267,4 @@ def describe(engine) -> str:
 
 
 __all__ = ["Engine", "EngineRequest", "ModelEngine", "Prefix", "SamplingParams", "Tokens",
-           "bucket_length", "describe", "sample_rows"]
+           "bucket_length", "describe"]

@@ -13,8 +13,6 @@ import dataclasses
 import re
 from collections.abc import Iterable
 
-import numpy as np
-
 
 @dataclasses.dataclass(frozen=True)
 class KeyRule:
@@ -140,8 +138,3 @@ def to_hf_key(folder_key: str, prefix: str = "model.") -> str:
             i = m.groupdict().get("i")
             return prefix + (rule.hf.format(i=i) if i is not None else rule.hf)
     raise KeyError(f"{folder_key!r} is not an OPT folder key")
-
-
-def fuse_qkv(k: np.ndarray, v: np.ndarray, q: np.ndarray) -> np.ndarray:
-    """Metaseq's fused layout: concatenate K, V, Q along dim 0."""
-    return np.concatenate([k, v, q], axis=0)

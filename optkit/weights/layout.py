@@ -40,17 +40,6 @@ class ParamSpec:
 # --------------------------------------------------------------------------------------------
 # Folder keys (Alpa / metaseq names) and their torch-layout shapes
 # --------------------------------------------------------------------------------------------
-LAYER_KEYS = (
-    "self_attn.q_proj.weight", "self_attn.q_proj.bias",
-    "self_attn.k_proj.weight", "self_attn.k_proj.bias",
-    "self_attn.v_proj.weight", "self_attn.v_proj.bias",
-    "self_attn.out_proj.weight", "self_attn.out_proj.bias",
-    "self_attn_layer_norm.weight", "self_attn_layer_norm.bias",
-    "fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias",
-    "final_layer_norm.weight", "final_layer_norm.bias",
-)
-
-
 def layer_key(i: int, name: str) -> str:
     return f"decoder.layers.{i}.{name}"
 
@@ -135,14 +124,6 @@ def _out_kernel(key: str, heads: int, head_dim: int) -> Reader:
     return read
 
 
-def _stacked(readers: list[Reader]) -> Reader:
-    # A leading layer axis over per-layer readers (for scanned layers).
-    def read(store, idx):
-        i_l, rest = idx[0], idx[1:]
-        return np.stack([readers[i](store, rest) for i in range(len(readers))[i_l]])
-    return read
-
-
 # --------------------------------------------------------------------------------------------
 # The table
 # --------------------------------------------------------------------------------------------
@@ -191,8 +172,8 @@ def embed_tokens_spec(cfg: OPTConfig) -> ParamSpec:
                 ("vocab", "embed"), "normal", "decoder.embed_tokens.weight")
 
 
-def param_specs(cfg: OPTConfig, stacked: bool = False) -> list[ParamSpec]:
-    """All parameters of ``cfg``; with ``stacked`` the layers share a leading ``layers`` axis."""
+def param_specs(cfg: OPTConfig) -> list[ParamSpec]:
+    """All parameters of ``cfg`` (each layer's its own)."""
     h, e = cfg.hidden_size, cfg.word_embed_proj_dim
     positions = functools.partial(_positions, rows=cfg.num_positions)
     specs = [
@@ -210,18 +191,8 @@ def param_specs(cfg: OPTConfig, stacked: bool = False) -> list[ParamSpec]:
                           "decoder.layer_norm.weight"))
         specs.append(_one(("final_ln", "bias"), (h,), ("norm",), "zeros",
                           "decoder.layer_norm.bias"))
-    per_layer = [_layer_specs(cfg, i) for i in range(cfg.num_hidden_layers)]
-    if not stacked:
-        for layer in per_layer:
-            specs.extend(layer.values())
-        return specs
-    for name, first in per_layer[0].items():
-        specs.append(ParamSpec(
-            ("layers",) + first.path[2:], (cfg.num_hidden_layers, *first.shape),
-            ("layers", *first.axes), first.init,
-            tuple(s for layer in per_layer for s in layer[name].sources),
-            _stacked([layer[name].read for layer in per_layer]),
-        ))
+    for i in range(cfg.num_hidden_layers):
+        specs.extend(_layer_specs(cfg, i).values())
     return specs
 
 

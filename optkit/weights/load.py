@@ -76,8 +76,8 @@ def load_bar(cfg: OPTConfig, dtype, progress: bool) -> tqdm:
 
 
 def load_params(store: Mapping[str, np.ndarray], cfg: OPTConfig, dtype=jnp.float32,
-                sharding_for: ShardingFor | None = None, stacked: bool = False,
-                check: bool = True, checksums: bool = False, progress: bool = True) -> dict:
+                sharding_for: ShardingFor | None = None, check: bool = True,
+                checksums: bool = False, progress: bool = True) -> dict:
     """Params pytree of ``cfg`` read from ``store`` (folder keys, torch layout)."""
     if check:
         check_store(store, cfg, checksums=checksums)
@@ -90,24 +90,6 @@ def load_params(store: Mapping[str, np.ndarray], cfg: OPTConfig, dtype=jnp.float
         return arr
 
     try:
-        return tree_from_specs(param_specs(cfg, stacked=stacked), leaf)
+        return tree_from_specs(param_specs(cfg), leaf)
     finally:
         bar.close()
-
-
-def param_shapes(cfg: OPTConfig, dtype=jnp.float32, stacked: bool = False,
-                 sharding_for: ShardingFor | None = None) -> dict:
-    """``jax.ShapeDtypeStruct`` tree of the params (for abstract compilation, no memory)."""
-    def leaf(spec):
-        sh = sharding_for(spec) if sharding_for else None
-        return jax.ShapeDtypeStruct(spec.shape, jnp.dtype(dtype), sharding=sh)
-    return tree_from_specs(param_specs(cfg, stacked=stacked), leaf)
-
-
-def stack_layers(params: dict) -> dict:
-    """Turn a list of per-layer dicts into one dict of arrays with a leading layer axis."""
-    if isinstance(params["layers"], dict):
-        return params
-    out = dict(params)
-    out["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), *params["layers"])
-    return out

@@ -46,15 +46,15 @@ def _group_fn(leaves: tuple, dtype: str, shardings: tuple, keep: tuple):
     return jax.jit(make, out_shardings=shardings)
 
 
-def random_params(cfg: OPTConfig, seed: int = 0, dtype=jnp.float32, sharding_for=None,
-                  stacked: bool = False) -> dict:
+def random_params(cfg: OPTConfig, seed: int = 0, dtype=jnp.float32,
+                  sharding_for=None) -> dict:
     """Random params created on device (sharded by ``sharding_for(spec)`` when given)."""
     base = jax.random.key(seed)
-    specs = param_specs(cfg, stacked=stacked)
+    specs = param_specs(cfg)
     dtype = jnp.dtype(dtype).name
     groups: dict = {}
     for spec in specs:
-        group = spec.path[:2] if spec.path[0] == "layers" and not stacked else ("top",)
+        group = spec.path[:2] if spec.path[0] == "layers" else ("top",)
         groups.setdefault(group, []).append(spec)
     values = {}
     for i, members in enumerate(groups.values()):
@@ -120,8 +120,3 @@ def hf_state_dict(cfg: OPTConfig, seed: int = 0, prefix: str = "model."):
           for k, a in random_state_dict(cfg, seed)}
     sd["lm_head.weight"] = sd[to_hf_key("decoder.embed_tokens.weight", prefix)]
     return sd
-
-
-def params_nbytes(cfg: OPTConfig, dtype=jnp.float32) -> int:
-    return sum(s.size for s in param_specs(cfg)) * jnp.dtype(dtype).itemsize
-

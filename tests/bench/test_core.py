@@ -27,6 +27,12 @@ def test_config_validation():
     with pytest.raises(ValueError, match="unknown OPT model"):
         BenchConfig(model="opt-7b")
     BenchConfig(model="my-finetune", path="/weights")  # any name when weights are given
+    with pytest.raises(ValueError, match="jax and alpa backends"):
+        BenchConfig(model="facebook/opt-tiny", quantize="int8")
+    with pytest.raises(ValueError, match="facebook backend"):
+        BenchConfig(model="jax/opt-tiny", hf_cache="static")
+    with pytest.raises(ValueError, match="hf_cache"):
+        BenchConfig(model="facebook/opt-tiny", hf_cache="dynamic")
 
 
 def test_decode_step_cost_by_hand():
@@ -69,6 +75,7 @@ def test_run_benchmark_row(tiny_path):
     bound = max(row["step_gflop"] / (1e3 * PEAKS["peak_tflops"]),
                 row["step_gbyte"] / PEAKS["peak_gbyte_per_s"])
     assert row["roofline_fraction"] == pytest.approx(bound / (row["decode_step_ms"] / 1e3))
+    assert row["floor_ms"] == pytest.approx(row["step_gbyte"] / PEAKS["peak_gbyte_per_s"] * 1e3)
     assert row["tflops"] == pytest.approx(row["step_gflop"] / row["decode_step_ms"])
     # environment
     for key in ("jax_device", "jax", "torch", "python", "optkit", "timestamp", "cpu_count"):
@@ -82,6 +89,19 @@ def test_run_benchmark_row(tiny_path):
     assert len(cache.models) == 1 and cfg.model_key() not in cache.models
 
 
+def test_public_options_reach_the_model(tiny_path):
+    """quantize= is get_model's: the int8 model's step reads fewer bytes; the torch model
+    has no compile time."""
+    base = BenchConfig(model="opt-tiny", path=tiny_path, prompt_len=4, new_tokens=3,
+                       repeats=1)
+    fp = run_benchmark(base, peaks=None)
+    q = run_benchmark(base.replace(quantize="int8", kernels="xla"), peaks=None)
+    assert q["quantize"] == "int8" and q["kernels"] == "xla"
+    assert q["step_gbyte"] < fp["step_gbyte"]  # int8 kernels (the embedding stays)
+    hf = run_benchmark(base.replace(backend="facebook"), peaks=None)
+    assert hf["compile_s"] is None and hf["warmup_s"] > 0
+
+
 def test_run_benchmark_checks_length(tiny_path):
     with pytest.raises(ValueError, match="exceeds"):
         run_benchmark(BenchConfig(model="opt-tiny", path=tiny_path, prompt_len=250,
@@ -89,7 +109,7 @@ def test_run_benchmark_checks_length(tiny_path):
 
 
 def test_measured_peaks_are_positive():
-    from optkit.bench.core import device_peaks
+    from optkit.bench.roofline import device_peaks
 
     p = device_peaks()
     assert p["peak_gbyte_per_s"] > 0.1 and p["peak_tflops"] > 1e-4

@@ -4,8 +4,10 @@ import pandas as pd
 import pytest
 
 from optkit.bench.plots import (
+    plot_decode,
     plot_load,
     plot_roofline,
+    plot_serving,
     plot_speedup,
     plot_strategies,
     plot_throughput,
@@ -92,3 +94,42 @@ def test_strategies_bars():
     assert [t.get_text() for t in mem.get_yticklabels()] == ["dp1-tp1-pp1", "dp1-tp2-pp1"]
     with pytest.raises(ValueError, match="column 'nope'"):
         plot_strategies(df, memory="nope")
+
+
+def decode_rows():
+    rows = []
+    for model, floor in (("opt-1.3b", 0.6), ("opt-6.7b", 3.2)):
+        for bs in (1, 16, 64):
+            rows.append({"framework": "optkit", "model": model, "batch_size": bs,
+                         "decode_step_ms": floor * 1.2 + bs / 100, "floor_ms": floor + bs / 200})
+            if bs > 1:
+                rows.append({"framework": "hf-static-compile", "model": model, "batch_size": bs,
+                             "decode_step_ms": floor * 2, "floor_ms": None})
+    return pd.DataFrame(rows)
+
+
+def test_decode_panels_per_model_with_the_floor(tmp_path):
+    fig = plot_decode(decode_rows())
+    assert [ax.get_title() for ax in fig.axes] == ["opt-1.3b", "opt-6.7b"]
+    labels = [line.get_label() for line in fig.axes[1].lines]
+    assert labels == ["optkit", "hf-static-compile", "bandwidth floor"]
+    floor = fig.axes[1].lines[-1]
+    assert list(floor.get_xdata()) == [1, 16, 64]
+    assert list(floor.get_ydata()) == pytest.approx([3.205, 3.28, 3.52])
+    save(fig, tmp_path / "d.png")
+    assert (tmp_path / "d.png").stat().st_size > 5000
+
+
+def test_decode_floor_of_the_panels_first_line_without_optkit():
+    df = decode_rows()
+    df = df[df["framework"] != "optkit"].assign(floor_ms=1.0)
+    assert [line.get_label() for line in plot_decode(df).axes[0].lines] == [
+        "hf-static-compile", "bandwidth floor"]
+
+
+def test_serving_lines_per_mode():
+    df = pd.DataFrame([{"mode": m, "rate": r, "tokens_per_s": r * k}
+                       for m, k in (("static-4", 10), ("continuous-16", 30)) for r in (1, 2, 4)])
+    ax = plot_serving(df).axes[0]
+    assert [line.get_label() for line in ax.lines] == ["static-4", "continuous-16"]
+    assert list(ax.lines[1].get_ydata()) == [30, 60, 120]

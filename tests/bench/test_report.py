@@ -78,3 +78,21 @@ def test_html_report_hides_code_and_embeds_images(tmp_path):
     assert "data:image/png;base64," + png in html and "secret_code_here" not in html
     html = notebook_html(path, tmp_path / "r2.html", no_input=False).read_text()
     assert "secret_code_here" in html
+
+
+def test_describe_run_says_what_was_measured():
+    from optkit.bench.report import describe_run
+
+    rows = [{"path": None, "prompt_len": 32, "new_tokens": 16, "jax_device": "cpu:cpu",
+             "jax_device_count": 1, "torch_device": "cpu", "cpu": "EPYC", "cpu_count": 2,
+             "python": "3.11", "jax": "0.10", "optkit": "0.1", "peak_gbyte_per_s": 12.5,
+             "peak_tflops": 0.2, "load_avg_1m": load, "timestamp": f"2026-12-0{i}"}
+            for i, load in ((1, 2.5), (2, 3.75))]
+    text = describe_run(rows)
+    assert "**random**" in text and "32 a row" in text and "16 tokens generated" in text
+    assert "load average while measuring: 2.5–3.8 on 2 cores" in text
+    assert "read bandwidth 12.5 GB/s" in text and "Name:" not in text
+    assert text._repr_markdown_() == str(text)
+    assert "from `/w`" in describe_run([{**rows[0], "path": "/w"}])
+    with pytest.raises(ValueError, match="no rows"):
+        describe_run([])

@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from optkit.bench.textgen import generation_flops, summarize, summary_markdown, write_rows
+from optkit.bench.roofline import decode_step_cost, generation_flops, prefill_flops
+from optkit.bench.textgen import summarize, summary_markdown
 from optkit.cli import main
 from optkit.config import OPTConfig
 
@@ -37,15 +38,26 @@ def test_summary_medians_and_ratio():
     assert s["jax/x"]["latency_s"] == 2.0 and s["jax/x"]["batches"] == 3
     assert s["jax/x"]["vs_baseline"] == pytest.approx(2.0)  # facebook/ is the baseline
     assert s["facebook/x"]["vs_baseline"] == 1.0
+    # HF torch runs eagerly: no compile time, whatever its rows recorded
+    assert s["jax/x"]["compile_s"] == 2.0 and s["facebook/x"]["compile_s"] is None
+    md = summary_markdown([{**r, **ENV} for r in rows])
+    assert [line.endswith("| n/a | 1.00 |") for line in md.splitlines()
+            if line.startswith("| jax/x") or line.startswith("| facebook/x")] == [False, True]
 
 
-def test_write_rows_appends(tmp_path):
-    rows = rows_for("jax/x", 1, [5.0, 1.0])
-    for name in ("r.csv", "r.jsonl"):
-        write_rows(rows, tmp_path / name)
-        write_rows(rows, tmp_path / name)
-    assert len((tmp_path / "r.csv").read_text().splitlines()) == 1 + 4
-    assert len((tmp_path / "r.jsonl").read_text().splitlines()) == 4
+def test_generation_is_prefill_plus_decode_steps():
+    """One FLOP model: a generation is its prefill plus one decode step per later token."""
+    cfg = OPTConfig.from_name("opt-350m")  # with projections
+    steps = sum(decode_step_cost(cfg, 3, 7 + i, 2)[0] for i in range(1, 5))
+    assert generation_flops(cfg, 3, 7, 5) == pytest.approx(prefill_flops(cfg, 3, 7) + steps)
+    assert generation_flops(cfg, 3, 7, 0) == 0.0
+
+
+def test_default_output_is_under_build():
+    from optkit.cli import build_parser
+
+    args = build_parser().parse_args(["bench", "textgen"])
+    assert args.output.startswith("build/")
 
 
 def test_cli_runs_backends_side_by_side(tmp_path, capsys):
@@ -72,7 +84,9 @@ def test_cli_runs_backends_side_by_side(tmp_path, capsys):
     jax_rows = [r for r in rows if r["model"] == "jax/opt-tiny"]
     assert all(r["new_tokens"] == 4 and r["batch_size"] == 2 for r in rows)
     assert all(r["decode_step_ms"] > 0 and r["ttft_s"] > 0 for r in jax_rows)
-    assert all(r["compile_s"] is not None and r["jax"] and r["transformers"] for r in rows)
+    assert all(r["compile_s"] is not None for r in jax_rows)
+    assert all(r["compile_s"] is None for r in rows if r["backend"] == "facebook")
+    assert all(r["jax"] and r["transformers"] for r in rows)
     assert "optkit bench textgen --model facebook/opt-tiny jax/opt-tiny" in rows[0]["command"]
     md = summary.read_text()
     assert "vs facebook/opt-tiny" in md and "| jax/opt-tiny | 2 |" in md
@@ -83,11 +97,12 @@ def test_bench_without_subcommand_prints_help(capsys):
     assert "textgen" in capsys.readouterr().out
 
 
+ENV = {"cpu": "cpu", "cpu_count": 2, "jax_device": "cpu:cpu", "torch_device": "cpu",
+       "python": "3", "jax": "j", "torch": "t", "transformers": "tr", "optkit": "o",
+       "timestamp": "now", "dtype": "float32",
+       "config": {"num_beams": 1, "do_sample": False, "ignore_eos": True, "warmup": 1}}
+
+
 def test_summary_markdown_mentions_command():
-    rows = rows_for("jax/x", 1, [5.0, 1.0])
-    for r in rows:
-        r.update(cpu="cpu", cpu_count=2, jax_device="cpu:cpu", torch_device="cpu",
-                 python="3", jax="j", torch="t", transformers="tr", optkit="o",
-                 timestamp="now", dtype="float32",
-                 config={"num_beams": 1, "do_sample": False, "ignore_eos": True, "warmup": 1})
+    rows = [{**r, **ENV} for r in rows_for("jax/x", 1, [5.0, 1.0])]
     assert "Command: `optkit bench textgen x`" in summary_markdown(rows, "optkit bench textgen x")

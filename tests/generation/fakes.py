@@ -56,6 +56,9 @@ class ScriptedExecutor:
         self.fed.append(np.asarray(fed))
         return tok, cache, state, outs
 
+    def dispatch_span(self, position, remaining, batch, max_len):
+        return remaining
+
     def select(self, cache, rows):
         rows = jnp.asarray(rows)
         return jax.tree.map(lambda x: x[rows], cache)

@@ -123,7 +123,7 @@ def test_top_k_1_is_greedy_and_seeds_reproduce():
 def test_draws_do_not_depend_on_steps_per_dispatch():
     ex = ScriptedExecutor(np.tile(LOGITS, (3, 12, 1)))
     kw = {"max_new_tokens": 11, "do_sample": True, "seed": 4, "eos_token_id": 3}
-    outs = [generate(ex, np.full((3, 2), 5), steps_per_dispatch=n, **kw) for n in (1, 4, 8)]
+    outs = [generate(ex, np.full((3, 2), 5), steps_per_dispatch=n, **kw) for n in (1, 4, 8, None)]
     for o in outs[1:]:
         np.testing.assert_array_equal(o, outs[0])
 

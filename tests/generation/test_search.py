@@ -153,3 +153,37 @@ def test_mesh_executor_matches_single_device():
     kw = {"max_new_tokens": 8, "num_beams": 4, "num_return_sequences": 2}
     np.testing.assert_array_equal(generate(sharded, ids, mask, **kw),
                                   generate(single, ids, mask, **kw))
+
+
+def test_decode_loop_ends_on_the_device_once_every_row_is_done():
+    """A dict state whose ``done`` rows are all true runs no step: the cache does not move;
+    with one row still open every step runs."""
+    from tests.generation.conftest import model_pair
+
+    _, ex = model_pair("pre_ln")
+
+    def step(logits, st):
+        tok = logits.argmax(-1).astype(np.int32)
+        return tok, st, {"tokens": tok}
+
+    for done, moved in (([True, True], 0), ([True, False], 5)):
+        cache = ex.init_cache(2, 16)
+        _, cache = ex.prefill(np.array([[3, 4], [5, 6]]), np.ones((2, 2), np.int32), cache)
+        _, cache, _, outs = ex.decode_loop(step, np.array([7, 8]), cache,
+                                           {"done": np.array(done)}, 5, max_steps=8)
+        assert np.asarray(cache["index"]).tolist() == [2 + moved] * 2
+        assert np.asarray(outs["tokens"]).shape == (5, 2)
+
+
+def test_generate_without_streaming_is_one_dispatch_on_a_fused_kernel():
+    """Where attention reads only written positions (dispatch_span: all remaining steps),
+    greedy generate runs its whole decode in one dispatch; streaming uses chunks."""
+    ex = ScriptedExecutor(script_tokens([[5, 6, 7, 8, 9, 10, 11, 12, 13, 14]], 16))
+    out = generate(ex, np.array([[3, 4]]), max_new_tokens=10, eos_token_id=[],
+                   return_dict_in_generate=True)
+    assert out.timings["dispatches"] == 1
+    assert out.sequences[0, 2:].tolist() == [5, 6, 7, 8, 9, 10, 11, 12, 13, 14]
+    seen = []
+    out = generate(ex, np.array([[3, 4]]), max_new_tokens=10, eos_token_id=[],
+                   return_dict_in_generate=True, on_token=seen.append)
+    assert out.timings["dispatches"] == 2 and len(seen) == 10

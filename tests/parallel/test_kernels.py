@@ -8,9 +8,10 @@ from jax.sharding import PartitionSpec
 
 from optkit import get_model
 from optkit.config import OPTConfig
+from optkit.options import Kernels, ModelOptions
 from optkit.parallel import Plan, build_executor
 from optkit.parallel.executor import single_device_mesh
-from optkit.parallel.kernels import check_kernels, matvec_fns, resolve_attention, resolve_norm
+from optkit.parallel.kernels import matvec_fns, resolve_attention
 from tests.conftest import left_padded_batch
 
 CFG = OPTConfig(vocab_size=500, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -21,8 +22,8 @@ PLANS = [Plan(), Plan(tp=2), Plan(dp=2, tp=2), Plan(pp=2, micro_batches=2)]
 
 def decode_logits(plan, kernels, steps=4, quantize=None, rows=(7, 3, 5, 6), cfg=CFG,
                   dtype="float32"):
-    ex = build_executor(cfg, plan, None, dtype=dtype, progress=False, kernels=kernels,
-                        quantize=quantize)
+    options = ModelOptions(dtype=dtype, quantize=quantize, kernels=kernels)
+    ex = build_executor(cfg, plan, None, options=options, progress=False)
     ids, mask = left_padded_batch(cfg, list(rows), seed=1)
     cache = ex.init_cache(len(rows), 16)
     logits, cache = ex.prefill(ids, mask, cache)
@@ -40,49 +41,47 @@ def test_attention_kernel_matches_xla_under_plans(plan):
                                atol=1e-5)
 
 
-@pytest.mark.parametrize("plan", PLANS, ids=lambda p: p.name)
-def test_norm_kernel_matches_xla_under_plans(plan):
-    np.testing.assert_allclose(decode_logits(plan, "norm"), decode_logits(plan, "xla"),
-                               atol=1e-5)
-
-
-def test_auto_on_gpus_takes_attention_but_not_the_norm_kernel(monkeypatch):
-    """The fused residual add + LayerNorm only by name (not faster on an H200)."""
+def test_auto_on_gpus_takes_attention(monkeypatch):
     from optkit.parallel import kernels
 
     monkeypatch.setattr(kernels, "on_gpus", lambda mesh: True)
-    mesh, rows = single_device_mesh(), PartitionSpec(None, None, None)
-    assert resolve_attention("auto", CFG, mesh, KV) == "pallas"
-    assert resolve_norm("auto", CFG, mesh, rows) == "xla"
-    assert resolve_norm("norm", CFG, mesh, rows) == "pallas"
+    assert resolve_attention(Kernels(), CFG, single_device_mesh(), KV) == "pallas"
 
 
 def test_kernel_sets_take_the_named_kernels(monkeypatch):
     """Names joined by commas: those kernels and no others (each called on every layer)."""
-    from optkit.kernels import add_layer_norm, decode_attention
+    from optkit.kernels import decode_attention
 
     calls = []
-    for mod, name in ((add_layer_norm, "add_layer_norm"), (decode_attention, "decode_attention")):
-        real = getattr(mod, name)
-        monkeypatch.setattr(mod, name, lambda *a, _r=real, _n=name, **k: (calls.append(_n),
-                                                                          _r(*a, **k))[1])
-    ex = build_executor(CFG, Plan(tp=2), None, dtype="float32", progress=False,
-                        kernels="attention,norm")
+    real = decode_attention.decode_attention
+    monkeypatch.setattr(decode_attention, "decode_attention",
+                        lambda *a, **k: (calls.append("attention"), real(*a, **k))[1])
+    both = ModelOptions(dtype="float32", quantize="int8", kernels="attention,matvec")
+    ex = build_executor(CFG, Plan(tp=2), None, options=both, progress=False)
     kern = ex.decode_kernels(4, 16)
-    assert kern["matvec"] is None and kern["attention"] and kern["norm"]
-    np.testing.assert_allclose(decode_logits(Plan(tp=2), "attention,norm", steps=1),
+    assert kern["attention"] and sorted(kern["matvec"]) == ["fc1", "fc2", "out", "qkv"]
+    one = ModelOptions(dtype="float32", quantize="int8", kernels="attention")
+    kern = build_executor(CFG, Plan(tp=2), None, options=one, progress=False).decode_kernels(4, 16)
+    assert kern["attention"] and kern["matvec"] is None
+    np.testing.assert_allclose(decode_logits(Plan(tp=2), "attention", steps=1),
                                decode_logits(Plan(tp=2), "xla", steps=1), atol=1e-5)
-    # two layers: the first layer's LayerNorm has no add before it, then three fused adds
-    assert calls.count("add_layer_norm") == 3 and calls.count("decode_attention") == 2
+    assert calls.count("attention") == 2  # two layers
 
 
 @pytest.mark.parametrize("plan", PLANS, ids=lambda p: p.name)
 def test_int8_kernels_match_xla_under_plans(plan, monkeypatch):
-    """Both kernels on an int8 model; the int8 product takes 2 rows here (its default is
-    one), its partial sums psum'ed where tensor parallelism splits a kernel's inputs."""
-    from optkit import model as M
+    """Both kernels on an int8 model; the int8 product hooks take 2 rows here (the CUDA-core
+    kernel's default is one), partial sums psum'ed where tensor parallelism splits a kernel's
+    inputs."""
+    from optkit.parallel import kernels
 
-    monkeypatch.setattr(M, "INT8_KERNEL_ROWS", 2)
+    real = kernels.matvec_fns
+
+    def two_rows(*a, **k):
+        fns = real(*a, **k)
+        return fns and {n: mv._replace(max_rows=2) for n, mv in fns.items()}
+
+    monkeypatch.setattr(kernels, "matvec_fns", two_rows)
     kw = {"quantize": "int8", "rows": (7, 3)}
     np.testing.assert_allclose(decode_logits(plan, "pallas", **kw),
                                decode_logits(plan, "xla", **kw), atol=1e-4)
@@ -123,16 +122,17 @@ def test_tensor_core_rows_only_for_fp16_models(monkeypatch):
          "out": ((256, 4, 64), PartitionSpec(None, None, None)),
          "fc2": ((256, 128), PartitionSpec(None, None))}  # K = 128: no 256-wide blocks
     for dtype, want in (("float16", {"fc1": 32, "out": 32}), ("float32", {})):
-        fns = matvec_fns("matvec", CFG, mesh, q, int8=True, dtype=dtype)
-        assert {n: f.max_rows for n, f in fns.items() if hasattr(f, "max_rows")} == want
+        fns = matvec_fns(Kernels.parse("matvec"), CFG, mesh, q, int8=True, dtype=dtype)
+        assert {n: f.max_rows for n, f in fns.items() if f.max_rows > 1} == want
+        assert all(f.max_rows == 1 for n, f in fns.items() if n not in want)
     assert int8_mma.plan(1024, 256) is None  # one row: the CUDA-core kernel
 
 
 def test_kernel_needs_no_live_buckets():
     """The kernel stops at each row's index: one compilation serves every live length."""
     for kernels, want in (("xla", 128), ("attention", 300), ("matvec", 128)):
-        ex = build_executor(CFG, Plan(), None, dtype="float32", progress=False,
-                            kernels=kernels, quantize="int8")
+        options = ModelOptions(dtype="float32", quantize="int8", kernels=kernels)
+        ex = build_executor(CFG, Plan(), None, options=options, progress=False)
         assert ex.live_bucket(40, ex.init_cache(2, 300)) == want
         matvec = ex.decode_kernels(2, 300)["matvec"]
         assert (sorted(matvec) if matvec else None) == (
@@ -151,35 +151,24 @@ def test_decode_loop_with_kernels():
 
 def test_auto_is_xla_off_gpus_and_named_kernels_refuse_what_they_cannot_run():
     mesh = single_device_mesh()
+    auto, pallas, pallas8 = Kernels(), Kernels.parse("pallas"), Kernels.parse("pallas", int8=True)
     assert jax.devices()[0].platform == "cpu"
-    assert resolve_attention("auto", CFG, mesh, KV) == "xla"
-    assert resolve_attention("pallas", CFG, mesh, KV) == "pallas"
-    assert resolve_attention("matvec", CFG, mesh, KV) == "xla"
+    assert resolve_attention(auto, CFG, mesh, KV) == "xla"
+    assert resolve_attention(pallas, CFG, mesh, KV) == "pallas"
+    assert resolve_attention(Kernels.parse("matvec"), CFG, mesh, KV) == "xla"
     odd = CFG.replace(hidden_size=80, num_attention_heads=4)  # head size 20
-    assert resolve_attention("auto", odd, mesh, KV) == "xla"
+    assert resolve_attention(auto, odd, mesh, KV) == "xla"
     with pytest.raises(ValueError, match="power of two"):
-        resolve_attention("pallas", odd, mesh, KV)
+        resolve_attention(pallas, odd, mesh, KV)
     with pytest.raises(ValueError, match="sequence"):
-        resolve_attention("attention", CFG, mesh, PartitionSpec(None, "tensor", None, None))
-    with pytest.raises(ValueError, match="choose one of"):
-        check_kernels("flash")
-    with pytest.raises(ValueError, match="choose one of"):
-        check_kernels("norm,flash")
-    rows = PartitionSpec(None, None, None)
-    assert resolve_norm("auto", CFG, mesh, rows) == "xla"
-    assert resolve_norm("attention,norm", CFG, mesh, rows) == "pallas"
-    post_ln = CFG.replace(do_layer_norm_before=False)
-    assert resolve_norm("pallas", post_ln, mesh, rows) == "xla"
-    with pytest.raises(ValueError, match="post-LN"):
-        resolve_norm("norm", post_ln, mesh, rows)
-    with pytest.raises(ValueError, match="hidden states are split"):
-        resolve_norm("norm", CFG, mesh, PartitionSpec(None, None, "tensor"))
+        resolve_attention(Kernels.parse("attention"), CFG, mesh,
+                          PartitionSpec(None, "tensor", None, None))
     q = {"fc1": ((128, 64), PartitionSpec(None, None))}
-    assert matvec_fns("auto", CFG, mesh, q, int8=True) is None
-    assert matvec_fns("pallas", CFG, mesh, q, int8=False) is None
-    assert set(matvec_fns("pallas", CFG, mesh, q, int8=True)) == {"fc1"}
+    assert matvec_fns(auto, CFG, mesh, q, int8=True) is None
+    assert matvec_fns(pallas, CFG, mesh, q, int8=False) is None
+    assert set(matvec_fns(pallas8, CFG, mesh, q, int8=True)) == {"fc1"}
     with pytest.raises(ValueError, match="not int8"):
-        matvec_fns("matvec", CFG, mesh, q, int8=False)
+        matvec_fns(Kernels.parse("matvec"), CFG, mesh, q, int8=False)
     with pytest.raises(ValueError, match="no block tiling"):
-        matvec_fns("matvec", CFG, mesh, {"fc1": ((128, 40), PartitionSpec(None, None))},
-                   int8=True)
+        matvec_fns(Kernels.parse("matvec"), CFG, mesh,
+                   {"fc1": ((128, 40), PartitionSpec(None, None))}, int8=True)

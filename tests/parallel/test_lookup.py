@@ -11,8 +11,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from optkit import model as M
 from optkit.config import OPTConfig
+from optkit.options import ModelOptions
 from optkit.parallel import Plan, build_executor
 from optkit.parallel.lookup import vocab_lookup
+
+F32 = ModelOptions(dtype="float32")
 
 CFG = OPTConfig(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                 ffn_dim=128, max_position_embeddings=64, name="t-lookup")
@@ -51,14 +54,14 @@ def test_no_placed_lookup_without_a_vocab_split():
     spec = lambda shape: PartitionSpec()  # noqa: E731
     assert vocab_lookup(mesh(1, 2), PartitionSpec(None, None), spec) is None
     assert vocab_lookup(mesh(1, 1), PartitionSpec("tensor", None), spec) is None
-    assert build_executor(CFG, Plan(), None, dtype="float32",
+    assert build_executor(CFG, Plan(), None, options=F32,
                           progress=False).embed_lookup is None
-    assert build_executor(CFG, Plan(dp=2), None, dtype="float32",
+    assert build_executor(CFG, Plan(dp=2), None, options=F32,
                           progress=False).embed_lookup is None
 
 
 def test_tensor_parallel_decode_never_gathers_the_table():
-    ex = build_executor(CFG, Plan(tp=2), None, dtype="float32", progress=False)
+    ex = build_executor(CFG, Plan(tp=2), None, options=F32, progress=False)
     assert ex.embed_lookup is not None
     cache = ex.init_cache(2, 16)
     tok = ex.put_batch(np.array([3, 400], np.int32))

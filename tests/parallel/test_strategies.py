@@ -6,17 +6,19 @@ import pytest
 
 from optkit import get_model
 from optkit.config import OPTConfig
+from optkit.options import ModelOptions
 from optkit.parallel import MeshExecutor, PipelineExecutor, Plan, PlanError, build_executor
 from optkit.parallel.executor import (
     GPU_DECODE_OPTIONS,
     GPU_LARGE_BATCH_OPTIONS,
     GPU_MULTI_DECODE_OPTIONS,
-    GRAPHS_ENV,
     LARGE_BATCH_ROWS,
     decode_graph_options,
 )
 from optkit.weights.random import write_random_folder
 from tests.conftest import CONFIGS, left_padded_batch
+
+F32 = ModelOptions(dtype="float32")
 
 #: 8 heads (tp up to 8), 5 layers (no even split over 2 or 4 stages).
 WIDE = OPTConfig(vocab_size=1000, hidden_size=64, num_hidden_layers=5, num_attention_heads=8,
@@ -150,7 +152,7 @@ def test_decode_graph_options_follow_the_collectives():
                     ffn_dim=64, max_position_embeddings=64, name="t-graphs")
     tokens = {}
     for tp, want in ((1, GPU_DECODE_OPTIONS), (2, GPU_MULTI_DECODE_OPTIONS)):
-        ex = build_executor(cfg, Plan(tp=tp), None, dtype="float32", progress=False)
+        ex = build_executor(cfg, Plan(tp=tp), None, options=F32, progress=False)
         assert ex.decode_options == {}  # off GPUs
         ex = MeshExecutor(cfg, ex.params, ex.mesh, ex.rules, command_buffers=True)
         assert ex.decode_options == want
@@ -165,7 +167,7 @@ def test_decode_graph_options_follow_the_collectives():
 
         *_, outs = ex.decode_loop(step, tok, cache, (), 4)
         tokens[tp] = np.asarray(outs)[:4]
-    dp = build_executor(cfg, Plan(dp=2), None, dtype="float32", progress=False)
+    dp = build_executor(cfg, Plan(dp=2), None, options=F32, progress=False)
     assert not dp.splits_weights and ex.splits_weights
     dp = MeshExecutor(cfg, dp.params, dp.mesh, dp.rules, command_buffers=True)
     assert dp.decode_options == GPU_DECODE_OPTIONS
@@ -179,17 +181,18 @@ def test_large_batch_options_follow_rows_per_device():
     GPUs only; XLA accepts the options (the CPU backend compiles a decode with them)."""
     cfg = OPTConfig(vocab_size=256, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                     ffn_dim=64, max_position_embeddings=64, name="t-large-batch")
-    dp = build_executor(cfg, Plan(dp=2), None, dtype="float32", progress=False)
+    dp = build_executor(cfg, Plan(dp=2), None, options=F32, progress=False)
     assert dp.decode_options_for(4 * LARGE_BATCH_ROWS) == {}  # off GPUs
     dp.gpu = True
     assert dp.rows_per_device(2 * LARGE_BATCH_ROWS) == LARGE_BATCH_ROWS
     assert dp.decode_options_for(2 * LARGE_BATCH_ROWS) == GPU_LARGE_BATCH_OPTIONS
     assert dp.decode_options_for(LARGE_BATCH_ROWS) == {}  # half a large batch a device
-    tp = build_executor(cfg, Plan(tp=2), None, dtype="float32", progress=False)
+    tp = build_executor(cfg, Plan(tp=2), None, options=F32, progress=False)
     tp.gpu = True
     assert tp.rows_per_device(LARGE_BATCH_ROWS) == LARGE_BATCH_ROWS
     assert GPU_LARGE_BATCH_OPTIONS.items() <= tp.decode_options_for(LARGE_BATCH_ROWS).items()
-    q = build_executor(cfg, Plan(), None, dtype="float32", progress=False, quantize="int8")
+    q = build_executor(cfg, Plan(), None, options=ModelOptions(dtype="float32", quantize="int8"),
+                       progress=False)
     q.gpu = True
     assert q.decode_options_for(4 * LARGE_BATCH_ROWS) == q.decode_options
     ids = np.full((LARGE_BATCH_ROWS, 3), 7, np.int32)
@@ -199,13 +202,6 @@ def test_large_batch_options_follow_rows_per_device():
     assert logits.shape == (LARGE_BATCH_ROWS, 256)
 
 
-def test_graph_options_can_be_chosen_by_environment(monkeypatch):
+def test_graph_options_by_collectives():
     assert decode_graph_options(True) == GPU_MULTI_DECODE_OPTIONS
     assert decode_graph_options(False) == GPU_DECODE_OPTIONS
-    monkeypatch.setenv(GRAPHS_ENV, "single")
-    assert decode_graph_options(True) == GPU_DECODE_OPTIONS
-    monkeypatch.setenv(GRAPHS_ENV, "OFF")
-    assert decode_graph_options(False) == {}
-    monkeypatch.setenv(GRAPHS_ENV, "sometimes")
-    with pytest.raises(ValueError, match="OPTKIT_CUDA_GRAPHS='sometimes': choose auto"):
-        decode_graph_options(True)

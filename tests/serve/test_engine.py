@@ -73,6 +73,24 @@ def test_seeded_sampling_ignores_batch_companions_and_slot(codec, scheduler):
     assert other_seed != alone
 
 
+def test_same_seed_same_tokens_as_generate(tiny_model, codec, scheduler):
+    """A seeded sampled request draws generate()'s tokens for that seed (row = stream),
+    whatever else the server batches beside it."""
+    prompt = tuple(codec.encode("Once upon a time"))
+    n, new = 2, 10
+    want = generate(tiny_model.executor, np.array([prompt], np.int32), do_sample=True,
+                    temperature=0.9, top_k=40, top_p=0.95, seed=77, num_return_sequences=n,
+                    eos_token_id=[], max_new_tokens=new)[:, len(prompt):]
+    noise = [SeqRequest(tuple(codec.encode(f"noise {i}")), 15,
+                        SamplingParams(temperature=0.7, seed=i), ignore_eos=True)
+             for i in range(3)]
+    mine = [SeqRequest(prompt, new, SamplingParams(temperature=0.9, top_k=40, top_p=0.95,
+                                                   seed=77, stream=j), ignore_eos=True)
+            for j in range(n)]
+    got = run(scheduler, noise[:2] + mine + noise[2:])[2:2 + n]
+    assert got == want.tolist()
+
+
 def test_top_k_one_is_greedy(codec, scheduler):
     prompt = tuple(codec.encode("Paris is the capital city of"))
     greedy_ids, top1 = run(scheduler, [

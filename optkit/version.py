@@ -1,0 +1,3 @@
+"""optkit's version."""
+
+__version__ = "0.1.0"

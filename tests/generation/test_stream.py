@@ -1,0 +1,43 @@
+"""The one stop matcher and the one text stream under generate's host loop."""
+
+from optkit import get_tokenizer
+from optkit.generation.stop import StopMatcher
+from optkit.generation.stream import HFCodec, StopStrings, TextStream
+
+
+def test_stop_matcher_finds_the_earliest_and_what_to_hold_back():
+    m = StopMatcher(["end", "", "nd.", "end"])
+    assert m.stops == ("end", "nd.") and bool(m) and not StopMatcher([""])
+    assert m.find("the end.") == 4
+    assert m.find("we nd. end") == 3            # the earliest start wins
+    assert m.find("nothing here") is None
+    # only occurrences that end after ``start`` are looked for
+    assert m.find("end and more", start=2) == 0
+    assert m.find("end and more", start=3) is None
+    assert m.held("we e") == 1 and m.held("we en") == 2 and m.held("we n") == 1
+    assert m.held("we nd") == 2 and m.held("dont") == 0
+
+
+def test_stop_strings_per_row_on_the_tokenizer():
+    tok = get_tokenizer()
+    rows = [tok("one two three four", add_special_tokens=False)["input_ids"],
+            tok("alpha beta", add_special_tokens=False)["input_ids"]]
+    stops = StopStrings(tok, [" thr"], rows=2)
+    hits = [[stops.push(r, t) for t in toks] for r, toks in enumerate(rows)]
+    assert hits[0].index(True) == 2 and not any(hits[1])
+    assert stops.streams[0].text == "one two"
+
+
+def test_text_stream_holds_a_possible_stop_then_releases_it():
+    codec = HFCodec(get_tokenizer())
+    s = TextStream(codec, ["\nUser:"])
+    out = []
+    for t in codec.encode("Fine thanks.\nUs", add_special_tokens=False):
+        s.add(t)
+        out.append(s.release())
+    assert "".join(out) == "Fine thanks."   # "\nUs" may begin the stop string
+    for t in codec.encode("ually yes", add_special_tokens=False):
+        s.add(t)
+    assert s.release() == "\nUsually yes" and not s.stopped
+    s.finish()
+    assert s.release(final=True) == "" and s.text == "Fine thanks.\nUsually yes"
