@@ -1,18 +1,24 @@
-# One virtualenv (.venv) for everything; pyproject.toml is the only dependency list.
+# One environment for everything; pyproject.toml is the only dependency list.
+# VENV is the environment: .venv/ (made with $(PYTHON) if missing) by default, or an existing
+# one such as an activated conda environment: make test VENV=$$CONDA_PREFIX.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed
+STAMP := $(VENV)/.optkit-installed
+LAB_STAMP := $(VENV)/.optkit-lab-installed
+# What is installed into it; environment.yml's pip list is the same (tests/test_env.py).
+EXTRAS := dev,cpu
 WEIGHTS ?= build/weights
 REPORT ?= build/report
 JOBS ?= auto
+LAB_IP ?= 127.0.0.1
+LAB_PORT ?= 8888
 
-.PHONY: install demo test lint format clean chromium
+.PHONY: install demo test lint format clean chromium lab
 
 $(STAMP): pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -U pip
-	$(PY) -m pip install -q -e ".[dev,cpu]"
+	test -x $(PY) || { $(PYTHON) -m venv $(VENV) && $(PY) -m pip install -q -U pip; }
+	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -27,6 +33,17 @@ demo: $(STAMP)
 	rm -rf $(REPORT)
 	OMP_WAIT_POLICY=PASSIVE $(VENV)/bin/optkit bench report --output-dir $(REPORT) \
 		-p model opt-125m -p path $(WEIGHTS)
+
+$(LAB_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e ".[$(EXTRAS),lab]"
+	touch $(LAB_STAMP)
+
+## JupyterLab on notebooks/, headless, with the kernel "optkit" (this environment's Python,
+## the kernel the notebooks name): open the URL with the token that it prints.
+lab: $(LAB_STAMP)
+	$(PY) -m ipykernel install --sys-prefix --name optkit --display-name "Python (optkit)"
+	$(VENV)/bin/jupyter lab notebooks/ --no-browser --ip $(LAB_IP) --port $(LAB_PORT) \
+		$$(test "$$(id -u)" != 0 || echo --allow-root)
 
 ## Debian's chromium, which the web-page tests drive through Playwright (installed if missing).
 chromium:

@@ -39,7 +39,8 @@ def get_model(model_name: str, path: str | os.PathLike | None = None, dtype="aut
       model_name: ``facebook/opt-*`` (HF transformers, torch), ``jax/opt-*`` (one JAX device)
         or ``alpa/opt-*`` (all visible devices, automatic or given ``plan``).
       path: where weights live: a folder containing ``{name}-np/``, the folder itself, or an
-        HF checkpoint directory.
+        HF checkpoint directory; if not given, ``facebook/{name}`` from the Hugging Face cache
+        (downloaded when online; converted once for ``jax/`` and ``alpa/``).
       dtype: ``auto`` (fp16 on GPU, fp32 on CPU), ``float32``, ``float16`` or ``bfloat16``
         (or ``fp32``, ``fp16``, ``half``, ``bf16``).
       dummy: random weights of the named shape instead of loading (Alpa's ``dummy=True``).
@@ -82,7 +83,8 @@ def get_model(model_name: str, path: str | os.PathLike | None = None, dtype="aut
     if dummy:
         cfg = config or OPTConfig.from_name(short)
     else:
-        own, store = open_weights(weights_location(short, path))
+        own, store = open_weights(weights_location(short, path, alpa_layout=True,
+                                                   progress=progress))
         cfg = config or resolve_config(short, own)
 
     if backend == "alpa":

@@ -19,6 +19,7 @@ import numpy as np
 
 from optkit.config import OPTConfig, canonical_name
 from optkit.weights.folder import WeightError, folder_path, is_weight_folder
+from optkit.weights.hub import hub_weights
 
 BACKENDS = ("facebook", "jax", "alpa")
 
@@ -137,11 +138,11 @@ def split_name(model_name: str) -> tuple[str, str]:
     return backend, short
 
 
-def weights_location(short: str, path) -> Path:
-    """The weight folder or HF directory for ``path`` and the model name."""
+def weights_location(short: str, path, alpa_layout: bool = False, progress: bool = True) -> Path:
+    """The weight folder or HF directory for ``path`` and the model name; with no ``path``,
+    ``facebook/{short}`` from the Hugging Face cache or Hub (``optkit.weights.hub``)."""
     if path is None:
-        raise ValueError(f"no weights for {short}: pass path=... (a folder holding "
-                         f"{short}-np/, the folder itself, or an HF directory) or dummy=True")
+        return hub_weights(short, alpa_layout=alpa_layout, progress=progress)
     p = Path(os.path.expanduser(str(path)))
     if is_weight_folder(p) or (p / "config.json").is_file():
         return p

@@ -86,7 +86,6 @@ def test_alpa_backend_runs(weights):
 
 
 @pytest.mark.parametrize("name,kw,err,match", [
-    ("jax/opt-125m", {}, ValueError, "path="),
     ("jax/opt-125m", {"path": "/nonexistent"}, WeightError, "opt-125m-np"),
     ("tpu/opt-125m", {"dummy": True}, ValueError, "backend"),
     ("jax/opt-9b", {"dummy": True}, ValueError, "unknown OPT model"),

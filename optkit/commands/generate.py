@@ -12,12 +12,16 @@ from optkit.commands.loading import add_loading_options, load_model
 def register(sub) -> None:
     p = sub.add_parser("generate", help="generate text from prompts",
                        description="Complete prompts with an OPT model (greedy by default; "
-                       "sampling, beam search and stop strings as in HF generate). With one "
-                       "prompt and a JAX backend the text streams as it is generated.",
+                       "sampling, beam search and stop strings as in HF generate). Each completion "
+                       "is printed as its prompt followed by the generated text, then the "
+                       "finish reason ([stop] or [length]) on its own line, with a blank line "
+                       "between completions; with one prompt and a JAX backend the text "
+                       "streams as it is generated.",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="jax/opt-125m",
                    help="facebook/opt-*, jax/opt-* or alpa/opt-*")
-    p.add_argument("--path", help="folder holding {name}-np/ (or the folder / an HF dir)")
+    p.add_argument("--path", help="folder holding {name}-np/ (or the folder / an HF dir); "
+                   "default: facebook/{name} from the Hugging Face cache (or the Hub)")
     p.add_argument("--dummy", action="store_true", help="random weights instead of --path")
     p.add_argument("--tokenizer", help="tokenizer folder; optkit's embedded one if not given")
     p.add_argument("--prompt", action="append",
@@ -61,10 +65,10 @@ def run(args) -> int:
         kw.pop("seed", None)
         out = model.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
                              **kw)
-        texts = [tok.decode(s[enc["input_ids"].shape[1]:], skip_special_tokens=True)
-                 for s in out]
-        for prompt, text in zip(prompts, texts, strict=True):
-            print(f"{prompt!r} -> {text!r}")
+        for i, (prompt, row) in enumerate(zip(prompts, out, strict=True)):
+            new = row[enc["input_ids"].shape[1]:]
+            reason = "stop" if tok.eos_token_id in new.tolist() else "length"
+            show(i, prompt, tok.decode(new, skip_special_tokens=True), reason)
     else:
         stream = len(prompts) == 1 and args.num_beams == 1
         if stream:
@@ -72,14 +76,20 @@ def run(args) -> int:
         done = generate_text(model, tok, prompts, stop=args.stop,
                              on_text=(lambda row, text: print(text, end="", flush=True))
                              if stream else None, **kw)
-        if stream:
-            print(f"\n[{done[0].finish_reason}]")
-        else:
-            for prompt, c in zip(prompts, done, strict=True):
-                print(f"{prompt!r} -> {c.text!r} [{c.finish_reason}]")
+        for i, (prompt, c) in enumerate(zip(prompts, done, strict=True)):
+            show(i, prompt, c.text, c.finish_reason, streamed=stream)
     t2 = time.perf_counter()
     print(f"# {model!r}: load {t1 - t0:.1f}s, generate {t2 - t1:.2f}s", file=sys.stderr)
     return 0
+
+
+def show(index: int, prompt: str, text: str, reason: str, streamed: bool = False) -> None:
+    """One completion as the prompt followed by its continuation, then ``[finish reason]``
+    on a line of its own; completions are separated by a blank line. Streaming prints the
+    same characters as they come."""
+    if not streamed:
+        print(("\n" if index else "") + prompt + text, end="")
+    print(f"\n[{reason}]", flush=True)
 
 
 def _check_settings(model: str, prompt_length: int, kw: dict) -> None:

@@ -46,6 +46,10 @@ def add_loading_options(group) -> None:
 def load_model(args):
     """``get_model`` with the parsed ``--model``, ``--path``, ``--dummy`` and loading options."""
     from optkit import get_model
+    from optkit.weights.hub import MissingWeights
 
-    return get_model(args.model, path=args.path, dummy=args.dummy, dtype=args.dtype,
-                     cluster=args.cluster, quantize=args.quantize, kernels=args.kernels)
+    try:
+        return get_model(args.model, path=args.path, dummy=args.dummy, dtype=args.dtype,
+                         cluster=args.cluster, quantize=args.quantize, kernels=args.kernels)
+    except MissingWeights as e:
+        raise ValueError(e.explain(path="--path DIR", dummy="--dummy")) from None

@@ -147,8 +147,11 @@ def check_parallel(cfg: OPTConfig, parts: int) -> None:
     for what, n in (("num_attention_heads", cfg.num_attention_heads),
                     ("vocab_size", cfg.vocab_size), ("ffn_dim", cfg.ffn_dim)):
         if n % parts:
+            ok = [k for k in range(1, cfg.num_attention_heads + 1)
+                  if not (cfg.num_attention_heads % k or cfg.vocab_size % k or cfg.ffn_dim % k)]
             raise ValueError(f"{cfg.name}: {what}={n} is not divisible by {parts} "
-                             "model-parallel parts")
+                             f"model-parallel parts; {cfg.name} splits into "
+                             f"{', '.join(map(str, ok))} parts")
 
 
 def cfg_namespace(cfg: OPTConfig, parts: int, name: str = "transformer_lm_megatron"

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from optkit.config import OPTConfig
 from optkit.weights.metaseq import synthetic as S
 from optkit.weights.metaseq.format import flat_layout, shard_sizes
 from tests.weights.metaseq.conftest import ALL, MICRO, reference
@@ -135,6 +136,9 @@ def test_writer_refuses_bad_requests(tmp_path):
         S.write_synthetic_metaseq(tmp_path / "x", cfg, "fsdp", parts=2, progress=False)
     with pytest.raises(ValueError, match="one part"):
         S.write_synthetic_metaseq(tmp_path / "x", cfg, "consolidated", parts=2, progress=False)
+    with pytest.raises(ValueError, match="opt-125m splits into 1, 2, 4 parts"):
+        S.write_synthetic_metaseq(tmp_path / "x", OPTConfig.from_name("opt-125m"), "fsdp",
+                                  parts=8, progress=False)
     with pytest.raises(ValueError, match="unknown layout"):
         S.write_synthetic_metaseq(tmp_path / "x", cfg, "zip", progress=False)
     assert not (tmp_path / "x").exists() and not (tmp_path / "x.partial").exists()
