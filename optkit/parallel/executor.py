@@ -387,6 +387,49 @@ class MeshExecutor(Executor):
             put, donate_argnums=(0,), out_shardings=self.cache_shardings(b, s)))
         return fn(cache, prefix, jnp.int32(slot))
 
+    # Paged KV cache (the serving engine) ---------------------------------------------------
+    def pool_shardings(self, num_blocks: int, block_size: int) -> dict:
+        """Shardings of ``model.init_pools``' K/V pools (heads split like the weights)."""
+        a, d = self.cfg.num_attention_heads, self.cfg.head_dim
+        shape = (a, num_blocks, block_size, d)
+        if self.stacked:
+            kv = self.sharding(POOL_AXES["stacked"],
+                               (self.cfg.num_hidden_layers, *shape))
+        else:
+            kv = [self.sharding(POOL_AXES["layer"], shape)] * self.cfg.num_hidden_layers
+        return {"k": kv, "v": kv}
+
+    def init_pools(self, num_blocks: int, block_size: int) -> dict:
+        """Empty paged K/V pools on this mesh (``model.init_pools``)."""
+        return self._once(("pools", num_blocks, block_size), lambda: jax.jit(
+            functools.partial(M.init_pools, self.cfg, num_blocks, block_size, self.dtype,
+                              self.stacked),
+            out_shardings=self.pool_shardings(num_blocks, block_size)))()
+
+    def paged_run(self, fn: Callable, inputs, pools):
+        """``fn(params, inputs, pools, lookup) -> (outputs, pools)`` (pure
+        JAX around ``model.paged_forward``) jitted on this mesh, the pools donated and kept in
+        their shardings.  ``fn`` must be the same object across calls (it keys the compile
+        cache; new input shapes compile as usual)."""
+        leaf = jax.tree.leaves(pools["k"])[0]
+        num_blocks, block_size = int(leaf.shape[-3]), int(leaf.shape[-2])
+
+        def make():
+            return jax.jit(lambda p, x, c: fn(p, x, c, self.embed_lookup),
+                           donate_argnums=(2,), compiler_options=self.decode_options,
+                           out_shardings=(None, self.pool_shardings(num_blocks, block_size)))
+
+        return self._once(("paged", fn, num_blocks, block_size), make)(self.params, inputs,
+                                                                        pools)
+
+
+#: Logical axes of the paged K/V pools (``model.init_pools``): per layer (A, blocks, bs, D).
+#: Under data parallelism every replica holds the whole pool (blocks are not split).
+POOL_AXES = {
+    "layer": ("heads", None, None, "head_dim"),
+    "stacked": ("layers", "heads", None, None, "head_dim"),
+}
+
 
 def cache_len(cache) -> int:
     """Number of positions a cache holds (a model cache or a pipeline executor's)."""

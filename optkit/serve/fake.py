@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 
 import numpy as np
 
-from optkit.serve.engine import EngineRequest, Prefix, Tokens
+from optkit.serve.engine import StepOutput, Tokens, Work
 
 EOT = 0
 
@@ -44,23 +45,33 @@ def alternatives(token: int, k: int) -> tuple[list[int], list[float]]:
 class FakeEngine:
     """The engine contract (see :mod:`optkit.serve.engine`) without a model.
 
-    ``prefill_delay`` / ``step_delay`` are seconds slept per prefill / per decode step, so
-    tests can hold requests in flight; ``calls`` counts each method's calls.
+    ``max_slots`` sequences in flight, blocks of 16 tokens (enough for every slot to hold
+    ``max_len`` tokens), prompts chunked by ``max_batched_tokens``.  ``prefill_delay`` /
+    ``step_delay`` are seconds slept per prompt started / per decode step, so tests can hold
+    requests in flight; ``calls`` counts steps: ``prefill`` (works starting a prompt),
+    ``generate`` (decode-only dispatches) and ``step`` (every call); ``works`` is the last
+    step's works.
     """
 
     vocab_size = 128
     eos_token_id = EOT
+    block_size = 16
+    chunked_prefill = True
+    prefix_caching = True
+    penalties = True
 
     def __init__(self, max_slots: int = 4, max_len: int = 256, max_logprobs: int = 5,
-                 prefill_delay: float = 0.0, step_delay: float = 0.0):
-        self.max_slots = max_slots
+                 prefill_delay: float = 0.0, step_delay: float = 0.0,
+                 max_batched_tokens: int = 64, num_blocks: int | None = None):
+        self.max_slots = self.max_num_seqs = max_slots
         self.max_len = max_len
         self.max_logprobs = max_logprobs
+        self.max_batched_tokens = max_batched_tokens
+        self.num_blocks = num_blocks or max_slots * -(-max_len // self.block_size) + 1
         self.prefill_delay = prefill_delay
         self.step_delay = step_delay
-        self.last = np.zeros(max_slots, np.int64)
-        self.live = np.zeros(max_slots, bool)
-        self.calls = {"prefill": 0, "insert": 0, "generate": 0, "free": 0}
+        self.calls = {"prefill": 0, "generate": 0, "step": 0}
+        self.works: list[Work] = []
 
     def _tokens(self, nexts: list[int], num_top: int) -> Tokens:
         ids = np.array(nexts, np.int64)
@@ -70,44 +81,32 @@ class FakeEngine:
         tops = [alternatives(t, self.max_logprobs) for t in nexts]
         return Tokens(ids, lps, np.array([t[0] for t in tops]), np.array([t[1] for t in tops]))
 
-    def prefill(self, request: EngineRequest) -> Prefix:
-        self.calls["prefill"] += 1
-        n = len(request.prompt)
-        if not 1 <= n or n + request.max_tokens > self.max_len:
-            raise ValueError(f"prompt of {n} + {request.max_tokens} tokens does not fit "
-                             f"{self.max_len} positions")
-        time.sleep(self.prefill_delay)
-        k = self.max_logprobs if request.num_top else 0
-        prefix = Prefix(state=request.prompt[-1], length=n,
-                        first=self._tokens([successor(request.prompt[-1])], k),
-                        request=request)
-        if request.prompt_logprobs:
-            p = request.prompt
-            prefix.prompt_logprobs = np.array(
-                [math.log(0.5) if p[i] == successor(p[i - 1]) else math.log(1 / 128)
-                 for i in range(1, n)])
-            if k:
-                tops = [alternatives(successor(p[i - 1]), k) for i in range(1, n)]
-                prefix.prompt_top_ids = np.array([t[0] for t in tops]).reshape(n - 1, k)
-                prefix.prompt_top_logprobs = np.array([t[1] for t in tops]).reshape(n - 1, k)
-        return prefix
-
-    def insert(self, prefix: Prefix, slot: int) -> None:
-        self.calls["insert"] += 1
-        self.last[slot] = prefix.first.ids[0]
-        self.live[slot] = True
-
-    def generate(self, num_steps: int = 1) -> Tokens:
-        self.calls["generate"] += 1
-        time.sleep(self.step_delay * num_steps)
+    def step(self, works: Sequence[Work], num_steps: int = 1) -> StepOutput:
+        self.calls["step"] += 1
+        self.works = list(works)
+        starting = sum(w.start == 0 for w in works)
+        self.calls["prefill"] += starting
+        if all(len(w.tokens) == 1 and w.start > 0 for w in works):
+            self.calls["generate"] += 1
+        time.sleep(self.prefill_delay * starting + self.step_delay * num_steps)
+        last = [w.tokens[-1] for w in works]
         steps = []
         for _ in range(num_steps):
-            self.last = np.array([successor(t) for t in self.last], np.int64)
-            steps.append(self._tokens(list(self.last), self.max_logprobs))
-        return Tokens(np.stack([s.ids for s in steps]), np.stack([s.logprobs for s in steps]),
+            last = [successor(t) for t in last]
+            steps.append(self._tokens(last, self.max_logprobs))
+        toks = Tokens(np.stack([s.ids for s in steps]), np.stack([s.logprobs for s in steps]),
                       np.stack([s.top_ids for s in steps]),
                       np.stack([s.top_logprobs for s in steps]))
-
-    def free(self, slot: int) -> None:
-        self.calls["free"] += 1
-        self.live[slot] = False
+        scores = []
+        k = self.max_logprobs
+        for w in works:
+            if not w.targets:
+                scores.append(None)
+                continue
+            pairs = list(zip(w.tokens, w.targets, strict=False))
+            lp = np.array([math.log(0.5) if t == successor(p) else math.log(1 / 128)
+                           for p, t in pairs])
+            tops = [alternatives(successor(p), k) for p, _ in pairs]
+            scores.append((lp, np.array([t[0] for t in tops]).reshape(len(pairs), k),
+                           np.array([t[1] for t in tops]).reshape(len(pairs), k)))
+        return StepOutput(toks, scores)
