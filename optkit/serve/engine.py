@@ -239,6 +239,19 @@ def paged_decode_loop(cfg, block_size: int, num_top: int, penalty: bool, max_ste
     return (outs, None), pools
 
 
+@functools.cache
+def _paged_fn(cfg, block_size: int, kind: str, *statics):
+    """One function object per static setting, shared by engines (it keys the executor's
+    compile cache)."""
+    base = paged_step if kind == "step" else paged_decode_loop
+    return functools.partial(base, cfg, block_size, *statics)
+
+
+#: Smallest buckets of a step's decode rows and of the blocks a row reads: a few more rows
+#: or blocks cost next to nothing, and every bucket is one more compiled program.
+MIN_ROWS, MIN_BLOCKS = 4, 4
+
+
 class PagedEngine:
     """Paged K/V pools over a :class:`~optkit.parallel.executor.MeshExecutor`.
 
@@ -285,7 +298,6 @@ class PagedEngine:
         if self.num_blocks < 2:
             raise ValueError(f"num_blocks={self.num_blocks}: need at least 2 (one reserved)")
         self.pools = executor.init_pools(self.num_blocks, self.block_size)
-        self._fns: dict = {}
         self._max_steps = 1
 
     # Sizing --------------------------------------------------------------------------------
@@ -310,16 +322,12 @@ class PagedEngine:
         return int(sum(x.nbytes for x in jax.tree.leaves(self.pools)))
 
     # Steps ---------------------------------------------------------------------------------
-    def _fn(self, key):
-        if key not in self._fns:
-            kind, *rest = key
-            base = paged_step if kind == "step" else paged_decode_loop
-            self._fns[key] = functools.partial(base, self.cfg, self.block_size, *rest)
-        return self._fns[key]
+    def _fn(self, *key):
+        return _paged_fn(self.cfg, self.block_size, *key)
 
     def _group(self, works: list[Work], rows: int, t: int, steps: int) -> dict:
         nb = pow2(max(-(-(w.start + len(w.tokens) + steps - 1) // self.block_size)
-                      for w in works))
+                      for w in works), MIN_BLOCKS)
         g = {"tokens": np.zeros((rows, t), np.int32), "tables": np.zeros((rows, nb), np.int32),
              "start": np.zeros(rows, np.int32), "n_new": np.zeros(rows, np.int32)}
         for i, w in enumerate(works):
@@ -368,28 +376,29 @@ class PagedEngine:
         chunks = [i for i, w in enumerate(works) if len(w.tokens) > 1]
         if num_steps > 1 and chunks:
             raise ValueError("several steps a dispatch only for decodes")
-        order, groups, rows = [], [], []
+        where = np.zeros(len(works), np.int64)  # work -> its row among all rows
+        groups, rows = [], []
         if decode:
-            r = pow2(len(decode))
+            r = pow2(len(decode), MIN_ROWS)
             groups.append(self._group([works[i] for i in decode], r, 1, num_steps))
-            order += decode
+            where[decode] = np.arange(len(decode))
             rows += [works[i] for i in decode] + [None] * (r - len(decode))
         if chunks:
             r = pow2(len(chunks))
             t = pow2(max(len(works[i].tokens) for i in chunks), MIN_BUCKET)
             groups.append(self._group([works[i] for i in chunks], r, t, 1))
-            order += chunks
+            where[chunks] = len(rows) + np.arange(len(chunks))
             rows += [works[i] for i in chunks] + [None] * (r - len(chunks))
         sampling = self._sampling(rows, penalty, num_steps)
         if num_steps > 1 or not chunks and not any(w.targets for w in works):
             self._max_steps = max(self._max_steps, pow2(num_steps))
-            fn = self._fn(("loop", num_top, penalty, self._max_steps))
+            fn = self._fn("loop", num_top, penalty, self._max_steps)
             inputs = {"groups": groups, "sampling": sampling,
                       "num_steps": np.int32(num_steps)}
             score = False
         else:
             score = any(w.targets for w in works)
-            fn = self._fn(("step", num_top, score, penalty))
+            fn = self._fn("step", num_top, score, penalty)
             inputs = {"groups": groups, "sampling": sampling}
             if score:
                 total = sum(g["tokens"].size for g in groups)
@@ -405,8 +414,6 @@ class PagedEngine:
                 inputs["targets"] = targets
         (out, scores), self.pools = self.executor.paged_run(fn, inputs, self.pools)
         out, scores = _host((out, scores))
-        where = np.empty(len(works), np.int64)
-        where[order] = np.arange(len(order))
         toks = Tokens(*(o[:num_steps, where] for o in out))
         result = StepOutput(toks, [None] * len(works))
         if score:
@@ -479,15 +486,31 @@ def _score_prompt(num_top, logits, tokens):
     return token_logprobs(logits[0, :-1], tokens[0, 1:], num_top)
 
 
+@dataclass
+class Prefix:
+    """A prefilled prompt of :class:`ModelEngine`: its one-row cache, positions used, its
+    first token (a one-row :class:`Tokens`) and, when asked, log-probs of prompt tokens
+    1..T-1."""
+
+    state: Any
+    length: int
+    first: Tokens
+    prompt_logprobs: np.ndarray | None = None        # (T-1,)
+    prompt_top_ids: np.ndarray | None = None         # (T-1, K)
+    prompt_top_logprobs: np.ndarray | None = None
+    request: EngineRequest | None = None
+
+
 class ModelEngine:
     """Slots over any executor (``init_cache``, ``prefill``, ``insert`` and ``decode_loop``
     or ``decode``): one KV cache of ``max_slots`` rows of ``max_len`` positions.
 
-    For executors without a paged step (pipeline, Ray).  In the block terms of the
-    scheduler a slot is one block of ``max_len`` positions (block ``slot + 1``); prompts
-    are prefilled whole, one at a time, and each decode step runs every slot, so a step
-    costs ``max_slots x max_len`` whatever is live.  No prefix caching, no repetition
-    penalty.
+    For executors without a paged step (pipeline, Ray).  :meth:`step` runs on its own slot
+    calls: ``prefill(request)`` a whole prompt at batch 1, ``insert(prefix, slot)`` it into
+    a row, ``generate(n)`` every slot n tokens (dead rows compute garbage nobody reads), so
+    a step costs ``max_slots x max_len`` whatever is live.  In the scheduler's block terms a
+    slot is one block of ``max_len`` positions (block ``slot + 1``).  No chunked prefill,
+    no prefix caching, no repetition penalty.
     """
 
     chunked_prefill = False
@@ -514,81 +537,68 @@ class ModelEngine:
         self.cache = executor.init_cache(self.max_slots, self.max_len)
         b = self.max_slots
         self._last = np.full(b, self.pad_token_id, np.int32)
-        self._state = [np.zeros(b, np.uint32), np.zeros(b, np.uint32), np.zeros(b, np.int32),
-                       np.zeros(b, np.float32), np.zeros(b, np.int32), np.ones(b, np.float32),
-                       np.zeros(b, np.int32)]
+        self._seeds = np.zeros(b, np.uint32)
+        self._streams = np.zeros(b, np.uint32)
+        self._counts = np.zeros(b, np.int32)
+        self._temp = np.zeros(b, np.float32)
+        self._top_k = np.zeros(b, np.int32)
+        self._top_p = np.ones(b, np.float32)
+        self._min_tokens = np.zeros(b, np.int32)
+        self._num_top = np.zeros(b, np.int32)
 
-    def _row_state(self, w: Work) -> tuple:
-        sp = w.request.sampling
-        return (sp.seed, sp.stream, w.count, sp.temperature, sp.top_k, sp.top_p, sp.min_tokens)
-
-    def _prefill(self, w: Work) -> tuple[Tokens, Any, tuple | None]:
-        """Prefill a whole known sequence at batch 1 into its slot -> first token, score."""
-        n = len(w.tokens)
+    # Slot calls ------------------------------------------------------------------------------
+    def prefill(self, request: EngineRequest, count: int = 0) -> Prefix:
+        """Prefill one prompt alone; its first token is generated token ``count``."""
+        n = len(request.prompt)
+        if not 1 <= n <= self.max_len:
+            raise ValueError(f"a prompt of {n} tokens does not fit {self.max_len} positions")
+        if request.num_top > self.max_logprobs:
+            raise ValueError(f"at most {self.max_logprobs} top log-probs")
         t = bucket_length(n, self.max_len)
         tokens = np.full((1, t), self.pad_token_id, np.int32)
         mask = np.zeros((1, t), np.int32)
-        tokens[0, t - n:] = w.tokens
+        tokens[0, t - n:] = request.prompt
         mask[0, t - n:] = 1
         cache = self.executor.init_cache(1, t)
-        scoring = bool(w.targets)
-        logits, cache = self.executor.prefill(tokens, mask, cache, all_logits=scoring)
-        last = logits[:, -1] if scoring else logits
-        num_top = self.max_logprobs if w.request.num_top else 0
-        dtypes = (np.uint32, np.uint32, np.int32, np.float32, np.int32, np.float32, np.int32)
-        state = tuple(np.array([v], d) for v, d in zip(self._row_state(w), dtypes, strict=True))
-        first = _host(_first_token(num_top, self.eos_token_id, last, state))
-        score = None
-        if scoring:
+        logits, cache = self.executor.prefill(tokens, mask, cache,
+                                              all_logits=request.prompt_logprobs)
+        last = logits[:, -1] if request.prompt_logprobs else logits
+        sp = request.sampling
+        num_top = self.max_logprobs if request.num_top else 0
+        state = (np.array([sp.seed], np.uint32), np.array([sp.stream], np.uint32),
+                 np.array([count], np.int32),
+                 np.array([sp.temperature], np.float32), np.array([sp.top_k], np.int32),
+                 np.array([sp.top_p], np.float32), np.array([sp.min_tokens], np.int32))
+        first = Tokens(*_host(_first_token(num_top, self.eos_token_id, last, state)))
+        prefix = Prefix(state=cache, length=t, first=first, request=request)
+        if request.prompt_logprobs:  # scored over the whole bucket, real tokens sliced out
             lp, ids, tlp = _host(_score_prompt(num_top, logits, tokens))
-            m = len(w.targets)
-            score = (lp[t - n:][:m], None if ids is None else ids[t - n:][:m],
-                     None if tlp is None else tlp[t - n:][:m])
-        slot = w.blocks[0] - 1
-        self.cache = self.executor.insert(self.cache, cache, slot)
-        self._last[slot] = first[0][0]
-        return first, score
+            prefix.prompt_logprobs = lp[t - n:]
+            if num_top:
+                prefix.prompt_top_ids = ids[t - n:]
+                prefix.prompt_top_logprobs = tlp[t - n:]
+        return prefix
 
-    def step(self, works: Sequence[Work], num_steps: int = 1) -> StepOutput:
-        works = list(works)
-        for w in works:
-            if w.request.sampling.repetition_penalty != 1.0:
-                raise ValueError("this engine has no repetition penalty")
-            if w.request.num_top > self.max_logprobs:
-                raise ValueError(f"at most {self.max_logprobs} top log-probs")
-        decode = [w for w in works if w.start > 0]
-        num_top = self.max_logprobs if any(w.request.num_top for w in works) else 0
-        k = max(self.max_logprobs, 1)
-        ids = np.zeros((num_steps, len(works)), np.int64)
-        lps = np.zeros((num_steps, len(works)), np.float32)
-        tids = np.zeros((num_steps, len(works), k), np.int64)
-        tlps = np.zeros((num_steps, len(works), k), np.float32)
-        scores: list = [None] * len(works)
-        if decode:  # first: a prefill below overwrites its slot whole
-            for w in decode:
-                slot = w.blocks[0] - 1
-                self._last[slot] = w.tokens[-1]
-                for arr, v in zip(self._state, self._row_state(w), strict=True):
-                    arr[slot] = v
-            toks = self._generate(num_steps, num_top)
-            for i, w in enumerate(works):
-                if w.start > 0:
-                    slot = w.blocks[0] - 1
-                    ids[:, i], lps[:, i] = toks.ids[:, slot], toks.logprobs[:, slot]
-                    if toks.top_ids is not None:
-                        tids[:, i], tlps[:, i] = toks.top_ids[:, slot], toks.top_logprobs[:, slot]
-        for i, w in enumerate(works):
-            if w.start == 0:
-                first, scores[i] = self._prefill(w)
-                ids[0, i], lps[0, i] = first[0][0], first[1][0]
-                if len(first) > 2:
-                    tids[0, i], tlps[0, i] = first[2][0], first[3][0]
-        if not num_top:
-            return StepOutput(Tokens(ids, lps), scores)
-        return StepOutput(Tokens(ids, lps, tids, tlps), scores)
+    def insert(self, prefix: Prefix, slot: int, count: int = 1) -> None:
+        """Copy a prefilled prompt into ``slot``; its next token is generated token
+        ``count``."""
+        request = prefix.request
+        self.cache = self.executor.insert(self.cache, prefix.state, slot)
+        sp = request.sampling
+        self._last[slot] = prefix.first.ids[0]
+        self._set(slot, sp, count)
+        self._num_top[slot] = request.num_top
 
-    def _generate(self, num_steps: int, num_top: int) -> Tokens:
-        state = tuple(self._state)
+    def _set(self, slot: int, sp: SamplingParams, count: int) -> None:
+        self._seeds[slot], self._streams[slot], self._counts[slot] = sp.seed, sp.stream, count
+        self._temp[slot], self._top_k[slot], self._top_p[slot] = \
+            sp.temperature, sp.top_k, sp.top_p
+        self._min_tokens[slot] = sp.min_tokens
+
+    def generate(self, num_steps: int = 1) -> Tokens:
+        num_top = self.max_logprobs if self._num_top.any() else 0
+        state = (self._seeds, self._streams, self._counts, self._temp, self._top_k,
+                 self._top_p, self._min_tokens)
         if hasattr(self.executor, "decode_loop"):  # several steps in one dispatch
             _, self.cache, _, out = self.executor.decode_loop(
                 step_fn(num_top, self.eos_token_id), self._last, self.cache, state, num_steps)
@@ -599,19 +609,75 @@ class ModelEngine:
                 tokens, state, o = _sample_jit(num_top, self.eos_token_id, logits, state)
                 outs.append(o)
             out = jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
-        out = _host(out)
-        self._last = out[0][-1].astype(np.int32)
-        return Tokens(*out)
+        toks = Tokens(*_host(out))
+        self._last = toks.ids[-1].astype(np.int32)
+        self._counts = self._counts + num_steps
+        return toks
+
+    def free(self, slot: int) -> None:
+        self._num_top[slot] = 0
+        self._temp[slot] = 0.0
+
+    # The step contract -------------------------------------------------------------------------
+    def step(self, works: Sequence[Work], num_steps: int = 1) -> StepOutput:
+        """Decode works first (every slot advances), then prefill + insert each new prompt
+        (overwriting whatever its slot computed)."""
+        works = list(works)
+        for w in works:
+            if w.request.sampling.repetition_penalty != 1.0:
+                raise ValueError("this engine has no repetition penalty")
+        k = self.max_logprobs
+        rows = len(works)
+        ids, lps = np.zeros((num_steps, rows), np.int64), np.zeros((num_steps, rows))
+        tids, tlps = np.zeros((num_steps, rows, k), np.int64), np.zeros((num_steps, rows, k))
+        scores: list = [None] * rows
+        live = {w.blocks[0] - 1 for w in works}
+        for slot in range(self.max_slots):
+            if slot not in live:
+                self.free(slot)
+        decode = [(i, w) for i, w in enumerate(works) if w.start > 0]
+        if decode:
+            for _, w in decode:
+                slot = w.blocks[0] - 1
+                self._last[slot] = w.tokens[-1]
+                self._set(slot, w.request.sampling, w.count)
+                self._num_top[slot] = w.request.num_top
+            toks = self.generate(num_steps)
+            for i, w in decode:
+                slot = w.blocks[0] - 1
+                ids[:, i], lps[:, i] = toks.ids[:, slot], toks.logprobs[:, slot]
+                if toks.top_ids is not None:
+                    tids[:, i], tlps[:, i] = toks.top_ids[:, slot], toks.top_logprobs[:, slot]
+        for i, w in enumerate(works):
+            if w.start > 0:
+                continue
+            r = w.request
+            p = self.prefill(EngineRequest(tuple(w.tokens), r.max_tokens, r.sampling,
+                                           r.num_top, bool(w.targets)), w.count)
+            self.insert(p, w.blocks[0] - 1, w.count + 1)
+            ids[0, i], lps[0, i] = p.first.ids[0], p.first.logprobs[0]
+            if p.first.top_ids is not None:
+                tids[0, i], tlps[0, i] = p.first.top_ids[0], p.first.top_logprobs[0]
+            if w.targets:
+                m = len(w.targets)
+                scores[i] = (p.prompt_logprobs[:m],
+                             None if p.prompt_top_ids is None else p.prompt_top_ids[:m],
+                             None if p.prompt_top_logprobs is None
+                             else p.prompt_top_logprobs[:m])
+        if not any(w.request.num_top for w in works):
+            return StepOutput(Tokens(ids, lps), scores)
+        return StepOutput(Tokens(ids, lps, tids, tlps), scores)
 
     def warmup(self, steps: tuple[int, ...] = (1,), prompt_len: int = 8) -> None:
         """Compile the smallest prefill and the decode variants (with and without top
         log-probs, ``steps`` tokens per dispatch) before serving."""
-        bos = self.cfg.bos_token_id
         for k in sorted({0, self.max_logprobs}):
-            req = EngineRequest((bos,) * prompt_len, 1, num_top=k)
-            self.step([Work(-1, req.prompt, 0, [1], req)])
+            p = self.prefill(EngineRequest((self.cfg.bos_token_id,) * prompt_len, 1,
+                                           num_top=k))
+            self.insert(p, 0)
             for n in sorted(set(steps)):
-                self.step([Work(-1, (bos,), prompt_len, [1], req, count=1)], n)
+                self.generate(n)
+            self.free(0)
 
     def cache_bytes(self) -> int:
         return int(sum(x.nbytes for x in jax.tree.leaves(self.cache)))
@@ -638,6 +704,6 @@ def describe(engine) -> str:
                if hasattr(engine, "cache_bytes") else ""))
 
 
-__all__ = ["DEFAULTS", "Engine", "EngineRequest", "ModelEngine", "PagedEngine",
+__all__ = ["DEFAULTS", "Engine", "EngineRequest", "ModelEngine", "PagedEngine", "Prefix",
            "SamplingParams", "StepOutput", "Tokens", "Work", "bucket_length", "describe",
            "make_engine"]
