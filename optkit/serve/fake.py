@@ -47,7 +47,8 @@ class FakeEngine:
 
     ``max_slots`` sequences in flight, blocks of 16 tokens (enough for every slot to hold
     ``max_len`` tokens), prompts chunked by ``max_batched_tokens``.  ``prefill_delay`` /
-    ``step_delay`` are seconds slept per prompt started / per decode step, so tests can hold
+    ``step_delay`` are seconds slept per prompt started / per decode step (steps with
+    decodes), so tests can hold
     requests in flight; ``calls`` counts steps: ``prefill`` (works starting a prompt),
     ``generate`` (decode-only dispatches) and ``step`` (every call); ``works`` is the last
     step's works.
@@ -88,7 +89,8 @@ class FakeEngine:
         self.calls["prefill"] += starting
         if all(len(w.tokens) == 1 and w.start > 0 for w in works):
             self.calls["generate"] += 1
-        time.sleep(self.prefill_delay * starting + self.step_delay * num_steps)
+        decodes = any(w.start > 0 and len(w.tokens) == 1 for w in works)
+        time.sleep(self.prefill_delay * starting + self.step_delay * num_steps * decodes)
         last = [w.tokens[-1] for w in works]
         steps = []
         for _ in range(num_steps):
