@@ -154,7 +154,7 @@ def _draw(logits, st, num_top: int, eos, penalty: bool):
     x = _process(logits, st, eos, penalty)
     tok = sample_tokens(x, st["seeds"], st["streams"], st["counts"], st["temperature"],
                         st["top_k"], st["top_p"])
-    lp, top_ids, top_lp = token_logprobs(x, tok, num_top)
+    lp, top_ids, top_lp = token_logprobs(logits, tok, num_top)  # of the model (generate's)
     return tok, ((tok, lp) if num_top == 0 else (tok, lp, top_ids, top_lp))
 
 

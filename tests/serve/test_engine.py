@@ -167,3 +167,27 @@ def test_prefix_cache_hits_change_no_token(tiny_model, codec, scheduler):
     got = [run(scheduler, [r])[0] for r in reqs]
     assert got == want
     assert scheduler.stats()["prefix_cache_hits"] - hits >= 2 * 16
+
+
+def test_repetition_penalty_matches_generate(tiny_model, codec, scheduler):
+    prompt = tuple(codec.encode("Hello hello hello"))
+    kw = dict(max_new_tokens=12, eos_token_id=[])
+    want = generate(tiny_model.executor, np.array([prompt], np.int32),
+                    repetition_penalty=1.8, **kw)[0, len(prompt):]
+    plain = generate(tiny_model.executor, np.array([prompt], np.int32), **kw)[0, len(prompt):]
+    assert want.tolist() != plain.tolist()  # the penalty matters for this prompt
+    noise = SeqRequest(tuple(codec.encode("noise")), 9, ignore_eos=True)
+    got = run(scheduler, [noise, SeqRequest(prompt, 12, SamplingParams(repetition_penalty=1.8),
+                                            ignore_eos=True)])[1]
+    assert got == want.tolist()
+
+
+def test_min_tokens_bans_eos_until_reached():
+    from optkit.serve.engine import _process
+
+    logits = np.zeros((3, 6), np.float32)
+    logits[:, 2] = 5.0  # EOS (2) is the favourite of every row
+    st = {"counts": np.array([0, 3, 4]), "min_tokens": np.array([4, 4, 4])}
+    x = np.asarray(_process(logits, st, eos=2, penalty=False))
+    assert np.isneginf(x[:2, 2]).all() and x[2, 2] == 5.0
+    np.testing.assert_array_equal(np.delete(x, 2, axis=1), 0.0)
