@@ -66,11 +66,12 @@ ENGINE = dict(max_num_seqs=8, max_len=128, max_batched_tokens=64, block_size=16,
               num_blocks=65)
 
 
-def scheduler_outputs(executor, new_tokens=7, **kw):
+def scheduler_outputs(executor, slots=8, max_len=128, new_tokens=7):
     """Token ids and cumulative log-probs of the server's scheduler thread over ``executor``
     (greedy and sampled rows, log-probs on some): what backends must reproduce."""
     # CharCodec only decodes text here; the token ids are what gets compared
-    s = Scheduler(make_engine(executor, **{**ENGINE, **kw}), CharCodec(), Limits()).start()
+    engine = make_engine(executor, **{**ENGINE, "max_num_seqs": slots, "max_len": max_len})
+    s = Scheduler(engine, CharCodec(), Limits()).start()
     try:
         hs = s.submit([SeqRequest(p, new_tokens,
                                   SamplingParams(temperature=0.8 * (i % 2), seed=i),
