@@ -407,20 +407,59 @@ class MeshExecutor(Executor):
             out_shardings=self.pool_shardings(num_blocks, block_size)))()
 
     def paged_run(self, fn: Callable, inputs, pools):
-        """``fn(params, inputs, pools, lookup) -> (outputs, pools)`` (pure
+        """``fn(params, inputs, pools, lookup, decode_attention) -> (outputs, pools)`` (pure
         JAX around ``model.paged_forward``) jitted on this mesh, the pools donated and kept in
         their shardings.  ``fn`` must be the same object across calls (it keys the compile
         cache; new input shapes compile as usual)."""
         leaf = jax.tree.leaves(pools["k"])[0]
         num_blocks, block_size = int(leaf.shape[-3]), int(leaf.shape[-2])
 
+        attention = self.paged_decode_attention(block_size)
+
         def make():
-            return jax.jit(lambda p, x, c: fn(p, x, c, self.embed_lookup),
+            return jax.jit(lambda p, x, c: fn(p, x, c, self.embed_lookup, attention),
                            donate_argnums=(2,), compiler_options=self.decode_options,
                            out_shardings=(None, self.pool_shardings(num_blocks, block_size)))
 
         return self._once(("paged", fn, num_blocks, block_size), make)(self.params, inputs,
                                                                         pools)
+
+    def paged_decode_attention(self, block_size: int) -> Callable | None:
+        """``decode_attention`` of ``model.paged_forward`` on this mesh: JAX's Pallas
+        paged-attention op (``optkit.kernels.paged_attention``) on GPUs where ``kernels``
+        allows the attention kernel (``auto``, ``pallas``, ``attention``; off GPUs only by
+        name, through the interpreter) and the shapes suit it, else None (XLA's gather).
+        Split over the devices as the rules split the pools' heads."""
+        def make():
+            names = self.kernels.split(",")
+            explicit = self.kernels == "pallas" or "attention" in names
+            if not (explicit or self.kernels == "auto" and self.gpu):
+                return None
+            try:
+                from optkit.kernels import paged_attention as kernel
+            except ImportError as e:
+                if explicit:
+                    raise ValueError(f"kernels={self.kernels!r}: Pallas' paged attention is "
+                                     f"unavailable in this JAX ({e})") from e
+                return None
+            if not kernel.supported(self.cfg.head_dim, block_size):
+                if explicit:
+                    raise ValueError(f"kernels={self.kernels!r}: paged attention needs a "
+                                     "power-of-two head size and block size >= 16")
+                return None
+            call = functools.partial(kernel.paged_decode_attention,
+                                     scale=self.cfg.head_dim ** -0.5, interpret=not self.gpu)
+            if self.mesh.devices.size == 1:
+                return call
+            pool = partition_spec(POOL_AXES["layer"], (self.cfg.num_attention_heads, 1,
+                                                       block_size, self.cfg.head_dim),
+                                  self.rules, self.mesh)
+            q = PartitionSpec(None, pool[0], None)
+            return jax.shard_map(call, mesh=self.mesh, check_vma=False,
+                                 in_specs=(q, pool, pool, PartitionSpec(), PartitionSpec()),
+                                 out_specs=q)
+
+        return self._once(("paged_attention", block_size), make)
 
 
 #: Logical axes of the paged K/V pools (``model.init_pools``): per layer (A, blocks, bs, D).

@@ -97,12 +97,12 @@ class BlockManager:
             len(ks) > i and ks[i] == keys[i] for ks in self._planned.values())
 
     # Sequences -----------------------------------------------------------------------------
-    def can_allocate(self, tokens: Sequence[int], cache: bool = True) -> bool:
-        """Whether :meth:`allocate` would succeed now."""
+    def can_allocate(self, tokens: Sequence[int], cache: bool = True, reserve: int = 0) -> bool:
+        """Whether :meth:`allocate` would succeed now and leave ``reserve`` blocks free."""
         hit = self.cached_prefix(tokens) if cache else []
         reusable = sum(1 for b in hit if self.refs[b] == 0)  # counted in num_free already
         need = self.blocks_for(len(tokens)) - len(hit)
-        return need <= self.num_free - reusable
+        return need + reserve <= self.num_free - reusable
 
     def allocate(self, seq: int, tokens: Sequence[int], cache: bool = True) -> int:
         """Block table for a new sequence holding ``tokens``; returns the number of leading

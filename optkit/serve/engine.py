@@ -21,7 +21,9 @@ row ``stream`` of a call with that seed.
 
 * :class:`PagedEngine` (MeshExecutor: one device, data/tensor parallel): paged K/V pools,
   one forward per step over the decodes and prompt chunks together (``model.paged_forward``),
-  sampling on the device.  Attention reads each sequence's blocks up to a bucketed length.
+  sampling on the device.  Attention reads each sequence's blocks up to a bucketed length:
+  on GPUs one-token rows go through JAX's Pallas paged-attention kernel
+  (``optkit.kernels.paged_attention``), elsewhere through XLA (gathering the blocks).
 * :class:`ModelEngine` (pipeline and Ray executors, which have no paged step): one fixed
   cache of ``max_slots`` rows of ``max_len`` positions; a sequence's single block *is* its
   slot, prompts are prefilled whole at batch 1 and every decode step runs every slot.
@@ -183,7 +185,8 @@ def _group_layout(g, block_size: int):
     return pos.reshape(-1), slots.reshape(-1), q_index
 
 
-def _paged_logits(cfg, params, groups, pools, lookup, block_size, all_tokens: bool):
+def _paged_logits(cfg, params, groups, pools, lookup, attention, block_size,
+                  all_tokens: bool):
     """Forward the groups; logits at each row's last new token (and at every token)."""
     tokens, pos, slots, model_groups, last, off = [], [], [], [], [], 0
     for g in groups:
@@ -197,19 +200,19 @@ def _paged_logits(cfg, params, groups, pools, lookup, block_size, all_tokens: bo
         off += r * t
     cat = (lambda xs: xs[0] if len(xs) == 1 else jnp.concatenate(xs))
     x, pools = M.paged_forward(params, cfg, cat(tokens), jnp.where(cat(pos) >= 0, cat(pos), 0),
-                               cat(slots), model_groups, pools, lookup)
+                               cat(slots), model_groups, pools, lookup, attention)
     logits = M.unembed(params, cfg, x[cat(last)])
     every = M.unembed(params, cfg, x) if all_tokens else None
     return logits, every, pools
 
 
 def paged_step(cfg, block_size: int, num_top: int, score: bool, penalty: bool,
-               params, inputs, pools, lookup):
+               params, inputs, pools, lookup, attention):
     """One step over decode rows and prompt chunks: sample each row's next token and score
     the targets of every token (``score``)."""
     st = inputs["sampling"]
     logits, every, pools = _paged_logits(cfg, params, inputs["groups"], pools, lookup,
-                                         block_size, score)
+                                         attention, block_size, score)
     _, out = _draw(logits, st, num_top, cfg.eos_token_id, penalty)
     out = jax.tree.map(lambda o: o[None], out)
     scores = token_logprobs(every, inputs["targets"], num_top) if score else None
@@ -217,13 +220,14 @@ def paged_step(cfg, block_size: int, num_top: int, score: bool, penalty: bool,
 
 
 def paged_decode_loop(cfg, block_size: int, num_top: int, penalty: bool, max_steps: int,
-                      params, inputs, pools, lookup):
+                      params, inputs, pools, lookup, attention):
     """Up to ``max_steps`` decode steps (``inputs["num_steps"]`` of them) in one dispatch."""
     g0 = inputs["groups"][0]
 
     def body(i, carry):
         g, st, pools, outs = carry
-        logits, _, pools = _paged_logits(cfg, params, [g], pools, lookup, block_size, False)
+        logits, _, pools = _paged_logits(cfg, params, [g], pools, lookup, attention,
+                                         block_size, False)
         tok, out = _draw(logits, st, num_top, cfg.eos_token_id, penalty)
         outs = jax.tree.map(lambda buf, o: jax.lax.dynamic_update_index_in_dim(buf, o, i, 0),
                             outs, out)

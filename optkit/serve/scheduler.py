@@ -26,8 +26,9 @@ Planning a step (``engine.max_batched_tokens`` new tokens at most):
    generated, as a prompt) when blocks free up -- its tokens do not change;
 2. sequences still prefilling continue with the next chunk of their prompt, oldest first;
 3. the budget left admits new sequences (preempted ones first, then the fair queue) while
-   fewer than ``engine.max_num_seqs`` run and the blocks of their whole prompt are free
-   (cached prompt blocks are shared instead: prefix caching).
+   fewer than ``engine.max_num_seqs`` run and the blocks of their whole prompt are free,
+   besides one block for each running sequence's next tokens (cached prompt blocks are
+   shared instead: prefix caching).
 
 So several short prompts prefill in one step, a long one is split over steps, and a running
 stream gets a token every step whatever arrives.  While nobody waits and no prompt is being
@@ -442,7 +443,8 @@ class Scheduler:
                 return None
             if self._resume:
                 h = self._resume[0]
-                if not self.blocks.can_allocate(h.tokens, self._use_cache(h)):
+                if not self.blocks.can_allocate(h.tokens, self._use_cache(h),
+                                                len(self._running)):
                     return None
                 self._resume.pop(0)
                 return "admit", h
@@ -458,7 +460,8 @@ class Scheduler:
                 cache = self._use_cache(h)
                 if cache and self._running and self.blocks.pending(h.tokens):
                     return None  # its prompt's next block is being computed: share it
-                if not self.blocks.can_allocate(h.tokens, cache):
+                # room for its prompt and for the next block of every running sequence
+                if not self.blocks.can_allocate(h.tokens, cache, len(self._running)):
                     return None
             self._queue.pop()
             h.state, h.admitted = "running", True

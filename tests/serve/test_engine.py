@@ -191,3 +191,23 @@ def test_min_tokens_bans_eos_until_reached():
     x = np.asarray(_process(logits, st, eos=2, penalty=False))
     assert np.isneginf(x[:2, 2]).all() and x[2, 2] == 5.0
     np.testing.assert_array_equal(np.delete(x, 2, axis=1), 0.0)
+
+
+def test_pallas_paged_decode_attention_matches_xla(tiny_model):
+    """The GPU kernel's path (here through Pallas' interpreter) gives XLA's tokens."""
+    pytest.importorskip("optkit.kernels.paged_attention")
+    from optkit.parallel.executor import MeshExecutor
+
+    ex = tiny_model.executor
+    fused = MeshExecutor(ex.cfg, ex.params, ex.mesh, ex.rules, kernels="attention")
+    assert fused.paged_decode_attention(16) is not None
+    assert ex.paged_decode_attention(16) is None  # XLA's path off GPUs by default
+    outs = []
+    for executor in (ex, fused):
+        engine = PagedEngine(executor, **ENGINE)
+        req = EngineRequest((2, 5, 6, 7, 8), 8, num_top=2)
+        first = engine.step([Work(0, req.prompt, 0, [3, 1, 4], req)]).tokens.ids[0, 0]
+        out = engine.step([Work(0, (int(first),), 5, [3, 1, 4], req, count=1)], 3)
+        outs.append((out.tokens.ids, out.tokens.logprobs))
+    np.testing.assert_array_equal(outs[0][0], outs[1][0])
+    np.testing.assert_allclose(outs[0][1], outs[1][1], atol=1e-4)
