@@ -141,8 +141,8 @@ def greedy_requests(codec, new=24):
 def test_preemption_changes_no_token(tiny_model, codec, scheduler):
     reqs = greedy_requests(codec)
     want = run(scheduler, reqs)
-    # 7 blocks of 16: four sequences of up to 77 tokens cannot all fit at once
-    small = Scheduler(PagedEngine(tiny_model.executor, **{**ENGINE, "num_blocks": 8}), codec,
+    # 5 blocks of 16: the sequences (2, 2, 2 and 4 blocks) cannot all fit at once
+    small = Scheduler(PagedEngine(tiny_model.executor, **{**ENGINE, "num_blocks": 6}), codec,
                       Limits(max_queue=64), prefix_caching=False).start()
     try:
         assert run(small, reqs) == want
