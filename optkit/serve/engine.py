@@ -329,9 +329,7 @@ class PagedEngine:
     def _fn(self, *key):
         return _paged_fn(self.cfg, self.block_size, *key)
 
-    def _group(self, works: list[Work], rows: int, t: int, steps: int) -> dict:
-        nb = pow2(max(-(-(w.start + len(w.tokens) + steps - 1) // self.block_size)
-                      for w in works), MIN_BLOCKS)
+    def _group(self, works: list[Work], rows: int, t: int, nb: int) -> dict:
         g = {"tokens": np.zeros((rows, t), np.int32), "tables": np.zeros((rows, nb), np.int32),
              "start": np.zeros(rows, np.int32), "n_new": np.zeros(rows, np.int32)}
         for i, w in enumerate(works):
@@ -381,16 +379,19 @@ class PagedEngine:
         if num_steps > 1 and chunks:
             raise ValueError("several steps a dispatch only for decodes")
         where = np.zeros(len(works), np.int64)  # work -> its row among all rows
+        # blocks read per row: one bucket for the whole step (fewer programs to compile)
+        nb = pow2(max(-(-(w.start + len(w.tokens) + num_steps - 1) // self.block_size)
+                      for w in works), MIN_BLOCKS)
         groups, rows = [], []
         if decode:
             r = pow2(len(decode), MIN_ROWS)
-            groups.append(self._group([works[i] for i in decode], r, 1, num_steps))
+            groups.append(self._group([works[i] for i in decode], r, 1, nb))
             where[decode] = np.arange(len(decode))
             rows += [works[i] for i in decode] + [None] * (r - len(decode))
         if chunks:
             r = pow2(len(chunks))
             t = pow2(max(len(works[i].tokens) for i in chunks), MIN_BUCKET)
-            groups.append(self._group([works[i] for i in chunks], r, t, 1))
+            groups.append(self._group([works[i] for i in chunks], r, t, nb))
             where[chunks] = len(rows) + np.arange(len(chunks))
             rows += [works[i] for i in chunks] + [None] * (r - len(chunks))
         sampling = self._sampling(rows, penalty, num_steps)
