@@ -146,11 +146,6 @@ class Handle:
         return self.state == "done"
 
     @property
-    def length(self) -> int:
-        """Cache positions in use."""
-        return self.computed
-
-    @property
     def scoring(self) -> bool:
         """Whether the prompt's log-probs are wanted (echo + logprobs)."""
         r = self.request
