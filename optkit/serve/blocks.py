@@ -14,7 +14,8 @@ holder finished stays cached, in least-recently-used order, until its memory is 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 #: The block nobody owns (padding writes land there).
 NULL_BLOCK = 0
@@ -52,6 +53,7 @@ class BlockManager:
         self.tables: dict[int, list[int]] = {}
         self._keys: dict[int, list[int]] = {}                 # seq -> keys of its full blocks
         self._planned: dict[int, list[int]] = {}              # seq -> keys it will write
+        self.notes: dict[int, Any] = {}                       # cached block -> caller's note
         self.queries = 0   # prompt tokens looked up in the prefix cache
         self.hits = 0      # ... found there
 
@@ -73,18 +75,27 @@ class BlockManager:
         return -(-int(tokens) // self.block_size)
 
     # Prefix cache --------------------------------------------------------------------------
-    def cached_prefix(self, tokens: Sequence[int]) -> list[int]:
+    def cached_prefix(self, tokens: Sequence[int], need: Callable | None = None) -> list[int]:
         """Blocks of the longest cached prefix of ``tokens`` (full blocks only; at least one
-        token is always left to compute, whose logits the next token needs)."""
+        token is always left to compute, whose logits the next token needs).  ``need(i,
+        note)``: a block is taken only if its note (see :meth:`annotate`) passes."""
         if not self.prefix_caching:
             return []
         out = []
-        for key in block_keys(tokens[:len(tokens) - 1], self.block_size):
+        for i, key in enumerate(block_keys(tokens[:len(tokens) - 1], self.block_size)):
             b = self._by_key.get(key)
-            if b is None:
+            if b is None or need is not None and not need(i, self.notes.get(b)):
                 break
             out.append(b)
         return out
+
+    def annotate(self, seq: int, index: int, note: Any) -> None:
+        """Keep ``note`` (e.g. the log-probs of the block's tokens) with ``seq``'s
+        ``index``-th block while it stays cached (a registered block only; the first note
+        stays)."""
+        b = self.tables[seq][index]
+        if b in self._key_of:
+            self.notes.setdefault(b, note)
 
     def pending(self, tokens: Sequence[int]) -> bool:
         """Whether a running sequence holds (and is computing) the block after the cached
@@ -97,23 +108,25 @@ class BlockManager:
             len(ks) > i and ks[i] == keys[i] for ks in self._planned.values())
 
     # Sequences -----------------------------------------------------------------------------
-    def can_allocate(self, tokens: Sequence[int], cache: bool = True, reserve: int = 0) -> bool:
+    def can_allocate(self, tokens: Sequence[int], cache: bool = True, reserve: int = 0,
+                     need: Callable | None = None) -> bool:
         """Whether :meth:`allocate` would succeed now and leave ``reserve`` blocks free."""
-        hit = self.cached_prefix(tokens) if cache else []
+        hit = self.cached_prefix(tokens, need) if cache else []
         reusable = sum(1 for b in hit if self.refs[b] == 0)  # counted in num_free already
         need = self.blocks_for(len(tokens)) - len(hit)
         return need + reserve <= self.num_free - reusable
 
-    def allocate(self, seq: int, tokens: Sequence[int], cache: bool = True) -> int:
+    def allocate(self, seq: int, tokens: Sequence[int], cache: bool = True,
+                 need: Callable | None = None) -> int:
         """Block table for a new sequence holding ``tokens``; returns the number of leading
-        tokens already computed (cached blocks; ``cache=False``: none are taken, e.g. when
-        every prompt token's logits are wanted).  Raises MemoryError when blocks run out
-        (check :meth:`can_allocate` first)."""
+        tokens already computed (cached blocks, as far as ``need`` accepts their notes;
+        ``cache=False``: none are taken).  Raises MemoryError when blocks run out (check
+        :meth:`can_allocate` first)."""
         if seq in self.tables:
             raise ValueError(f"sequence {seq} already holds blocks")
-        if not self.can_allocate(tokens, cache):
+        if not self.can_allocate(tokens, cache, need=need):
             raise MemoryError("not enough free KV-cache blocks")
-        hit = self.cached_prefix(tokens) if cache else []
+        hit = self.cached_prefix(tokens, need) if cache else []
         if self.prefix_caching and cache:
             self.queries += len(tokens)
             self.hits += len(hit) * self.block_size
@@ -183,6 +196,7 @@ class BlockManager:
         else:  # evict the least recently used cached block
             key, b = self._cached.popitem(last=False)
             del self._by_key[key], self._key_of[b]
+            self.notes.pop(b, None)
         self.refs[b] = 1
         return b
 
@@ -200,6 +214,7 @@ class BlockManager:
         assert len(free) == len(self._free)
         for key, b in self._by_key.items():
             assert self._key_of[b] == key
+        assert set(self.notes) <= set(self._key_of)
         assert all(self._by_key[k] == b for k, b in self._cached.items())
 
 

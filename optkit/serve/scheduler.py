@@ -136,6 +136,8 @@ class Handle:
     prompt_entries: list[TokenEntry] | None = field(default=None, repr=False)
     prompt_sent: bool = False
     prompt_scores: list | None = field(default=None, repr=False)  # [lp, ids, top lp] arrays
+    scored: int = 0                 # prompt positions [0, scored) have their scores
+    noted: int = 0                  # ... kept with their cached blocks up to here
 
     @property
     def cost(self) -> int:
@@ -410,7 +412,10 @@ class Scheduler:
                 self._start(h)  # nothing for the model to do
                 continue
             hits, queries = self.blocks.hits, self.blocks.queries
-            h.computed = self.blocks.allocate(h.id, h.tokens, cache=self._use_cache(h))
+            need = self._need(h)
+            h.computed = self.blocks.allocate(h.id, h.tokens, need=need)
+            if need is not None:
+                self._cached_scores(h)
             if self.metrics:
                 self.metrics.prefix_queries.inc(self.blocks.queries - queries)
                 self.metrics.prefix_hits.inc(self.blocks.hits - hits)
@@ -423,11 +428,19 @@ class Scheduler:
             budget -= chunk
         return works, chosen, n if all(len(w.tokens) == 1 for w in works) else 1
 
-    @staticmethod
-    def _use_cache(h: Handle) -> bool:
-        """Cached prompt blocks give no logits: a prompt to score is computed whole (unless
-        it was scored before a preemption)."""
-        return not h.scoring or h.t_first is not None
+    def _score_k(self, h: Handle) -> int:
+        """Top alternatives the engine returns for this sequence's prompt scores."""
+        return self.engine.max_logprobs if h.request.logprobs else 0
+
+    def _need(self, h: Handle):
+        """Which cached blocks a sequence may take: any, unless its prompt is still to be
+        scored -- then only blocks that kept the scores of their tokens (with as many top
+        alternatives, and the same next token after the block)."""
+        if not h.scoring or h.t_first is not None:
+            return None
+        k, prompt, bs = self._score_k(h), h.request.prompt, self.blocks.block_size
+        return lambda i, note: (note is not None and note[0] >= k
+                                and note[1] == prompt[(i + 1) * bs])
 
     def _next_admission(self, forming: bool) -> tuple[str, Handle] | None:
         """Take the next sequence to admit (preempted ones first) -> ("cancel" | "trivial" |
@@ -438,8 +451,8 @@ class Scheduler:
                 return None
             if self._resume:
                 h = self._resume[0]
-                if not self.blocks.can_allocate(h.tokens, self._use_cache(h),
-                                                len(self._running)):
+                if not self.blocks.can_allocate(h.tokens, True, len(self._running),
+                                                self._need(h)):
                     return None
                 self._resume.pop(0)
                 return "admit", h
@@ -452,11 +465,11 @@ class Scheduler:
                 return None
             trivial = h.request.max_tokens == 0 and not h.scoring
             if not trivial:
-                cache = self._use_cache(h)
-                if cache and self._running and self.blocks.pending(h.tokens):
+                if self._running and self.blocks.pending(h.tokens):
                     return None  # its prompt's next block is being computed: share it
                 # room for its prompt and for the next block of every running sequence
-                if not self.blocks.can_allocate(h.tokens, cache, len(self._running)):
+                if not self.blocks.can_allocate(h.tokens, True, len(self._running),
+                                                self._need(h)):
                     return None
             self._queue.pop()
             h.state, h.admitted = "running", True
@@ -488,9 +501,14 @@ class Scheduler:
                                                    len(h.request.prompt) - w.start))
             if not w.sample:
                 self.blocks.commit(h.id, h.tokens, h.computed)
+                if w.targets:
+                    self._note_scores(h)
                 continue
             first = h.t_first is None
             if first:
+                if h.scoring:
+                    self.blocks.commit(h.id, h.tokens, h.computed)
+                    self._note_scores(h)
                 self._start(h)
                 if h.state == "done":
                     continue
@@ -513,17 +531,45 @@ class Scheduler:
                 self.blocks.commit(h.id, h.tokens, h.computed)
                 self._deliver(h)
 
-    def _keep_scores(self, h: Handle, w: Work, score) -> None:
-        m = len(h.request.prompt) - 1
+    def _scores(self, h: Handle) -> list:
+        """The prompt scores being filled: log-probs (m,), top ids and log-probs (m, k)."""
         if h.prompt_scores is None:
-            k = 0 if score[1] is None else score[1].shape[-1]
-            h.prompt_scores = [np.zeros(m), np.zeros((m, k), np.int64),
-                               np.zeros((m, k))]
+            m, k = len(h.request.prompt) - 1, self._score_k(h)
+            h.prompt_scores = [np.zeros(m), np.zeros((m, k), np.int64), np.zeros((m, k))]
+        return h.prompt_scores
+
+    def _cached_scores(self, h: Handle) -> None:
+        """Scores of the prompt positions in the cached blocks a sequence took."""
+        lp, ids, tlp = self._scores(h)
+        k, bs = ids.shape[1], self.blocks.block_size
+        for i in range(h.computed // bs):
+            note = self.blocks.notes[self.blocks.tables[h.id][i]]
+            a = i * bs
+            lp[a:a + bs] = note[2]
+            ids[a:a + bs], tlp[a:a + bs] = note[3][:, :k], note[4][:, :k]
+        h.scored = h.noted = h.computed
+
+    def _keep_scores(self, h: Handle, w: Work, score) -> None:
         lp, ids, tlp = score
+        keep = self._scores(h)
+        k = keep[1].shape[1]
         a, b = w.start, w.start + len(lp)
-        h.prompt_scores[0][a:b] = lp
-        if ids is not None:
-            h.prompt_scores[1][a:b], h.prompt_scores[2][a:b] = ids, tlp
+        keep[0][a:b] = lp
+        if k and ids is not None:
+            keep[1][a:b], keep[2][a:b] = ids[:, :k], tlp[:, :k]
+        h.scored = b
+
+    def _note_scores(self, h: Handle) -> None:
+        """Keep the scores of a scored prompt's full blocks with them in the cache."""
+        bs, prompt = self.blocks.block_size, h.request.prompt
+        lp, ids, tlp = h.prompt_scores
+        # a block's last score is of the token after it: that token must be known
+        end = min(h.scored, h.computed, len(prompt) - 1) // bs
+        for i in range(h.noted // bs, end):
+            a = i * bs
+            self.blocks.annotate(h.id, i, (ids.shape[1], prompt[a + bs], lp[a:a + bs].copy(),
+                                           ids[a:a + bs].copy(), tlp[a:a + bs].copy()))
+        h.noted = max(h.noted, end * bs)
 
     def _start(self, h: Handle) -> None:
         """The first token is due (or nothing is): echo the prompt, start the text."""

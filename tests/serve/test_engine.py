@@ -211,3 +211,32 @@ def test_pallas_paged_decode_attention_matches_xla(tiny_model):
         outs.append((out.tokens.ids, out.tokens.logprobs))
     np.testing.assert_array_equal(outs[0][0], outs[1][0])
     np.testing.assert_allclose(outs[0][1], outs[1][1], atol=1e-4)
+
+
+def test_scored_prompts_reuse_cached_context(tiny_model, codec, scheduler):
+    """echo + logprobs after one long context (lm-eval multiple choice): the context's
+    blocks and scores are reused, and every log-prob equals a run without the cache."""
+    context = "Question: which city is the capital of France? Answer:" * 3
+    reqs = [SeqRequest(tuple(codec.encode(context + c)), 0, echo=True, logprobs=1)
+            for c in (" Paris", " Lyon", " Marseille")]
+
+    def scores(s):
+        out = []
+        for r in reqs:
+            (h,) = s.submit([r])
+            wait_until(lambda h=h: h.done, timeout=120)
+            out.append(h.prompt_scores)
+        return out
+
+    plain = Scheduler(PagedEngine(tiny_model.executor, **ENGINE), codec,
+                      Limits(max_queue=64), prefix_caching=False).start()
+    try:
+        want = scores(plain)
+    finally:
+        plain.stop()
+    hits = scheduler.stats()["prefix_cache_hits"]
+    got = scores(scheduler)
+    assert scheduler.stats()["prefix_cache_hits"] - hits >= 2 * 32
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g[0], w[0], atol=1e-5)
+        np.testing.assert_array_equal(g[1], w[1])

@@ -265,3 +265,33 @@ def test_prefix_cache_shares_prompt_blocks(sched):
     assert {col.text(h) for h in hs} == {"cde"}
     assert s.stats()["prefix_cache_hits"] - hits == 2 * 32
     assert_clean(s)
+
+
+def test_prompt_scores_come_with_cached_blocks(sched):
+    """lm-eval's multiple choice: several continuations scored after one context share the
+    context's blocks and its scores; the entries equal those of a run without the cache."""
+    context = "the quick brown fox jumps over the lazy dog and then it "  # 56 tokens
+    choices = ["runs", "sleeps", "eats"]
+    reqs = [req(context + c, 0, echo=True, logprobs=2) for c in choices]
+
+    def entries(s):
+        out = []
+        for r in reqs:  # one at a time: the first one fills the cache
+            (h,), col = run_all(s, [r])
+            out.append([(e.token, e.logprob, e.top) for o in col.outputs[h.id]
+                        for e in o.prompt_entries or []])
+        return out
+
+    plain = sched(prefix_caching=False)
+    want = entries(plain)
+    s = sched()
+    assert entries(s) == want
+    assert s.stats()["prefix_cache_hits"] == 2 * 48  # three full context blocks, twice
+    s.blocks.check()
+    # scores kept without top alternatives do not serve a request that wants them
+    s2 = sched()
+    run_all(s2, [req(context + "x", 0, echo=True, logprobs=0)])
+    run_all(s2, [req(context + "y", 0, echo=True, logprobs=2)])
+    assert s2.stats()["prefix_cache_hits"] == 0
+    run_all(s2, [req(context + "z", 0, echo=True, logprobs=0)])
+    assert s2.stats()["prefix_cache_hits"] == 48
