@@ -240,3 +240,19 @@ def test_scored_prompts_reuse_cached_context(tiny_model, codec, scheduler):
     for g, w in zip(got, want, strict=True):
         np.testing.assert_allclose(g[0], w[0], atol=1e-5)
         np.testing.assert_array_equal(g[1], w[1])
+
+
+def test_scanned_layers_give_the_same_tokens(tiny_model, codec, scheduler):
+    """A layer-stacked (lax.scan) model runs the paged step too."""
+    from optkit.parallel.executor import MeshExecutor
+    from optkit.weights.load import stack_layers
+
+    ex = tiny_model.executor
+    stacked = MeshExecutor(ex.cfg, stack_layers(ex.params), ex.mesh, ex.rules)
+    reqs = greedy_requests(codec, new=6)
+    want = run(scheduler, reqs)
+    s = Scheduler(PagedEngine(stacked, **ENGINE), codec, Limits(max_queue=64)).start()
+    try:
+        assert run(s, reqs) == want
+    finally:
+        s.stop()
