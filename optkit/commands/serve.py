@@ -51,7 +51,7 @@ def register(sub) -> None:
     g.add_argument("--port", type=int, default=10001, help="(default: %(default)s)")
     g.add_argument("--api-keys", metavar="FILE",
                    help="require API keys: one 'KEY [WEIGHT]' per line; heavier keys get a "
-                        "larger share of the slots while requests wait")
+                        "larger share of the engine while requests wait")
     g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     g = p.add_argument_group("limits")
     g.add_argument("--max-num-seqs", type=int,
@@ -77,7 +77,7 @@ def register(sub) -> None:
                    help="never share cached prompt blocks between requests")
     g.add_argument("--max-prompt-len", type=int, help="longest prompt accepted (tokens)")
     g.add_argument("--max-queue", type=int, default=256,
-                   help="sequences waiting for a slot before requests get 429 "
+                   help="sequences waiting to start before requests get 429 "
                         "(default: %(default)s)")
     g.add_argument("--max-tokens-in-flight", type=int,
                    help="cap on prompt + max_tokens summed over running sequences")

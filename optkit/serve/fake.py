@@ -45,7 +45,7 @@ def alternatives(token: int, k: int) -> tuple[list[int], list[float]]:
 class FakeEngine:
     """The engine contract (see :mod:`optkit.serve.engine`) without a model.
 
-    ``max_slots`` sequences in flight, blocks of 16 tokens (enough for every slot to hold
+    ``max_slots`` sequences in flight, blocks of 16 tokens (enough for each of them to hold
     ``max_len`` tokens), prompts chunked by ``max_batched_tokens``.  ``prefill_delay`` /
     ``step_delay`` are seconds slept per prompt started / per decode step (steps with
     decodes), so tests can hold
