@@ -48,9 +48,9 @@ class FakeEngine:
     ``max_slots`` sequences in flight, blocks of 16 tokens (enough for each of them to hold
     ``max_len`` tokens), prompts chunked by ``max_batched_tokens``.  ``prefill_delay`` /
     ``step_delay`` are seconds slept per prompt started / per decode step (of steps with
-    decodes), so tests can hold requests in flight; ``calls`` counts steps: ``prefill`` (works starting a prompt),
-    ``generate`` (decode-only dispatches) and ``step`` (every call); ``works`` is the last
-    step's works.
+    decodes), so tests can hold requests in flight; ``calls`` counts ``prefill`` (works
+    starting a prompt), ``generate`` (decode-only dispatches) and ``step`` (every call);
+    ``works`` is the last step's works.
     """
 
     vocab_size = 128
