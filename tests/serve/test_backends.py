@@ -59,3 +59,29 @@ def test_executor_without_decode_loop(tiny_model, reference):
     ids, lps = scheduler_outputs(DecodeOnly(tiny_model.executor))
     assert ids == reference[0]
     np.testing.assert_allclose(lps, reference[1], atol=1e-4)
+
+
+def test_tensor_parallel_paged_kernel_matches_one_device(tiny_model, tiny_weights):
+    """Pools split by heads over tp=2, decode attention through the Pallas kernel per shard
+    (interpreted here): one device's tokens and log-probs."""
+    pytest.importorskip("optkit.kernels.paged_attention")
+    from optkit.serve.engine import EngineRequest, PagedEngine, Work
+    from tests.serve.conftest import ENGINE
+
+    cfg = tiny_model.config
+    mesh = Mesh(np.array(jax.devices()[:2]).reshape(1, 2), ("data", "tensor"))
+    probe = MeshExecutor(cfg, {"layers": []}, mesh, TENSOR_RULES, dtype=np.float32)
+    store = open_weights(tiny_weights / "opt-tiny-np")[1]
+    params = load_params(store, cfg, dtype=np.float32, sharding_for=probe.param_sharding,
+                         progress=False)
+    outs = []
+    for ex in (tiny_model.executor, MeshExecutor(cfg, params, mesh, TENSOR_RULES,
+                                                 kernels="attention")):
+        engine = PagedEngine(ex, **ENGINE)
+        req = EngineRequest((2, 5, 6, 7, 8), 8, num_top=2)
+        first = engine.step([Work(0, req.prompt, 0, [3, 1, 4], req)]).tokens.ids[0, 0]
+        out = engine.step([Work(0, (int(first),), 5, [3, 1, 4], req, count=1)], 3)
+        outs.append((out.tokens.ids, out.tokens.logprobs))
+    assert engine.pools["k"][0].sharding.spec[0] == "tensor"
+    np.testing.assert_array_equal(outs[0][0], outs[1][0])
+    np.testing.assert_allclose(outs[0][1], outs[1][1], atol=1e-4)
