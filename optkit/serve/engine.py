@@ -380,6 +380,7 @@ class PagedEngine:
         if num_steps > 1 and chunks:
             raise ValueError("several steps a dispatch only for decodes")
         where = np.zeros(len(works), np.int64)  # work -> its row among all rows
+        flat = np.zeros(len(works), np.int64)   # work -> its first token among all tokens
         # blocks read per row: one bucket for the whole step (fewer programs to compile)
         nb = pow2(max(-(-(w.start + len(w.tokens) + num_steps - 1) // self.block_size)
                       for w in works), MIN_BLOCKS)
@@ -387,13 +388,14 @@ class PagedEngine:
         if decode:
             r = pow2(len(decode), MIN_ROWS)
             groups.append(self._group([works[i] for i in decode], r, 1, nb))
-            where[decode] = np.arange(len(decode))
+            where[decode] = flat[decode] = np.arange(len(decode))
             rows += [works[i] for i in decode] + [None] * (r - len(decode))
         if chunks:
             r = pow2(len(chunks))
             t = pow2(max(len(works[i].tokens) for i in chunks), MIN_BUCKET)
             groups.append(self._group([works[i] for i in chunks], r, t, nb))
             where[chunks] = len(rows) + np.arange(len(chunks))
+            flat[chunks] = len(rows) + t * np.arange(len(chunks))
             rows += [works[i] for i in chunks] + [None] * (r - len(chunks))
         sampling = self._sampling(rows, penalty, num_steps)
         if num_steps > 1 or not chunks and not any(w.targets for w in works):
@@ -407,16 +409,9 @@ class PagedEngine:
             fn = self._fn("step", num_top, score, penalty)
             inputs = {"groups": groups, "sampling": sampling}
             if score:
-                total = sum(g["tokens"].size for g in groups)
-                targets = np.zeros(total, np.int32)
-                off = 0
-                for g, idx in zip(groups, (decode, chunks) if decode else (chunks,),
-                                  strict=False):
-                    t = g["tokens"].shape[1]
-                    for j, i in enumerate(idx):
-                        tg = works[i].targets
-                        targets[off + j * t: off + j * t + len(tg)] = tg
-                    off += g["tokens"].size
+                targets = np.zeros(sum(g["tokens"].size for g in groups), np.int32)
+                for i, w in enumerate(works):
+                    targets[flat[i]:flat[i] + len(w.targets)] = w.targets
                 inputs["targets"] = targets
         (out, scores), self.pools = self.executor.paged_run(fn, inputs, self.pools)
         out, scores = _host((out, scores))
@@ -424,31 +419,24 @@ class PagedEngine:
         result = StepOutput(toks, [None] * len(works))
         if score:
             lp, ids, tlp = scores
-            off, starts = 0, {}
-            for g, idx in zip(groups, (decode, chunks) if decode else (chunks,), strict=False):
-                t = g["tokens"].shape[1]
-                for j, i in enumerate(idx):
-                    starts[i] = off + j * t
-                off += g["tokens"].size
             for i, w in enumerate(works):
                 if w.targets:
-                    a, m = starts[i], len(w.targets)
-                    result.scores[i] = (lp[a:a + m], None if ids is None else ids[a:a + m],
-                                        None if tlp is None else tlp[a:a + m])
+                    a, b = flat[i], flat[i] + len(w.targets)
+                    result.scores[i] = (lp[a:b], None if ids is None else ids[a:b],
+                                        None if tlp is None else tlp[a:b])
         return result
 
     def warmup(self, steps: tuple[int, ...] = (1,), prompt_len: int = 8) -> None:
-        """Compile the shapes of one short request: a prompt chunk, then decode steps over
-        the first few block buckets (with and without top log-probs)."""
+        """Compile the programs of one short request: its prompt, then decode dispatches of
+        ``steps`` steps (with and without top log-probs)."""
         bos = self.cfg.bos_token_id
+        blocks = list(range(1, min(self.num_blocks, MIN_BLOCKS + 1)))
         for k in sorted({0, self.max_logprobs}):
             req = EngineRequest((bos,) * prompt_len, 1, num_top=k)
-            blocks = list(range(1, min(self.num_blocks, 5)))
             self.step([Work(-1, req.prompt, 0, blocks, req)])
             for n in sorted(set(steps)):
-                for length in (prompt_len, self.block_size + 1, 2 * self.block_size + 1):
-                    if length + n <= len(blocks) * self.block_size:
-                        self.step([Work(-1, (bos,), length, blocks, req, count=1)], n)
+                if prompt_len + n <= len(blocks) * self.block_size:
+                    self.step([Work(-1, (bos,), prompt_len, blocks, req, count=1)], n)
 
 
 #: Default (max_num_seqs, max_batched_tokens) on GPUs and on CPUs.  A step's cost is its
