@@ -18,7 +18,7 @@ examples:
 sizing: each engine step computes at most --max-batched-tokens new tokens: one for every
 running sequence, the rest for chunks of waiting prompts, so a long prompt never freezes the
 streams already running.  The KV cache is --num-blocks blocks of --block-size tokens (by
-default what --kv-memory-fraction of the GPU memory left after the weights holds; on CPUs room
+default they fill --kv-memory-fraction of each GPU's memory, weights included; on CPUs room
 for --max-num-seqs sequences of 512 tokens); sequences hold only the blocks they have
 written, share cached prompt blocks, and are preempted (recomputed later) when blocks run out.
 
@@ -60,6 +60,16 @@ def register(sub) -> None:
     g.add_argument("--max-len", type=int,
                    help="tokens (prompt + completion) per sequence (default: the model's "
                         "context)")
+    g.add_argument("--max-prompt-len", type=int, help="longest prompt accepted (tokens)")
+    g.add_argument("--max-queue", type=int, default=256,
+                   help="sequences waiting to start before requests get 429 "
+                        "(default: %(default)s)")
+    g.add_argument("--max-tokens-in-flight", type=int,
+                   help="cap on prompt + max_tokens summed over running sequences")
+    g.add_argument("--max-n", type=int, default=16, help="largest n / best_of (default: 16)")
+    g.add_argument("--steps-per-dispatch", type=int, default=4,
+                   help="decode steps per device call while no request waits (default: 4)")
+    g.add_argument("--no-warmup", action="store_true", help="compile on the first request")
     g = p.add_argument_group("engine (paged KV cache)")
     g.add_argument("--max-batched-tokens", type=int,
                    help="new tokens one step computes: running decodes first, then prompt "
@@ -71,20 +81,10 @@ def register(sub) -> None:
                    help="KV-cache blocks in the pool (default: sized by "
                         "--kv-memory-fraction on GPUs; on CPUs --max-num-seqs x 512 tokens)")
     g.add_argument("--kv-memory-fraction", type=float, default=0.9,
-                   help="share of the device memory (after the weights) the KV blocks may "
-                        "take when --num-blocks is not given (default: %(default)s)")
+                   help="without --num-blocks, KV blocks fill each GPU's memory up to this "
+                        "share of it, weights included (default: %(default)s)")
     g.add_argument("--no-prefix-caching", action="store_true",
                    help="never share cached prompt blocks between requests")
-    g.add_argument("--max-prompt-len", type=int, help="longest prompt accepted (tokens)")
-    g.add_argument("--max-queue", type=int, default=256,
-                   help="sequences waiting to start before requests get 429 "
-                        "(default: %(default)s)")
-    g.add_argument("--max-tokens-in-flight", type=int,
-                   help="cap on prompt + max_tokens summed over running sequences")
-    g.add_argument("--max-n", type=int, default=16, help="largest n / best_of (default: 16)")
-    g.add_argument("--steps-per-dispatch", type=int, default=4,
-                   help="decode steps per device call while no request waits (default: 4)")
-    g.add_argument("--no-warmup", action="store_true", help="compile on the first request")
     p.set_defaults(func=run)
 
 

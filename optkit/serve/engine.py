@@ -263,8 +263,8 @@ class PagedEngine:
     ``max_num_seqs`` sequences in flight at most; each step computes at most
     ``max_batched_tokens`` new tokens (running decodes first, then prompt chunks: see
     :mod:`optkit.serve.scheduler`).  The pools hold ``num_blocks`` blocks of ``block_size``
-    positions; by default as many as ``memory_fraction`` of the device memory left after the
-    weights holds (GPUs), or room for ``max_num_seqs`` sequences of up to 512 tokens (hosts
+    positions; by default as many as fill ``memory_fraction`` of each device's memory,
+    weights included (GPUs), or room for ``max_num_seqs`` sequences of up to 512 tokens (hosts
     that report no memory: CPUs).  Shapes are bucketed (rows, tokens and blocks read to
     powers of two) so few programs compile.  ``max_logprobs`` bounds the top alternatives
     per token.
@@ -299,6 +299,8 @@ class PagedEngine:
             raise ValueError("max_num_seqs, max_batched_tokens and block_size must be >= 1")
         if self.max_len < 2:
             raise ValueError("need max_len >= 2")
+        if not 0 < memory_fraction <= 1:
+            raise ValueError(f"memory_fraction={memory_fraction}: choose a share in (0, 1]")
         self.num_blocks = int(num_blocks or self._default_blocks(memory_fraction))
         if self.num_blocks < 2:
             raise ValueError(f"num_blocks={self.num_blocks}: need at least 2 (one reserved)")
@@ -317,9 +319,14 @@ class PagedEngine:
         stats = devices[0].memory_stats() or {}
         limit, used = stats.get("bytes_limit"), stats.get("bytes_in_use")
         if limit and used is not None:
-            # K/V heads are split over the tensor axis; every device holds its share
-            free = max(0, fraction * limit - used) * len(devices)
-            return max(2, int(free // self.block_bytes()))
+            # each device holds its share of the heads of every block
+            c = self.cfg
+            shape = ((c.num_hidden_layers,) if self.executor.stacked else ()) + \
+                (c.num_attention_heads, 1, self.block_size, c.head_dim)
+            sharding = jax.tree.leaves(self.executor.pool_shardings(1, self.block_size))[0]
+            heads = sharding.shard_shape(shape)[-4]
+            per_device = self.block_bytes() * heads // c.num_attention_heads
+            return max(2, int(max(0, fraction * limit - used) // per_device))
         per_seq = -(-min(self.max_len, 512) // self.block_size)
         return self.max_num_seqs * per_seq + 1
 
