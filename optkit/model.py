@@ -313,3 +313,89 @@ def forward(params: Params, cfg: OPTConfig, tokens: jax.Array,
     cache = init_cache(cfg, tokens.shape[0], tokens.shape[1], dtype)
     logits, _ = prefill(params, cfg, tokens, attention_mask, cache)
     return logits
+
+
+# ---------------------------------------------------------------------------------------------
+# Paged KV cache (the serving engine): blocks of positions in one pool per layer
+# ---------------------------------------------------------------------------------------------
+def init_pools(cfg: OPTConfig, num_blocks: int, block_size: int, dtype=jnp.float32,
+               num_layers: int | None = None) -> dict:
+    """Empty K and V pools: per layer (A, num_blocks, block_size, D) (heads first, so tensor
+    parallelism splits them like the weights)."""
+    n = cfg.num_hidden_layers if num_layers is None else num_layers
+    shape = (cfg.num_attention_heads, num_blocks, block_size, cfg.head_dim)
+    return {"k": [jnp.zeros(shape, dtype) for _ in range(n)],
+            "v": [jnp.zeros(shape, dtype) for _ in range(n)]}
+
+
+def write_pool(pool: jax.Array, slots: jax.Array, new: jax.Array) -> jax.Array:
+    """pool (A, NB, bs, D) with token rows ``new`` (N, A, D) stored at flat positions
+    ``slots`` (N,) = block * bs + offset (padding tokens all aim at block 0)."""
+    a, nb, bs, d = pool.shape
+    flat = pool.reshape(a, nb * bs, d)
+    flat = flat.at[:, slots].set(jnp.swapaxes(new, 0, 1).astype(pool.dtype),
+                                 mode="promise_in_bounds")
+    return flat.reshape(a, nb, bs, d)
+
+
+def paged_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, tables: jax.Array,
+                    q_index: jax.Array, scale: float) -> jax.Array:
+    """Causal attention through block tables.  q (R,T,A,D); pools (A, NB_pool, bs, D);
+    tables (R,NB) the first NB blocks of each row's sequence; q_index (R,T) each query's
+    position in its sequence (it attends positions [0, q_index]).  -> (R,T,A,D).
+
+    Reads R x NB blocks: a step's cost follows the bucketed live length, not the pool."""
+    a, _, bs, d = k_pool.shape
+    r, nb = tables.shape
+    k = k_pool[:, tables].reshape(a, r, nb * bs, d)
+    v = v_pool[:, tables].reshape(a, r, nb * bs, d)
+    scores = jnp.einsum("rtad,arsd->rats", q, k, preferred_element_type=jnp.float32) * scale
+    allowed = jnp.arange(nb * bs)[None, None, :] <= q_index[:, :, None]
+    scores = jnp.where(allowed[:, None], scores, jnp.finfo(jnp.float32).min)
+    e = jnp.exp(scores - jax.lax.stop_gradient(scores.max(-1, keepdims=True)))
+    total = e.sum(-1)  # (R,A,T)
+    out = jnp.einsum("rats,arsd->rtad", e.astype(v.dtype), v,
+                     preferred_element_type=jnp.float32)
+    return (out / jnp.swapaxes(total, 1, 2)[..., None]).astype(v.dtype)
+
+
+def paged_forward(params: Params, cfg: OPTConfig, tokens: jax.Array, positions: jax.Array,
+                  slots: jax.Array, groups, pools: dict, lookup=None,
+                  decode_attention=None) -> tuple[jax.Array, dict]:
+    """New tokens of several sequences through every layer over paged K/V pools.
+
+    ``tokens``, ``positions`` (each token's index in its sequence) and ``slots`` (where its
+    K/V go: block * block_size + offset) are flat (N,).  ``groups`` splits them, in order,
+    into rows of equal length: a sequence of (tables (R,NB), q_index (R,T)), R*T tokens each
+    (decodes: T = 1; prompt chunks continuing the sequences whose earlier tokens are already
+    in their blocks: T > 1).  Each layer first writes the new K/V, then every token attends
+    over its sequence up to itself.  ``decode_attention(q (R,A,D), k_pool, v_pool, tables,
+    lengths (R,)) -> (R,A,D)`` replaces :func:`paged_attention` for T = 1 groups (e.g. a
+    GPU kernel); ``lookup``: see :func:`embed`.  Returns hidden states (N,H) after the
+    last layer (:func:`unembed` them where logits are wanted) and the new pools.
+    """
+    x = embed(params, cfg, tokens[None], positions[None] + 2, lookup)
+    scale = cfg.head_dim ** -0.5
+
+    def make_attend(k_c, v_c):
+        def attend(qkv):
+            qkv = qkv[0]  # (N,3,A,D)
+            k_n = write_pool(k_c, slots, qkv[:, 1])
+            v_n = write_pool(v_c, slots, qkv[:, 2])
+            outs, start = [], 0
+            for tables, q_index in groups:
+                r, t = q_index.shape
+                q = qkv[start:start + r * t, 0]
+                start += r * t
+                if t == 1 and decode_attention is not None:
+                    o = decode_attention(q, k_n, v_n, tables, q_index[:, 0] + 1)
+                else:
+                    o = paged_attention(q.reshape(r, t, *q.shape[1:]), k_n, v_n, tables,
+                                        q_index, scale)
+                outs.append(o.reshape(r * t, *q.shape[1:]))
+            out = outs[0] if len(outs) == 1 else jnp.concatenate(outs)
+            return out[None], (k_n, v_n)
+        return attend
+
+    x, ks, vs = _run_layers(params["layers"], cfg, x, pools["k"], pools["v"], make_attend)
+    return x[0], {"k": ks, "v": vs}

@@ -12,8 +12,15 @@ log = logging.getLogger(__name__)
 EPILOG = """\
 examples:
   optkit serve --model alpa/opt-125m --path ~/opt_weights --port 10001
-  optkit serve --model jax/opt-1.3b --dummy --max-slots 32      # random weights, any size
+  optkit serve --model jax/opt-1.3b --dummy --max-num-seqs 32   # random weights, any size
   optkit serve --fake                                           # no model: UI and API work
+
+sizing: each engine step computes at most --max-batched-tokens new tokens: one for every
+running sequence, the rest for chunks of waiting prompts, so a long prompt never freezes the
+streams already running.  The KV cache is --num-blocks blocks of --block-size tokens (by
+default they fill --kv-memory-fraction of each GPU's memory, weights included; on CPUs room
+for --max-num-seqs sequences of 512 tokens); sequences hold only the blocks they have
+written, share cached prompt blocks, and are preempted (recomputed later) when blocks run out.
 
 then open http://127.0.0.1:10001/ or point any OpenAI client at http://127.0.0.1:10001/v1
 (curl http://127.0.0.1:10001/v1/completions -H 'Content-Type: application/json' \\
@@ -44,17 +51,18 @@ def register(sub) -> None:
     g.add_argument("--port", type=int, default=10001, help="(default: %(default)s)")
     g.add_argument("--api-keys", metavar="FILE",
                    help="require API keys: one 'KEY [WEIGHT]' per line; heavier keys get a "
-                        "larger share of the slots while requests wait")
+                        "larger share of the engine while requests wait")
     g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     g = p.add_argument_group("limits")
-    g.add_argument("--max-slots", type=int, default=16,
-                   help="sequences decoded together (default: %(default)s)")
+    g.add_argument("--max-num-seqs", type=int,
+                   help="sequences in flight at most (default: 64 on GPUs, 16 on CPUs; "
+                        "pipeline and Ray executors: the slots of their fixed cache)")
     g.add_argument("--max-len", type=int,
-                   help="tokens (prompt + completion) per sequence; sizes the KV cache "
-                        "(default: the model's context)")
+                   help="tokens (prompt + completion) per sequence (default: the model's "
+                        "context)")
     g.add_argument("--max-prompt-len", type=int, help="longest prompt accepted (tokens)")
     g.add_argument("--max-queue", type=int, default=256,
-                   help="sequences waiting for a slot before requests get 429 "
+                   help="sequences waiting to start before requests get 429 "
                         "(default: %(default)s)")
     g.add_argument("--max-tokens-in-flight", type=int,
                    help="cap on prompt + max_tokens summed over running sequences")
@@ -62,6 +70,21 @@ def register(sub) -> None:
     g.add_argument("--steps-per-dispatch", type=int, default=4,
                    help="decode steps per device call while no request waits (default: 4)")
     g.add_argument("--no-warmup", action="store_true", help="compile on the first request")
+    g = p.add_argument_group("engine (paged KV cache)")
+    g.add_argument("--max-batched-tokens", type=int,
+                   help="new tokens one step computes: running decodes first, then prompt "
+                        "chunks; smaller keeps streams smoother while long prompts arrive, "
+                        "larger prefills faster (default: 512 on GPUs, 128 on CPUs)")
+    g.add_argument("--block-size", type=int, default=16,
+                   help="tokens per KV-cache block (default: %(default)s)")
+    g.add_argument("--num-blocks", type=int,
+                   help="KV-cache blocks in the pool (default: sized by "
+                        "--kv-memory-fraction on GPUs; on CPUs --max-num-seqs x 512 tokens)")
+    g.add_argument("--kv-memory-fraction", type=float, default=0.9,
+                   help="without --num-blocks, KV blocks fill each GPU's memory up to this "
+                        "share of it, weights included (default: %(default)s)")
+    g.add_argument("--no-prefix-caching", action="store_true",
+                   help="never share cached prompt blocks between requests")
     p.set_defaults(func=run)
 
 
@@ -81,8 +104,9 @@ def build_app(args):
     limits = Limits(max_queue=args.max_queue, max_prompt_len=args.max_prompt_len,
                     max_tokens_in_flight=args.max_tokens_in_flight)
     if args.fake:
-        engine = FakeEngine(max_slots=args.max_slots, max_len=args.max_len or 2048,
-                            step_delay=0.02)
+        engine = FakeEngine(max_slots=args.max_num_seqs or 16, max_len=args.max_len or 2048,
+                            step_delay=0.02, max_batched_tokens=args.max_batched_tokens or 64,
+                            num_blocks=args.num_blocks)
         scheduler = Scheduler(engine, CharCodec(), limits, weights=keys,
                               steps_per_dispatch=args.steps_per_dispatch, metrics=Metrics())
         return create_app(scheduler, scheduler.codec, "fake", api_keys=keys, max_n=args.max_n)
@@ -97,7 +121,10 @@ def build_app(args):
     model = load_model(args)
     log.info("loaded %r", model)
     app = serve_app(model, get_tokenizer(args.tokenizer), name=args.model,
-                    max_slots=args.max_slots, max_len=args.max_len, limits=limits,
+                    max_num_seqs=args.max_num_seqs, max_len=args.max_len,
+                    max_batched_tokens=args.max_batched_tokens, block_size=args.block_size,
+                    num_blocks=args.num_blocks, memory_fraction=args.kv_memory_fraction,
+                    prefix_caching=not args.no_prefix_caching, limits=limits,
                     api_keys=keys, steps_per_dispatch=args.steps_per_dispatch,
                     max_n=args.max_n, warmup=not args.no_warmup)
     log.info("%s", describe(app.state.scheduler.engine))

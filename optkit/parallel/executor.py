@@ -17,7 +17,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from optkit import model as M
 from optkit.config import OPTConfig
@@ -322,6 +322,70 @@ class MeshExecutor(Executor):
         fn = self._once(("insert", b, s, p), lambda: jax.jit(
             put, donate_argnums=(0,), out_shardings=self.cache_shardings(b, s)))
         return fn(cache, prefix, jnp.int32(slot))
+
+    # Paged KV cache (the serving engine) ---------------------------------------------------
+    def pool_shardings(self, num_blocks: int, block_size: int) -> dict:
+        """Shardings of ``model.init_pools``' K/V pools (heads split like the weights)."""
+        return self.place.pools(num_blocks, block_size)
+
+    def init_pools(self, num_blocks: int, block_size: int) -> dict:
+        """Empty paged K/V pools on this mesh (``model.init_pools``)."""
+        return self._once(("pools", num_blocks, block_size), lambda: jax.jit(
+            functools.partial(M.init_pools, self.cfg, num_blocks, block_size, self.dtype),
+            out_shardings=self.pool_shardings(num_blocks, block_size)))()
+
+    def paged_run(self, fn: Callable, inputs, pools):
+        """``fn(params, inputs, pools, lookup, decode_attention) -> (outputs, pools)`` (pure
+        JAX around ``model.paged_forward``) jitted on this mesh, the pools donated and kept in
+        their shardings.  ``fn`` must be the same object across calls (it keys the compile
+        cache; new input shapes compile as usual)."""
+        leaf = jax.tree.leaves(pools["k"])[0]
+        num_blocks, block_size = int(leaf.shape[-3]), int(leaf.shape[-2])
+
+        attention = self.paged_decode_attention(block_size)
+
+        def make():
+            return jax.jit(lambda p, x, c: fn(p, x, c, self.embed_lookup, attention),
+                           donate_argnums=(2,), compiler_options=self.decode_options,
+                           out_shardings=(None, self.pool_shardings(num_blocks, block_size)))
+
+        return self._once(("paged", fn, num_blocks, block_size), make)(self.params, inputs,
+                                                                        pools)
+
+    def paged_decode_attention(self, block_size: int) -> Callable | None:
+        """``decode_attention`` of ``model.paged_forward`` on this mesh: JAX's Pallas
+        paged-attention op (``optkit.kernels.paged_attention``) on GPUs where ``kernels``
+        allows the attention kernel (``auto``, ``pallas``, ``attention``; off GPUs only by
+        name, through the interpreter) and the shapes suit it, else None (XLA's gather).
+        Split over the devices as the rules split the pools' heads."""
+        def make():
+            kernels = self.options.kernels
+            explicit = kernels.required and kernels.wants("attention")
+            if not (explicit or not kernels.required and self.gpu):
+                return None
+            try:
+                from optkit.kernels import paged_attention as kernel
+            except ImportError as e:
+                if explicit:
+                    raise ValueError(f"kernels={str(kernels)!r}: Pallas' paged attention is "
+                                     f"unavailable in this JAX ({e})") from e
+                return None
+            if not kernel.supported(self.cfg.head_dim, block_size):
+                if explicit:
+                    raise ValueError(f"kernels={str(kernels)!r}: paged attention needs a "
+                                     "power-of-two head size and block size >= 16")
+                return None
+            call = functools.partial(kernel.paged_decode_attention,
+                                     scale=self.cfg.head_dim ** -0.5, interpret=not self.gpu)
+            if self.mesh.devices.size == 1:
+                return call
+            pool = self.place.pool(1, block_size).spec
+            q = PartitionSpec(None, pool[0], None)
+            return jax.shard_map(call, mesh=self.mesh, check_vma=False,
+                                 in_specs=(q, pool, pool, PartitionSpec(), PartitionSpec()),
+                                 out_specs=q)
+
+        return self._once(("paged_attention", block_size), make)
 
 
 def cache_len(cache) -> int:

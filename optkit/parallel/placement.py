@@ -49,6 +49,16 @@ class Placement:
         return {"k": kv, "v": kv, "mask": self.sharding(CACHE_AXES["mask"], (batch, max_len)),
                 "index": self.sharding(CACHE_AXES["index"], (batch,))}
 
+    def pool(self, num_blocks: int, block_size: int) -> NamedSharding:
+        """One layer's paged K (or V) pool (``model.init_pools``)."""
+        shape = (self.cfg.num_attention_heads, num_blocks, block_size, self.cfg.head_dim)
+        return self.sharding(CACHE_AXES["pool"], shape)
+
+    def pools(self, num_blocks: int, block_size: int) -> dict:
+        """The sharding tree of ``model.init_pools(cfg, num_blocks, block_size)``."""
+        kv = [self.pool(num_blocks, block_size)] * self.cfg.num_hidden_layers
+        return {"k": kv, "v": kv}
+
     def batch(self, shape: tuple[int, ...]) -> NamedSharding:
         """Arrays with a leading batch axis (tokens, masks, hidden states)."""
         return self.sharding(("batch",) + (None,) * (len(shape) - 1), shape)

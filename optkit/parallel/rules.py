@@ -37,6 +37,8 @@ CACHE_AXES = {
     "kv": ("batch", "cache_seq", "heads", "head_dim"),
     "mask": ("batch", "cache_seq"),
     "index": ("batch",),
+    # one layer's paged K/V pool (A, blocks, block_size, D): every replica holds all blocks
+    "pool": ("heads", None, None, "head_dim"),
 }
 
 DATA_PARALLEL = {"batch": "data"}

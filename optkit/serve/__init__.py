@@ -2,10 +2,12 @@
 
 Layers (each file one job)::
 
-    engine.py     the prefill / insert / generate contract; ModelEngine over any executor
+    engine.py     the step contract; PagedEngine (paged KV cache), ModelEngine (slots)
+    blocks.py     KV-cache blocks: allocation, reference counts, the prefix cache
     fake.py       a hand-checkable engine without a model (tests, UI work)
     queue.py      waiting requests, weighted by API key
-    scheduler.py  the engine thread: admission, slots, stop strings, cancellation
+    scheduler.py  the engine thread: token budget, chunked prefill, preemption, stop
+                  strings, cancellation
     text.py       tokenizer codecs and log-prob entries (detokenizing: optkit.generation)
     protocol.py   OpenAI / vLLM request and response models, APIError
     chat.py       chat templates: messages -> one prompt + stop strings
@@ -27,7 +29,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from optkit.serve.app import create_app, read_api_keys
-from optkit.serve.engine import Engine, EngineRequest, ModelEngine, SamplingParams
+from optkit.serve.engine import (
+    Engine,
+    EngineRequest,
+    ModelEngine,
+    PagedEngine,
+    SamplingParams,
+    make_engine,
+)
 from optkit.serve.fake import FakeEngine
 from optkit.serve.metrics import Metrics
 from optkit.serve.scheduler import Limits, Scheduler, SeqRequest
@@ -35,30 +44,41 @@ from optkit.serve.server import BackgroundServer, run
 from optkit.serve.text import CharCodec, HFCodec
 
 
-def serve_app(model, tokenizer=None, *, name: str | None = None, max_slots: int = 16,
-              max_len: int | None = None, limits: Limits | None = None,
-              api_keys: Mapping[str, float] | None = None, steps_per_dispatch: int = 4,
-              max_logprobs: int = 5, max_n: int = 16, warmup: bool = True):
+def serve_app(model, tokenizer=None, *, name: str | None = None,
+              max_num_seqs: int | None = None, max_batched_tokens: int | None = None,
+              block_size: int = 16, num_blocks: int | None = None,
+              memory_fraction: float = 0.9, max_len: int | None = None,
+              limits: Limits | None = None, api_keys: Mapping[str, float] | None = None,
+              steps_per_dispatch: int = 4, max_logprobs: int = 5, max_n: int = 16,
+              prefix_caching: bool = True, warmup: bool = True):
     """A FastAPI app serving a JAX model from :func:`optkit.get_model` (anything with an
-    ``.executor``); ``tokenizer`` defaults to optkit's."""
+    ``.executor``); ``tokenizer`` defaults to optkit's.  The engine is a
+    :class:`~optkit.serve.engine.PagedEngine` (sizing: see there; defaults by platform) or,
+    for pipeline / Ray executors, a :class:`~optkit.serve.engine.ModelEngine` with
+    ``max_num_seqs`` slots."""
     if not hasattr(model, "executor"):
         raise ValueError(f"serving needs a JAX model (jax/... or alpa/...); got {model!r}")
     if tokenizer is None:
         from optkit import get_tokenizer
 
         tokenizer = get_tokenizer()
-    engine = ModelEngine(model.executor, max_slots=max_slots, max_len=max_len,
-                         max_logprobs=max_logprobs)
+    paged = dict(max_batched_tokens=max_batched_tokens, block_size=block_size,
+                 num_blocks=num_blocks, memory_fraction=memory_fraction,
+                 prefix_caching=prefix_caching)
+    engine = make_engine(model.executor, max_num_seqs=max_num_seqs, max_len=max_len,
+                         max_logprobs=max_logprobs, **paged)
     if warmup:
         engine.warmup(steps=(1, steps_per_dispatch))
     name = name or getattr(model, "name", "") or model.config.name
     scheduler = Scheduler(engine, HFCodec(tokenizer), limits or Limits(), weights=api_keys,
-                          steps_per_dispatch=steps_per_dispatch, metrics=Metrics())
+                          steps_per_dispatch=steps_per_dispatch, metrics=Metrics(),
+                          prefix_caching=prefix_caching)
     aliases = (name.split("/", 1)[1],) if "/" in name else ()
     return create_app(scheduler, scheduler.codec, name, api_keys=api_keys, max_n=max_n,
                       aliases=aliases)
 
 
 __all__ = ["BackgroundServer", "CharCodec", "Engine", "EngineRequest", "FakeEngine",
-           "HFCodec", "Limits", "Metrics", "ModelEngine", "SamplingParams", "Scheduler",
-           "SeqRequest", "create_app", "read_api_keys", "run", "serve_app"]
+           "HFCodec", "Limits", "Metrics", "ModelEngine", "PagedEngine", "SamplingParams",
+           "Scheduler", "SeqRequest", "create_app", "make_engine", "read_api_keys", "run",
+           "serve_app"]

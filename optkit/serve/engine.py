@@ -1,36 +1,48 @@
-"""The serving engine contract and its implementation over any optkit executor.
+"""The serving engine contract and its implementations over optkit executors.
 
-An engine owns a batch of ``max_slots`` decode *slots* (rows of one KV cache) and knows
-nothing of HTTP, queues or text.  The scheduler drives it with three calls::
+An engine runs *steps* and knows nothing of HTTP, queues or text.  The scheduler decides
+what each step computes and which KV-cache blocks (:mod:`optkit.serve.blocks`) each
+sequence holds; the engine executes::
 
-    prefix = engine.prefill(request)   # run one prompt alone (batch 1) -> its cache + 1st token
-    engine.insert(prefix, slot)        # copy that cache into a free row of the batch
-    step = engine.generate(n)          # advance every slot by n tokens (dead rows compute
-                                       # garbage that nobody reads)
-    engine.free(slot)                  # the row may be overwritten by the next insert
+    out = engine.step(works, num_steps=1)
 
-Sampling parameters live per slot (temperature, top-k, top-p, a seed and the sequence's
-stream within its request), so one batch mixes greedy and sampled requests; the i-th token
-is drawn by ``optkit.generation.sampling.sample_tokens`` with the key of (seed, stream, i),
-whatever slot it sits in and whatever else runs beside it -- the same draw ``generate``
-makes for row ``stream`` of a call with that seed.
+One :class:`Work` per sequence: the tokens it feeds this step (a chunk of its prompt, or its
+last generated token), how many of its tokens are already in its blocks, its block table,
+and whether to draw the next token.  ``out.tokens`` holds the drawn tokens (one row per
+work; ``num_steps`` > 1 only when every work is a decode: that many tokens each, in one
+dispatch) and ``out.scores`` the log-probs of prompt tokens a work asked to score.
 
-:class:`ModelEngine` only calls the executor interface (``init_cache``, ``prefill``,
-``insert``, and ``decode_loop`` -- or plain ``decode`` where an executor has no loop), so a
-single-device, SPMD-mesh, pipeline or Ray executor serves unchanged.
-:class:`optkit.serve.fake.FakeEngine` is a hand-checkable stand-in.
+Sampling parameters come with each work (temperature, top-k, top-p, a seed and the
+sequence's stream within its request, ``min_tokens`` and ``repetition_penalty``), so one
+step mixes greedy and sampled sequences; the i-th generated token is drawn by
+``optkit.generation.sampling.sample_tokens`` with the key of (seed, stream, i), whatever
+else runs beside it and however its prompt was chunked -- the draw ``generate`` makes for
+row ``stream`` of a call with that seed.
+
+* :class:`PagedEngine` (MeshExecutor: one device, data/tensor parallel): paged K/V pools,
+  one forward per step over the decodes and prompt chunks together (``model.paged_forward``),
+  sampling on the device.  Attention reads each sequence's blocks up to a bucketed length:
+  on GPUs one-token rows go through JAX's Pallas paged-attention kernel
+  (``optkit.kernels.paged_attention``), elsewhere through XLA (gathering the blocks).
+* :class:`ModelEngine` (pipeline and Ray executors, which have no paged step): one fixed
+  cache of ``max_slots`` rows of ``max_len`` positions; a sequence's single block *is* its
+  slot, prompts are prefilled whole at batch 1 and every decode step runs every slot.
+* :class:`optkit.serve.fake.FakeEngine`: a hand-checkable stand-in.
 """
 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from optkit import model as M
+from optkit.generation.processors import repetition_penalty, suppress_eos
 from optkit.generation.sampling import logprobs as token_logprobs
 from optkit.generation.sampling import sample_tokens
 
@@ -44,13 +56,13 @@ class SamplingParams:
     top_k: int = 0             # <= 0: off
     seed: int = 0
     stream: int = 0            # the sequence's index within its request (``n`` > 1)
-    min_tokens: int = 0        # no EOS before this many generated tokens
-    repetition_penalty: float = 1.0  # 1: off; a seen token: logit / p if > 0 else logit * p
+    min_tokens: int = 0        # EOS is banned until this many tokens were generated
+    repetition_penalty: float = 1.0  # HF's rule over prompt + generated tokens (1: off)
 
 
 @dataclass(frozen=True)
 class EngineRequest:
-    """What an engine needs to start a sequence."""
+    """What an engine needs to know of a sequence besides its tokens."""
 
     prompt: tuple[int, ...]
     max_tokens: int
@@ -70,9 +82,415 @@ class Tokens:
 
 
 @dataclass
+class Work:
+    """One sequence's part of a step."""
+
+    seq: int                        # the scheduler's id of the sequence
+    tokens: Sequence[int]           # fed this step: a prompt chunk, or the last token
+    start: int                      # tokens already in its blocks (the index of tokens[0])
+    blocks: Sequence[int]           # block table (covers start + len(tokens) + steps - 1)
+    request: EngineRequest
+    sample: bool = True             # draw the token after tokens[-1]
+    count: int = 0                  # ... the count-th generated token (its sampling key)
+    targets: Sequence[int] = ()     # score targets[i] after tokens[i] (prompt log-probs)
+    context: Sequence[int] = ()     # every token up to tokens[-1] (repetition penalty only)
+
+
+@dataclass
+class StepOutput:
+    """``tokens``: (num_steps, len(works)) (rows that do not sample hold garbage);
+    ``scores[i]``: (log-probs (m,), top ids (m, K) or None, top log-probs) of work i's
+    ``targets``, or None."""
+
+    tokens: Tokens
+    scores: list[tuple[np.ndarray, np.ndarray | None, np.ndarray | None] | None] = \
+        field(default_factory=list)
+
+
+class Engine(Protocol):
+    max_len: int             # most tokens (prompt + generated) one sequence may hold
+    vocab_size: int
+    eos_token_id: int | None
+    max_logprobs: int
+    max_num_seqs: int        # sequences in flight
+    max_slots: int           # = max_num_seqs (what /v1/models shows)
+    max_batched_tokens: int  # tokens one step computes (decodes first, then prompt chunks)
+    block_size: int
+    num_blocks: int          # in the pool, block 0 reserved
+    prefix_caching: bool     # full blocks may be shared between sequences
+    chunked_prefill: bool    # prompts may be split over steps (else fed whole)
+    penalties: bool          # honours repetition_penalty
+
+    def step(self, works: Sequence[Work], num_steps: int = 1) -> StepOutput: ...
+
+
+def pow2(n: int, least: int = 1) -> int:
+    return max(least, 1 << max(int(n) - 1, 0).bit_length())
+
+
+def bucket_length(n: int, limit: int) -> int:
+    """Padded prompt length: the next power of two (>= 16), but never above ``limit``
+    (the room left in a slot) unless the prompt itself is longer."""
+    b = max(MIN_BUCKET, 1 << max(n - 1, 0).bit_length())
+    return max(n, min(b, limit))
+
+
+def _host(out) -> Any:
+    return jax.tree.map(np.asarray, jax.device_get(out))
+
+
+def _process(logits, st, eos: int | None, penalty: bool):
+    """Logits processors of a serving step: repetition penalty, then EOS banned below
+    ``min_tokens`` (the order of ``generate``'s processors)."""
+    x = logits.astype(jnp.float32)
+    if penalty:
+        x = repetition_penalty(x, st["hist"], st["hist_len"][:, None],
+                               jnp.zeros_like(st["hist_len"]), st["penalty"][:, None])
+    if eos is not None:
+        x = suppress_eos(x, st["counts"][:, None], st["min_tokens"][:, None],
+                         jnp.array([eos], jnp.int32))
+    return x
+
+
+def _draw(logits, st, num_top: int, eos, penalty: bool):
+    x = _process(logits, st, eos, penalty)
+    tok = sample_tokens(x, st["seeds"], st["streams"], st["counts"], st["temperature"],
+                        st["top_k"], st["top_p"])
+    lp, top_ids, top_lp = token_logprobs(logits, tok, num_top)  # of the model (generate's)
+    return tok, ((tok, lp) if num_top == 0 else (tok, lp, top_ids, top_lp))
+
+
+def _advance(st, tok, penalty: bool):
+    st = {**st, "counts": st["counts"] + 1}
+    if penalty:
+        rows = jnp.arange(tok.shape[0])
+        st["hist"] = st["hist"].at[rows, st["hist_len"]].set(tok, mode="drop")
+        st["hist_len"] = st["hist_len"] + 1
+    return st
+
+
+# ---------------------------------------------------------------------------------------------
+# Paged engine: pure step functions (jitted by the executor, pools donated)
+# ---------------------------------------------------------------------------------------------
+def _group_layout(g, block_size: int):
+    """Flat positions, slots and query indices of one group {tokens (R,T), tables (R,NB),
+    start (R,), n_new (R,)}; padding tokens write to block 0 and attend position 0."""
+    r, t = g["tokens"].shape
+    pos = g["start"][:, None] + jnp.arange(t)[None, :]
+    valid = jnp.arange(t)[None, :] < g["n_new"][:, None]
+    blk = jnp.take_along_axis(g["tables"], jnp.clip(pos // block_size, 0,
+                                                     g["tables"].shape[1] - 1), axis=1)
+    slots = jnp.where(valid, blk * block_size + pos % block_size, 0)
+    q_index = jnp.where(valid, pos, 0)
+    return pos.reshape(-1), slots.reshape(-1), q_index
+
+
+def _paged_logits(cfg, params, groups, pools, lookup, attention, block_size,
+                  all_tokens: bool):
+    """Forward the groups; logits at each row's last new token (and at every token)."""
+    tokens, pos, slots, model_groups, last, off = [], [], [], [], [], 0
+    for g in groups:
+        r, t = g["tokens"].shape
+        p, s, q = _group_layout(g, block_size)
+        tokens.append(g["tokens"].reshape(-1))
+        pos.append(p)
+        slots.append(s)
+        model_groups.append((g["tables"], q))
+        last.append(off + jnp.arange(r) * t + jnp.maximum(g["n_new"] - 1, 0))
+        off += r * t
+    cat = (lambda xs: xs[0] if len(xs) == 1 else jnp.concatenate(xs))
+    x, pools = M.paged_forward(params, cfg, cat(tokens), jnp.where(cat(pos) >= 0, cat(pos), 0),
+                               cat(slots), model_groups, pools, lookup, attention)
+    logits = M.unembed(params, cfg, x[cat(last)])
+    every = M.unembed(params, cfg, x) if all_tokens else None
+    return logits, every, pools
+
+
+def paged_step(cfg, block_size: int, num_top: int, score: bool, penalty: bool,
+               params, inputs, pools, lookup, attention):
+    """One step over decode rows and prompt chunks: sample each row's next token and score
+    the targets of every token (``score``)."""
+    st = inputs["sampling"]
+    logits, every, pools = _paged_logits(cfg, params, inputs["groups"], pools, lookup,
+                                         attention, block_size, score)
+    _, out = _draw(logits, st, num_top, cfg.eos_token_id, penalty)
+    out = jax.tree.map(lambda o: o[None], out)
+    scores = token_logprobs(every, inputs["targets"], num_top) if score else None
+    return (out, scores), pools
+
+
+def paged_decode_loop(cfg, block_size: int, num_top: int, penalty: bool, max_steps: int,
+                      params, inputs, pools, lookup, attention):
+    """Up to ``max_steps`` decode steps (``inputs["num_steps"]`` of them) in one dispatch."""
+    g0 = inputs["groups"][0]
+
+    def body(i, carry):
+        g, st, pools, outs = carry
+        logits, _, pools = _paged_logits(cfg, params, [g], pools, lookup, attention,
+                                         block_size, False)
+        tok, out = _draw(logits, st, num_top, cfg.eos_token_id, penalty)
+        outs = jax.tree.map(lambda buf, o: jax.lax.dynamic_update_index_in_dim(buf, o, i, 0),
+                            outs, out)
+        g = {**g, "tokens": tok[:, None].astype(jnp.int32), "start": g["start"] + 1}
+        return g, _advance(st, tok, penalty), pools, outs
+
+    r = g0["tokens"].shape[0]
+    shapes = [(jnp.int32, ()), (jnp.float32, ())] + \
+        ([(jnp.int32, (num_top,)), (jnp.float32, (num_top,))] if num_top else [])
+    outs = tuple(jnp.zeros((max_steps, r, *shape), dt) for dt, shape in shapes)
+    _, _, pools, outs = jax.lax.fori_loop(0, inputs["num_steps"], body,
+                                          (g0, inputs["sampling"], pools, outs))
+    return (outs, None), pools
+
+
+@functools.cache
+def _paged_fn(cfg, block_size: int, kind: str, *statics):
+    """One function object per static setting, shared by engines (it keys the executor's
+    compile cache)."""
+    base = paged_step if kind == "step" else paged_decode_loop
+    return functools.partial(base, cfg, block_size, *statics)
+
+
+#: Smallest buckets of a step's decode rows and of the blocks a row reads: a few more rows
+#: or blocks cost next to nothing, and every bucket is one more compiled program.  (XLA on
+#: CPUs ran a one-row step of opt-125m 7x slower than a two-row one: 250 vs 34 ms.)
+MIN_ROWS, MIN_BLOCKS = 2, 4
+
+
+class PagedEngine:
+    """Paged K/V pools over a :class:`~optkit.parallel.executor.MeshExecutor`.
+
+    ``max_num_seqs`` sequences in flight at most; each step computes at most
+    ``max_batched_tokens`` new tokens (running decodes first, then prompt chunks: see
+    :mod:`optkit.serve.scheduler`).  The pools hold ``num_blocks`` blocks of ``block_size``
+    positions; by default as many as fill ``memory_fraction`` of each device's memory,
+    weights included (GPUs), or room for ``max_num_seqs`` sequences of up to 512 tokens (hosts
+    that report no memory: CPUs).  Shapes are bucketed (rows, tokens and blocks read to
+    powers of two) so few programs compile.  ``max_logprobs`` bounds the top alternatives
+    per token.
+    """
+
+    chunked_prefill = True
+    penalties = True
+
+    def __init__(self, executor, max_num_seqs: int | None = None,
+                 max_batched_tokens: int | None = None, block_size: int = 16,
+                 num_blocks: int | None = None, memory_fraction: float = 0.9,
+                 max_len: int | None = None, max_logprobs: int = 5,
+                 prefix_caching: bool = True):
+        cfg = executor.cfg
+        if not hasattr(executor, "paged_run"):
+            raise ValueError(f"{type(executor).__name__} has no paged step; serve it with "
+                             "ModelEngine")
+        gpu = getattr(executor, "gpu", False)
+        self.executor, self.cfg = executor, cfg
+        self.max_len = int(min(max_len or cfg.max_position_embeddings,
+                               cfg.max_position_embeddings))
+        self.vocab_size = cfg.vocab_size
+        self.eos_token_id = cfg.eos_token_id
+        self.max_logprobs = int(max_logprobs)
+        self.max_num_seqs = int(max_num_seqs or (DEFAULTS["gpu" if gpu else "cpu"][0]))
+        self.max_slots = self.max_num_seqs
+        self.max_batched_tokens = int(max_batched_tokens
+                                      or DEFAULTS["gpu" if gpu else "cpu"][1])
+        self.block_size = int(block_size)
+        self.prefix_caching = bool(prefix_caching)
+        if self.max_num_seqs < 1 or self.max_batched_tokens < 1 or self.block_size < 1:
+            raise ValueError("max_num_seqs, max_batched_tokens and block_size must be >= 1")
+        if self.max_len < 2:
+            raise ValueError("need max_len >= 2")
+        if not 0 < memory_fraction <= 1:
+            raise ValueError(f"memory_fraction={memory_fraction}: choose a share in (0, 1]")
+        self.num_blocks = int(num_blocks or self._default_blocks(memory_fraction))
+        if self.num_blocks < 2:
+            raise ValueError(f"num_blocks={self.num_blocks}: need at least 2 (one reserved)")
+        self.pools = executor.init_pools(self.num_blocks, self.block_size)
+        self._max_steps = 1
+
+    # Sizing --------------------------------------------------------------------------------
+    def block_bytes(self) -> int:
+        """Bytes of one block over all layers, K and V (summed over devices)."""
+        c = self.cfg
+        item = jnp.dtype(self.executor.dtype).itemsize
+        return 2 * c.num_hidden_layers * self.block_size * c.hidden_size * item
+
+    def _default_blocks(self, fraction: float) -> int:
+        devices = list(self.executor.mesh.devices.flat)
+        stats = devices[0].memory_stats() or {}
+        limit, used = stats.get("bytes_limit"), stats.get("bytes_in_use")
+        if limit and used is not None:
+            # each device holds its share of the heads of every block
+            c = self.cfg
+            shape = (c.num_attention_heads, 1, self.block_size, c.head_dim)
+            sharding = jax.tree.leaves(self.executor.pool_shardings(1, self.block_size))[0]
+            heads = sharding.shard_shape(shape)[-4]
+            per_device = self.block_bytes() * heads // c.num_attention_heads
+            return max(2, int(max(0, fraction * limit - used) // per_device))
+        per_seq = -(-min(self.max_len, 512) // self.block_size)
+        return self.max_num_seqs * per_seq + 1
+
+    def cache_bytes(self) -> int:
+        return int(sum(x.nbytes for x in jax.tree.leaves(self.pools)))
+
+    # Steps ---------------------------------------------------------------------------------
+    def _fn(self, *key):
+        return _paged_fn(self.cfg, self.block_size, *key)
+
+    def _group(self, works: list[Work], rows: int, t: int, nb: int) -> dict:
+        g = {"tokens": np.zeros((rows, t), np.int32), "tables": np.zeros((rows, nb), np.int32),
+             "start": np.zeros(rows, np.int32), "n_new": np.zeros(rows, np.int32)}
+        for i, w in enumerate(works):
+            n = len(w.tokens)
+            g["tokens"][i, :n] = w.tokens
+            blocks = list(w.blocks)[:nb]
+            g["tables"][i, :len(blocks)] = blocks
+            g["start"][i], g["n_new"][i] = w.start, n
+        return g
+
+    def _sampling(self, works: list[Work | None], penalty: bool, steps: int) -> dict:
+        n = len(works)
+        st = {"seeds": np.zeros(n, np.uint32), "streams": np.zeros(n, np.uint32),
+              "counts": np.zeros(n, np.int32), "temperature": np.zeros(n, np.float32),
+              "top_k": np.zeros(n, np.int32), "top_p": np.ones(n, np.float32),
+              "min_tokens": np.zeros(n, np.int32), "penalty": np.ones(n, np.float32)}
+        for i, w in enumerate(works):
+            if w is None:
+                continue
+            sp = w.request.sampling
+            st["seeds"][i], st["streams"][i], st["counts"][i] = sp.seed, sp.stream, w.count
+            st["temperature"][i], st["top_k"][i], st["top_p"][i] = \
+                sp.temperature, sp.top_k, sp.top_p
+            st["min_tokens"][i], st["penalty"][i] = sp.min_tokens, sp.repetition_penalty
+        if penalty:
+            width = pow2(max(len(w.context) for w in works if w is not None) + steps, 16)
+            hist = np.zeros((n, width), np.int32)
+            lens = np.zeros(n, np.int32)
+            for i, w in enumerate(works):
+                if w is not None and w.request.sampling.repetition_penalty != 1.0:
+                    hist[i, :len(w.context)] = w.context
+                    lens[i] = len(w.context)
+            st["hist"], st["hist_len"] = hist, lens
+        return st
+
+    def step(self, works: Sequence[Work], num_steps: int = 1) -> StepOutput:
+        works = list(works)
+        if not works:
+            raise ValueError("a step needs at least one sequence")
+        for w in works:
+            if w.request.num_top > self.max_logprobs:
+                raise ValueError(f"at most {self.max_logprobs} top log-probs")
+        num_top = self.max_logprobs if any(w.request.num_top for w in works) else 0
+        penalty = any(w.request.sampling.repetition_penalty != 1.0 for w in works)
+        decode = [i for i, w in enumerate(works) if len(w.tokens) == 1]
+        chunks = [i for i, w in enumerate(works) if len(w.tokens) > 1]
+        if num_steps > 1 and chunks:
+            raise ValueError("several steps a dispatch only for decodes")
+        where = np.zeros(len(works), np.int64)  # work -> its row among all rows
+        flat = np.zeros(len(works), np.int64)   # work -> its first token among all tokens
+        # blocks read per row: one bucket for the whole step (fewer programs to compile)
+        nb = pow2(max(-(-(w.start + len(w.tokens) + num_steps - 1) // self.block_size)
+                      for w in works), MIN_BLOCKS)
+        groups, rows = [], []
+        if decode:
+            r = pow2(len(decode), MIN_ROWS)
+            groups.append(self._group([works[i] for i in decode], r, 1, nb))
+            where[decode] = flat[decode] = np.arange(len(decode))
+            rows += [works[i] for i in decode] + [None] * (r - len(decode))
+        if chunks:
+            r = pow2(len(chunks))
+            t = pow2(max(len(works[i].tokens) for i in chunks), MIN_BUCKET)
+            groups.append(self._group([works[i] for i in chunks], r, t, nb))
+            where[chunks] = len(rows) + np.arange(len(chunks))
+            flat[chunks] = len(rows) + t * np.arange(len(chunks))
+            rows += [works[i] for i in chunks] + [None] * (r - len(chunks))
+        sampling = self._sampling(rows, penalty, num_steps)
+        if num_steps > 1 or not chunks and not any(w.targets for w in works):
+            self._max_steps = max(self._max_steps, pow2(num_steps))
+            fn = self._fn("loop", num_top, penalty, self._max_steps)
+            inputs = {"groups": groups, "sampling": sampling,
+                      "num_steps": np.int32(num_steps)}
+            score = False
+        else:
+            score = any(w.targets for w in works)
+            fn = self._fn("step", num_top, score, penalty)
+            inputs = {"groups": groups, "sampling": sampling}
+            if score:
+                targets = np.zeros(sum(g["tokens"].size for g in groups), np.int32)
+                for i, w in enumerate(works):
+                    targets[flat[i]:flat[i] + len(w.targets)] = w.targets
+                inputs["targets"] = targets
+        (out, scores), self.pools = self.executor.paged_run(fn, inputs, self.pools)
+        out, scores = _host((out, scores))
+        toks = Tokens(*(o[:num_steps, where] for o in out))
+        result = StepOutput(toks, [None] * len(works))
+        if score:
+            lp, ids, tlp = scores
+            for i, w in enumerate(works):
+                if w.targets:
+                    a, b = flat[i], flat[i] + len(w.targets)
+                    result.scores[i] = (lp[a:b], None if ids is None else ids[a:b],
+                                        None if tlp is None else tlp[a:b])
+        return result
+
+    def warmup(self, steps: tuple[int, ...] = (1,), prompt_len: int = 8) -> None:
+        """Compile the programs of one short request: its prompt, then decode dispatches of
+        ``steps`` steps (with and without top log-probs)."""
+        bos = self.cfg.bos_token_id
+        blocks = list(range(1, min(self.num_blocks, MIN_BLOCKS + 1)))
+        for k in sorted({0, self.max_logprobs}):
+            req = EngineRequest((bos,) * prompt_len, 1, num_top=k)
+            self.step([Work(-1, req.prompt, 0, blocks, req)])
+            for n in sorted(set(steps)):
+                if prompt_len + n <= len(blocks) * self.block_size:
+                    self.step([Work(-1, (bos,), prompt_len, blocks, req, count=1)], n)
+
+
+#: Default (max_num_seqs, max_batched_tokens) on GPUs and on CPUs.  A step's cost is its
+#: weight reads plus its tokens' products: on a GPU a 512-token step of opt-6.7b is compute
+#: bound (tens of ms), so a long prompt joins running streams in 512-token chunks without
+#: freezing them; a CPU computes far fewer tokens a second, so its chunks are 128 tokens.
+DEFAULTS = {"gpu": (64, 512), "cpu": (16, 128)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Slot engine (executors without a paged step: pipeline, Ray)
+# ---------------------------------------------------------------------------------------------
+def sample_step(num_top: int, eos: int | None, logits, state):
+    """``decode_loop`` step: per-row sampling + log-probs (EOS banned below min_tokens);
+    state = (seeds, streams, counts, temperature, top_k, top_p, min_tokens)."""
+    seeds, streams, counts, temperature, top_k, top_p, min_tokens = state
+    st = {"seeds": seeds, "streams": streams, "counts": counts, "temperature": temperature,
+          "top_k": top_k, "top_p": top_p, "min_tokens": min_tokens}
+    tok, out = _draw(logits, st, num_top, eos, False)
+    return tok, (seeds, streams, counts + 1, temperature, top_k, top_p, min_tokens), out
+
+
+@functools.cache
+def step_fn(num_top: int, eos: int | None):
+    """One stable function object per (``num_top``, EOS id): executors cache compiled
+    decode loops by the step function's identity, so every engine shares them."""
+    return functools.partial(sample_step, num_top, eos)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _first_token(num_top, eos, logits, state):
+    return sample_step(num_top, eos, logits, state)[2]
+
+
+_sample_jit = jax.jit(sample_step, static_argnums=(0, 1))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _score_prompt(num_top, logits, tokens):
+    """Log-probs of tokens[1:] under logits[:-1] (one row)."""
+    return token_logprobs(logits[0, :-1], tokens[0, 1:], num_top)
+
+
+@dataclass
 class Prefix:
-    """A prefilled prompt: engine-private state, cache positions used, its first token
-    (a one-row :class:`Tokens`) and, when asked, log-probs of prompt tokens 1..T-1."""
+    """A prefilled prompt of :class:`ModelEngine`: its one-row cache, positions used, its
+    first token (a one-row :class:`Tokens`) and, when asked, log-probs of prompt tokens
+    1..T-1."""
 
     state: Any
     length: int
@@ -83,83 +501,33 @@ class Prefix:
     request: EngineRequest | None = None
 
 
-class Engine(Protocol):
-    max_slots: int
-    max_len: int          # most tokens (prompt + generated) one sequence may hold
-    vocab_size: int
-    eos_token_id: int | None
-    max_logprobs: int
-
-    def prefill(self, request: EngineRequest) -> Prefix: ...
-    def insert(self, prefix: Prefix, slot: int) -> None: ...
-    def generate(self, num_steps: int = 1) -> Tokens: ...
-    def free(self, slot: int) -> None: ...
-
-
-# ---------------------------------------------------------------------------------------------
-# Pure functions (jitted once per shape)
-# ---------------------------------------------------------------------------------------------
-def sample_step(num_top: int, logits, state):
-    """``decode_loop`` step: per-row sampling + log-probs;
-    state = (seeds, streams, counts, temperature, top_k, top_p)."""
-    seeds, streams, counts, temperature, top_k, top_p = state
-    tok = sample_tokens(logits, seeds, streams, counts, temperature, top_k, top_p)
-    lp, top_ids, top_lp = token_logprobs(logits, tok, num_top)
-    out = (tok, lp) if num_top == 0 else (tok, lp, top_ids, top_lp)
-    return tok, (seeds, streams, counts + 1, temperature, top_k, top_p), out
-
-
-@functools.cache
-def step_fn(num_top: int):
-    """One stable function object per ``num_top``: executors cache compiled decode loops
-    by the step function's identity, so every engine shares them."""
-    return functools.partial(sample_step, num_top)
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _first_token(num_top, logits, state):
-    return sample_step(num_top, logits, state)[2]
-
-
-_sample_jit = jax.jit(sample_step, static_argnums=0)
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _score_prompt(num_top, logits, tokens):
-    """Log-probs of tokens[1:] under logits[:-1] (one row)."""
-    return token_logprobs(logits[0, :-1], tokens[0, 1:], num_top)
-
-
-def _tokens(out, num_top: int) -> Tokens:
-    out = jax.device_get(out)
-    if num_top:
-        return Tokens(np.asarray(out[0]), np.asarray(out[1]), np.asarray(out[2]),
-                      np.asarray(out[3]))
-    return Tokens(np.asarray(out[0]), np.asarray(out[1]))
-
-
-def bucket_length(n: int, limit: int) -> int:
-    """Padded prompt length: the next power of two (>= 16), but never above ``limit``
-    (the room left in a slot) unless the prompt itself is longer."""
-    b = max(MIN_BUCKET, 1 << max(n - 1, 0).bit_length())
-    return max(n, min(b, limit))
-
-
 class ModelEngine:
-    """Slots over an executor: one KV cache of ``max_slots`` rows of ``max_len`` positions.
+    """Slots over any executor (``init_cache``, ``prefill``, ``insert`` and ``decode_loop``
+    or ``decode``): one KV cache of ``max_slots`` rows of ``max_len`` positions.
 
-    ``max_logprobs`` bounds the top alternatives per token (two compiled decode variants:
-    without and with top-``max_logprobs``).
+    For executors without a paged step (pipeline, Ray).  :meth:`step` runs on its own slot
+    calls: ``prefill(request)`` a whole prompt at batch 1, ``insert(prefix, slot)`` it into
+    a row, ``generate(n)`` every slot n tokens (dead rows compute garbage nobody reads), so
+    a step costs ``max_slots x max_len`` whatever is live.  In the scheduler's block terms a
+    slot is one block of ``max_len`` positions (block ``slot + 1``).  No chunked prefill,
+    no prefix caching, no repetition penalty.
     """
+
+    chunked_prefill = False
+    prefix_caching = False
+    penalties = False
 
     def __init__(self, executor, max_slots: int = 16, max_len: int | None = None,
                  max_logprobs: int = 5):
         cfg = executor.cfg
         self.executor = executor
         self.cfg = cfg
-        self.max_slots = int(max_slots)
+        self.max_slots = self.max_num_seqs = int(max_slots)
         self.max_len = int(min(max_len or cfg.max_position_embeddings,
                                cfg.max_position_embeddings))
+        self.block_size = self.max_len
+        self.num_blocks = self.max_slots + 1
+        self.max_batched_tokens = self.max_len * self.max_slots
         self.vocab_size = cfg.vocab_size
         self.eos_token_id = cfg.eos_token_id
         self.pad_token_id = cfg.pad_token_id
@@ -175,17 +543,18 @@ class ModelEngine:
         self._temp = np.zeros(b, np.float32)
         self._top_k = np.zeros(b, np.int32)
         self._top_p = np.ones(b, np.float32)
+        self._min_tokens = np.zeros(b, np.int32)
         self._num_top = np.zeros(b, np.int32)
 
-    # The three calls --------------------------------------------------------------------------
-    def prefill(self, request: EngineRequest) -> Prefix:
+    # Slot calls ------------------------------------------------------------------------------
+    def prefill(self, request: EngineRequest, count: int = 0) -> Prefix:
+        """Prefill one prompt alone; its first token is generated token ``count``."""
         n = len(request.prompt)
-        if not 1 <= n <= self.max_len or n + request.max_tokens > self.max_len:
-            raise ValueError(f"prompt of {n} + {request.max_tokens} tokens does not fit "
-                             f"{self.max_len} positions")
+        if not 1 <= n <= self.max_len:
+            raise ValueError(f"a prompt of {n} tokens does not fit {self.max_len} positions")
         if request.num_top > self.max_logprobs:
             raise ValueError(f"at most {self.max_logprobs} top log-probs")
-        t = bucket_length(n, self.max_len - request.max_tokens)
+        t = bucket_length(n, self.max_len)
         tokens = np.full((1, t), self.pad_token_id, np.int32)
         mask = np.zeros((1, t), np.int32)
         tokens[0, t - n:] = request.prompt
@@ -197,46 +566,50 @@ class ModelEngine:
         sp = request.sampling
         num_top = self.max_logprobs if request.num_top else 0
         state = (np.array([sp.seed], np.uint32), np.array([sp.stream], np.uint32),
-                 np.zeros(1, np.int32),
+                 np.array([count], np.int32),
                  np.array([sp.temperature], np.float32), np.array([sp.top_k], np.int32),
-                 np.array([sp.top_p], np.float32))
-        first = _tokens(_first_token(num_top, last, state), num_top)
+                 np.array([sp.top_p], np.float32), np.array([sp.min_tokens], np.int32))
+        first = Tokens(*_host(_first_token(num_top, self.eos_token_id, last, state)))
         prefix = Prefix(state=cache, length=t, first=first, request=request)
         if request.prompt_logprobs:  # scored over the whole bucket, real tokens sliced out
-            lp, ids, tlp = jax.device_get(_score_prompt(num_top, logits, tokens))
-            prefix.prompt_logprobs = np.asarray(lp)[t - n:]
+            lp, ids, tlp = _host(_score_prompt(num_top, logits, tokens))
+            prefix.prompt_logprobs = lp[t - n:]
             if num_top:
-                prefix.prompt_top_ids = np.asarray(ids)[t - n:]
-                prefix.prompt_top_logprobs = np.asarray(tlp)[t - n:]
+                prefix.prompt_top_ids = ids[t - n:]
+                prefix.prompt_top_logprobs = tlp[t - n:]
         return prefix
 
-    def insert(self, prefix: Prefix, slot: int) -> None:
+    def insert(self, prefix: Prefix, slot: int, count: int = 1) -> None:
+        """Copy a prefilled prompt into ``slot``; its next token is generated token
+        ``count``."""
         request = prefix.request
         self.cache = self.executor.insert(self.cache, prefix.state, slot)
         sp = request.sampling
         self._last[slot] = prefix.first.ids[0]
-        self._seeds[slot] = sp.seed
-        self._streams[slot] = sp.stream
-        self._counts[slot] = 1  # draw 0 gave the first token
-        self._temp[slot] = sp.temperature
-        self._top_k[slot] = sp.top_k
-        self._top_p[slot] = sp.top_p
+        self._set(slot, sp, count)
         self._num_top[slot] = request.num_top
+
+    def _set(self, slot: int, sp: SamplingParams, count: int) -> None:
+        self._seeds[slot], self._streams[slot], self._counts[slot] = sp.seed, sp.stream, count
+        self._temp[slot], self._top_k[slot], self._top_p[slot] = \
+            sp.temperature, sp.top_k, sp.top_p
+        self._min_tokens[slot] = sp.min_tokens
 
     def generate(self, num_steps: int = 1) -> Tokens:
         num_top = self.max_logprobs if self._num_top.any() else 0
-        state = (self._seeds, self._streams, self._counts, self._temp, self._top_k, self._top_p)
+        state = (self._seeds, self._streams, self._counts, self._temp, self._top_k,
+                 self._top_p, self._min_tokens)
         if hasattr(self.executor, "decode_loop"):  # several steps in one dispatch
             _, self.cache, _, out = self.executor.decode_loop(
-                step_fn(num_top), self._last, self.cache, state, num_steps)
+                step_fn(num_top, self.eos_token_id), self._last, self.cache, state, num_steps)
         else:  # an executor with only decode(): one dispatch per step
             outs, tokens = [], self._last
             for _ in range(num_steps):
                 logits, self.cache = self.executor.decode(tokens, self.cache)
-                tokens, state, o = _sample_jit(num_top, logits, state)
+                tokens, state, o = _sample_jit(num_top, self.eos_token_id, logits, state)
                 outs.append(o)
             out = jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
-        toks = _tokens(out, num_top)
+        toks = Tokens(*_host(out))
         self._last = toks.ids[-1].astype(np.int32)
         self._counts = self._counts + num_steps
         return toks
@@ -244,6 +617,56 @@ class ModelEngine:
     def free(self, slot: int) -> None:
         self._num_top[slot] = 0
         self._temp[slot] = 0.0
+
+    # The step contract -------------------------------------------------------------------------
+    def step(self, works: Sequence[Work], num_steps: int = 1) -> StepOutput:
+        """Decode works first (every slot advances), then prefill + insert each new prompt
+        (overwriting whatever its slot computed)."""
+        works = list(works)
+        for w in works:
+            if w.request.sampling.repetition_penalty != 1.0:
+                raise ValueError("this engine has no repetition penalty")
+        k = self.max_logprobs
+        rows = len(works)
+        ids, lps = np.zeros((num_steps, rows), np.int64), np.zeros((num_steps, rows))
+        tids, tlps = np.zeros((num_steps, rows, k), np.int64), np.zeros((num_steps, rows, k))
+        scores: list = [None] * rows
+        live = {w.blocks[0] - 1 for w in works}
+        for slot in range(self.max_slots):
+            if slot not in live:
+                self.free(slot)
+        decode = [(i, w) for i, w in enumerate(works) if w.start > 0]
+        if decode:
+            for _, w in decode:
+                slot = w.blocks[0] - 1
+                self._last[slot] = w.tokens[-1]
+                self._set(slot, w.request.sampling, w.count)
+                self._num_top[slot] = w.request.num_top
+            toks = self.generate(num_steps)
+            for i, w in decode:
+                slot = w.blocks[0] - 1
+                ids[:, i], lps[:, i] = toks.ids[:, slot], toks.logprobs[:, slot]
+                if toks.top_ids is not None:
+                    tids[:, i], tlps[:, i] = toks.top_ids[:, slot], toks.top_logprobs[:, slot]
+        for i, w in enumerate(works):
+            if w.start > 0:
+                continue
+            r = w.request
+            p = self.prefill(EngineRequest(tuple(w.tokens), r.max_tokens, r.sampling,
+                                           r.num_top, bool(w.targets)), w.count)
+            self.insert(p, w.blocks[0] - 1, w.count + 1)
+            ids[0, i], lps[0, i] = p.first.ids[0], p.first.logprobs[0]
+            if p.first.top_ids is not None:
+                tids[0, i], tlps[0, i] = p.first.top_ids[0], p.first.top_logprobs[0]
+            if w.targets:
+                m = len(w.targets)
+                scores[i] = (p.prompt_logprobs[:m],
+                             None if p.prompt_top_ids is None else p.prompt_top_ids[:m],
+                             None if p.prompt_top_logprobs is None
+                             else p.prompt_top_logprobs[:m])
+        if not any(w.request.num_top for w in works):
+            return StepOutput(Tokens(ids, lps), scores)
+        return StepOutput(Tokens(ids, lps, tids, tlps), scores)
 
     def warmup(self, steps: tuple[int, ...] = (1,), prompt_len: int = 8) -> None:
         """Compile the smallest prefill and the decode variants (with and without top
@@ -260,11 +683,27 @@ class ModelEngine:
         return int(sum(x.nbytes for x in jax.tree.leaves(self.cache)))
 
 
+def make_engine(executor, **kw):
+    """:class:`PagedEngine` where the executor has a paged step, else :class:`ModelEngine`
+    (``max_num_seqs`` -> its slots; paged-only options are dropped)."""
+    if hasattr(executor, "paged_run"):
+        return PagedEngine(executor, **kw)
+    slots = kw.get("max_num_seqs") or DEFAULTS["cpu"][0]
+    return ModelEngine(executor, max_slots=slots, max_len=kw.get("max_len"),
+                       max_logprobs=kw.get("max_logprobs", 5))
+
+
 def describe(engine) -> str:
+    if isinstance(engine, PagedEngine):
+        return (f"PagedEngine: {engine.num_blocks - 1} blocks x {engine.block_size} tokens "
+                f"(KV cache {engine.cache_bytes() / 2**20:.1f} MiB), up to "
+                f"{engine.max_num_seqs} sequences of {engine.max_len} tokens, "
+                f"{engine.max_batched_tokens} tokens a step")
     return (f"{type(engine).__name__}: {engine.max_slots} slots x {engine.max_len} tokens"
             + (f", KV cache {engine.cache_bytes() / 2**20:.1f} MiB"
                if hasattr(engine, "cache_bytes") else ""))
 
 
-__all__ = ["Engine", "EngineRequest", "ModelEngine", "Prefix", "SamplingParams", "Tokens",
-           "bucket_length", "describe"]
+__all__ = ["DEFAULTS", "Engine", "EngineRequest", "ModelEngine", "PagedEngine", "Prefix",
+           "SamplingParams", "StepOutput", "Tokens", "Work", "bucket_length", "describe",
+           "make_engine"]

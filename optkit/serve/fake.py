@@ -23,10 +23,11 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 
 import numpy as np
 
-from optkit.serve.engine import EngineRequest, Prefix, SamplingParams, Tokens
+from optkit.serve.engine import StepOutput, Tokens, Work
 
 EOT = 0
 
@@ -51,95 +52,84 @@ def alternatives(token: int, k: int) -> tuple[list[int], list[float]]:
     return ids, [math.log(2.0 ** -(j + 1)) for j in range(k)]
 
 
-class _Row:
-    """One sequence's state: its last token, the tokens seen and its sampling parameters."""
-
-    def __init__(self, prompt: tuple[int, ...], sampling: SamplingParams):
-        self.last = int(prompt[-1])
-        self.seen = set(prompt)
-        self.generated = 0
-        self.sampling = sampling
-
-    def next(self, k: int) -> tuple[int, float, list[int], list[float]]:
-        """Choose the next token -> (token, its log-prob, top k ids, their log-probs)."""
-        ids, lps = alternatives(successor(self.last), max(k, 4))
-        sp = self.sampling
-        scores = [lp * sp.repetition_penalty if t in self.seen else lp
-                  for t, lp in zip(ids, lps, strict=True)]
-        if self.generated < sp.min_tokens:
-            scores = [-math.inf if t == EOT else s for t, s in zip(ids, scores, strict=True)]
-        i = int(np.argmax(scores))
-        self.last = ids[i]
-        self.seen.add(ids[i])
-        self.generated += 1
-        return ids[i], lps[i], ids[:k], lps[:k]
+def choose(last: int, seen: set[int], generated: int, work: Work,
+           k: int) -> tuple[int, float, list[int], list[float]]:
+    """The next token after ``last`` -> (token, its log-prob, top k ids, their log-probs)."""
+    ids, lps = alternatives(successor(last), max(k, 4))
+    sp = work.request.sampling
+    scores = [lp * sp.repetition_penalty if t in seen else lp
+              for t, lp in zip(ids, lps, strict=True)]
+    if generated < sp.min_tokens:
+        scores = [-math.inf if t == EOT else s for t, s in zip(ids, scores, strict=True)]
+    i = int(np.argmax(scores))
+    return ids[i], lps[i], ids[:k], lps[:k]
 
 
 class FakeEngine:
     """The engine contract (see :mod:`optkit.serve.engine`) without a model.
 
-    ``prefill_delay`` / ``step_delay`` are seconds slept per prefill / per decode step, so
-    tests can hold requests in flight; ``calls`` counts each method's calls.
+    ``max_slots`` sequences in flight, blocks of 16 tokens (enough for each of them to hold
+    ``max_len`` tokens), prompts chunked by ``max_batched_tokens``.  ``prefill_delay`` /
+    ``step_delay`` are seconds slept per prompt started / per decode step (of steps with
+    decodes), so tests can hold requests in flight; ``calls`` counts ``prefill`` (works
+    starting a prompt), ``generate`` (decode-only dispatches) and ``step`` (every call);
+    ``works`` is the last step's works.
     """
 
     vocab_size = 128
     eos_token_id = EOT
+    block_size = 16
+    chunked_prefill = True
+    prefix_caching = True
+    penalties = True
 
     def __init__(self, max_slots: int = 4, max_len: int = 256, max_logprobs: int = 5,
-                 prefill_delay: float = 0.0, step_delay: float = 0.0):
-        self.max_slots = max_slots
+                 prefill_delay: float = 0.0, step_delay: float = 0.0,
+                 max_batched_tokens: int = 64, num_blocks: int | None = None):
+        self.max_slots = self.max_num_seqs = max_slots
         self.max_len = max_len
         self.max_logprobs = max_logprobs
+        self.max_batched_tokens = max_batched_tokens
+        self.num_blocks = num_blocks or max_slots * -(-max_len // self.block_size) + 1
         self.prefill_delay = prefill_delay
         self.step_delay = step_delay
-        self.rows: list[_Row | None] = [None] * max_slots
-        self.calls = {"prefill": 0, "insert": 0, "generate": 0, "free": 0}
+        self.calls = {"prefill": 0, "generate": 0, "step": 0}
+        self.works: list[Work] = []
 
-    def _tokens(self, picks: list[tuple], k: int, with_top: bool = True) -> Tokens:
-        ids = np.array([p[0] for p in picks], np.int64)
-        lps = np.array([p[1] for p in picks])
-        if not with_top:
-            return Tokens(ids, lps)
-        return Tokens(ids, lps, np.array([p[2] for p in picks], np.int64).reshape(len(picks), k),
-                      np.array([p[3] for p in picks], float).reshape(len(picks), k))
-
-    def prefill(self, request: EngineRequest) -> Prefix:
-        self.calls["prefill"] += 1
-        n = len(request.prompt)
-        if not 1 <= n or n + request.max_tokens > self.max_len:
-            raise ValueError(f"prompt of {n} + {request.max_tokens} tokens does not fit "
-                             f"{self.max_len} positions")
-        time.sleep(self.prefill_delay)
-        k = self.max_logprobs if request.num_top else 0
-        row = _Row(request.prompt, request.sampling)
-        prefix = Prefix(state=row, length=n, first=self._tokens([row.next(k)], k, bool(k)),
-                        request=request)
-        if request.prompt_logprobs:
-            p = request.prompt
-            prefix.prompt_logprobs = np.array(
-                [math.log(0.5) if p[i] == successor(p[i - 1]) else math.log(1 / 128)
-                 for i in range(1, n)])
-            if k:
-                tops = [alternatives(successor(p[i - 1]), k) for i in range(1, n)]
-                prefix.prompt_top_ids = np.array([t[0] for t in tops]).reshape(n - 1, k)
-                prefix.prompt_top_logprobs = np.array([t[1] for t in tops]).reshape(n - 1, k)
-        return prefix
-
-    def insert(self, prefix: Prefix, slot: int) -> None:
-        self.calls["insert"] += 1
-        self.rows[slot] = prefix.state
-
-    def generate(self, num_steps: int = 1) -> Tokens:
-        self.calls["generate"] += 1
-        time.sleep(self.step_delay * num_steps)
-        k, idle = self.max_logprobs, (EOT, 0.0, [EOT] * self.max_logprobs,
-                                      [0.0] * self.max_logprobs)
-        steps = [self._tokens([r.next(k) if r is not None else idle for r in self.rows], k)
-                 for _ in range(num_steps)]
-        return Tokens(np.stack([s.ids for s in steps]), np.stack([s.logprobs for s in steps]),
-                      np.stack([s.top_ids for s in steps]),
-                      np.stack([s.top_logprobs for s in steps]))
-
-    def free(self, slot: int) -> None:
-        self.calls["free"] += 1
-        self.rows[slot] = None
+    def step(self, works: Sequence[Work], num_steps: int = 1) -> StepOutput:
+        self.calls["step"] += 1
+        self.works = list(works)
+        starting = sum(w.start == 0 for w in works)
+        self.calls["prefill"] += starting
+        if all(len(w.tokens) == 1 and w.start > 0 for w in works):
+            self.calls["generate"] += 1
+        decodes = any(w.start > 0 and len(w.tokens) == 1 for w in works)
+        time.sleep(self.prefill_delay * starting + self.step_delay * num_steps * decodes)
+        k = self.max_logprobs
+        rows = []
+        for w in works:
+            last, seen, picks = int(w.tokens[-1]), set(w.context) | set(w.tokens), []
+            for j in range(num_steps):
+                pick = choose(last, seen, w.count + j, w, k)
+                last = pick[0]
+                seen.add(last)
+                picks.append(pick)
+            rows.append(picks)
+        toks = Tokens(np.array([[r[j][0] for r in rows] for j in range(num_steps)], np.int64),
+                      np.array([[r[j][1] for r in rows] for j in range(num_steps)]),
+                      np.array([[r[j][2] for r in rows] for j in range(num_steps)],
+                               np.int64).reshape(num_steps, len(works), k),
+                      np.array([[r[j][3] for r in rows] for j in range(num_steps)],
+                               float).reshape(num_steps, len(works), k))
+        scores = []
+        for w in works:
+            if not w.targets:
+                scores.append(None)
+                continue
+            pairs = list(zip(w.tokens, w.targets, strict=False))
+            lp = np.array([math.log(0.5) if t == successor(p) else math.log(1 / 128)
+                           for p, t in pairs])
+            tops = [alternatives(successor(p), k) for p, _ in pairs]
+            scores.append((lp, np.array([t[0] for t in tops]).reshape(len(pairs), k),
+                           np.array([t[1] for t in tops]).reshape(len(pairs), k)))
+        return StepOutput(toks, scores)

@@ -18,11 +18,17 @@ class Metrics:
 
     def __init__(self, prefix: str = "optkit"):
         r = self.registry = CollectorRegistry()
-        self.queue_depth = Gauge(f"{prefix}_queue_depth", "sequences waiting for a slot",
-                                 registry=r)
-        self.running = Gauge(f"{prefix}_running_sequences", "sequences holding a slot",
+        self.queue_depth = Gauge(f"{prefix}_queue_depth",
+                                 "sequences waiting (queued or preempted)", registry=r)
+        self.running = Gauge(f"{prefix}_running_sequences", "sequences holding KV blocks",
                              registry=r)
-        self.free_slots = Gauge(f"{prefix}_free_slots", "decode slots free", registry=r)
+        self.free_slots = Gauge(f"{prefix}_free_slots",
+                                "sequences that may still start (max_num_seqs - running)",
+                                registry=r)
+        self.blocks_used = Gauge(f"{prefix}_kv_blocks_used", "KV-cache blocks held",
+                                 registry=r)
+        self.blocks_free = Gauge(f"{prefix}_kv_blocks_free",
+                                 "KV-cache blocks free or only cached", registry=r)
         self.cache_tokens = Gauge(f"{prefix}_cache_tokens", "KV-cache positions in use",
                                   registry=r)
         self.cache_usage = Gauge(f"{prefix}_cache_usage_ratio",
@@ -40,6 +46,14 @@ class Metrics:
                                      registry=r)
         self.generation_tokens = Counter(f"{prefix}_generation_tokens", "tokens generated",
                                          registry=r)
+        self.prefix_queries = Counter(f"{prefix}_prefix_cache_queries",
+                                      "prompt tokens looked up in the prefix cache",
+                                      registry=r)
+        self.prefix_hits = Counter(f"{prefix}_prefix_cache_hits",
+                                   "prompt tokens found in the prefix cache", registry=r)
+        self.preemptions = Counter(f"{prefix}_preemptions",
+                                   "sequences preempted (blocks freed, recomputed later)",
+                                   registry=r)
         self.finished = Counter(f"{prefix}_sequences_finished", "finished sequences",
                                 ["reason"], registry=r)
         self.rejected = Counter(f"{prefix}_requests_rejected", "requests refused",
@@ -54,6 +68,8 @@ class Metrics:
         self.running.set_function(stat("running"))
         self.free_slots.set_function(stat("free_slots"))
         self.cache_tokens.set_function(stat("cache_tokens"))
+        self.blocks_used.set_function(stat("blocks_used"))
+        self.blocks_free.set_function(stat("blocks_free"))
 
         def usage():
             s = scheduler.stats()

@@ -6,19 +6,36 @@ Threads and queues (one engine thread; the HTTP side never waits on it)::
   ----------------------------                  ------------------------------------------
   POST /v1/completions                          loop:
     tokenize + validate                           1. apply cancellations: drop from the queue
-    submit(seqs) --push--> [waiting: FairQueue]      or engine.free(slot)
-               (lock)       one FIFO per key  -->  2. admit while a slot is free and the token
-                            weighted by key          budget allows: engine.prefill(request)
-    handle.cancel() -----> [cancel list]             -> engine.insert(prefix, slot)
-    (client gone, Stop)       (lock)               3. engine.generate(n): one token per live
-                                                     slot (n > 1 only while nobody waits)
-  per-request asyncio.Queue <--------------------  4. per sequence: stop on EOS / stop string /
-    -> SSE chunks or JSON     call_soon_threadsafe   max_tokens, free its slot at once, send
-                              (never blocks)         the released text + log-probs
+    submit(seqs) --push--> [waiting: FairQueue]      or free the sequence's blocks
+               (lock)       one FIFO per key  -->  2. plan a step (below)
+                            weighted by key        3. engine.step(works): one forward over
+    handle.cancel() -----> [cancel list]              the step's decodes and prompt chunks
+    (client gone, Stop)       (lock)               4. per sequence: stop on EOS / stop string /
+                                                     max_tokens, free its blocks at once,
+  per-request asyncio.Queue <--------------------    send the released text + log-probs
+    -> SSE chunks or JSON     call_soon_threadsafe
+                              (never blocks)
   GET /health, /metrics  <-- stats(): plain reads of counters the engine thread keeps
 
+Planning a step (``engine.max_batched_tokens`` new tokens at most):
+
+1. every running sequence whose tokens are all in the cache but its last decodes one token
+   (all of them, whatever the budget); each first gets the block its next token needs.  When
+   no block is left, the most recently admitted sequence is *preempted*: its blocks are
+   freed and it goes back to the front of the line, to be recomputed (prompt + what it has
+   generated, as a prompt) when blocks free up -- its tokens do not change;
+2. sequences still prefilling continue with the next chunk of their prompt, oldest first;
+3. the budget left admits new sequences (preempted ones first, then the fair queue) while
+   fewer than ``engine.max_num_seqs`` run and the blocks of their whole prompt are free,
+   besides one block for each running sequence's next tokens (cached prompt blocks are
+   shared instead: prefix caching).
+
+So several short prompts prefill in one step, a long one is split over steps, and a running
+stream gets a token every step whatever arrives.  While nobody waits and no prompt is being
+prefilled, ``steps_per_dispatch`` decode steps run in one dispatch.
+
 ``policy="static"`` is Alpa's scheme, kept as the benchmark baseline: wait until
-``max_slots`` requests are queued (or the oldest has waited ``static_wait`` s), run them
+``max_num_seqs`` requests are queued (or the oldest has waited ``static_wait`` s), run them
 together to completion, and only then admit the next batch.
 """
 
@@ -31,7 +48,10 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from optkit.serve.engine import Engine, EngineRequest, Prefix, SamplingParams
+import numpy as np
+
+from optkit.serve.blocks import BlockManager
+from optkit.serve.engine import Engine, EngineRequest, SamplingParams, Work
 from optkit.serve.queue import FairQueue
 from optkit.serve.text import Codec, TextStream, TokenEntry, prompt_entries
 
@@ -98,7 +118,7 @@ class Handle:
     key: str | None
     on_output: OnOutput | None = field(repr=False)
     scheduler: Scheduler = field(repr=False)
-    state: str = "waiting"          # waiting -> running -> done
+    state: str = "waiting"          # waiting -> running (admitted; maybe preempted) -> done
     finish_reason: str | None = None
     t_submit: float = field(default_factory=time.perf_counter)
     t_first: float | None = None
@@ -106,14 +126,18 @@ class Handle:
     t_done: float | None = None
     generated: int = 0
     cum_logprob: float = 0.0
-    slot: int | None = None
-    length: int = 0                 # cache positions in use
+    tokens: list[int] = field(default_factory=list, repr=False)  # prompt + generated
+    computed: int = 0               # leading tokens whose K/V are in the blocks
+    preemptions: int = 0
     admitted: bool = False
     cancel_requested: bool = False
     stream: TextStream | None = field(default=None, repr=False)
     prompt_text: str | None = field(default=None, repr=False)
     prompt_entries: list[TokenEntry] | None = field(default=None, repr=False)
     prompt_sent: bool = False
+    prompt_scores: list | None = field(default=None, repr=False)  # [lp, ids, top lp] arrays
+    scored: int = 0                 # prompt positions [0, scored) have their scores
+    noted: int = 0                  # ... kept with their cached blocks up to here
 
     @property
     def cost(self) -> int:
@@ -123,16 +147,26 @@ class Handle:
     def done(self) -> bool:
         return self.state == "done"
 
+    @property
+    def scoring(self) -> bool:
+        """Whether the prompt's log-probs are wanted (echo + logprobs)."""
+        r = self.request
+        return r.echo and r.logprobs is not None and len(r.prompt) > 1
+
     def cancel(self) -> None:
         self.scheduler.cancel(self)
 
 
 class Scheduler:
-    """Feeds an :class:`~optkit.serve.engine.Engine` from a queue on its own thread."""
+    """Feeds an :class:`~optkit.serve.engine.Engine` from a queue on its own thread.
+
+    ``prefix_caching=False`` turns sharing of cached prompt blocks off (outputs are the
+    same either way)."""
 
     def __init__(self, engine: Engine, codec: Codec, limits: Limits = Limits(),
                  weights: Mapping[str, float] | None = None, policy: str = "continuous",
-                 static_wait: float = 0.0, steps_per_dispatch: int = 4, metrics=None):
+                 static_wait: float = 0.0, steps_per_dispatch: int = 4, metrics=None,
+                 prefix_caching: bool = True):
         if policy not in ("continuous", "static"):
             raise ValueError(f"policy must be 'continuous' or 'static', not {policy!r}")
         self.engine, self.codec, self.limits = engine, codec, limits
@@ -140,19 +174,22 @@ class Scheduler:
         self.steps_per_dispatch = max(1, int(steps_per_dispatch))
         self.metrics = metrics
         self.max_prompt_len = min(limits.max_prompt_len or engine.max_len, engine.max_len)
-        self.budget = limits.max_tokens_in_flight or engine.max_slots * engine.max_len
+        self.budget = limits.max_tokens_in_flight or engine.max_num_seqs * engine.max_len
+        self.blocks = BlockManager(engine.num_blocks, engine.block_size,
+                                   prefix_caching and engine.prefix_caching)
         self._cond = threading.Condition()
         self._queue = FairQueue(weights)
         self._cancels: list[Handle] = []
         self._active: dict[int, Handle] = {}    # waiting or running (leak checks)
-        self._live: dict[int, Handle] = {}      # slot -> running sequence (engine thread)
-        self._free = list(range(engine.max_slots - 1, -1, -1))
+        self._running: dict[int, Handle] = {}   # id -> admitted and holding blocks, in order
+        self._resume: list[Handle] = []         # preempted: admitted again first
         self._reserved = 0
         self._cache_used = 0
         self._ids = itertools.count()
         self._stopping = False
         self._thread: threading.Thread | None = None
         self.steps = 0
+        self.preemptions = 0
 
     # Public API (any thread) ----------------------------------------------------------------
     def check(self, r: SeqRequest) -> None:
@@ -171,6 +208,10 @@ class Scheduler:
         if n + r.max_tokens > self.budget:
             raise RequestError(f"prompt + max_tokens = {n + r.max_tokens} exceeds the "
                                f"server's {self.budget} tokens in flight", "max_tokens")
+        if self.blocks.blocks_for(n + r.max_tokens) > self.blocks.usable:
+            raise RequestError(f"prompt + max_tokens = {n + r.max_tokens} tokens do not fit "
+                               f"the server's KV cache ({self.blocks.usable} blocks of "
+                               f"{self.blocks.block_size})", "max_tokens")
         bad = [t for t in r.prompt if not 0 <= t < self.engine.vocab_size]
         if bad:
             raise RequestError(f"token id {bad[0]} is outside the vocabulary "
@@ -178,6 +219,11 @@ class Scheduler:
         if r.logprobs is not None and not 0 <= r.logprobs <= self.engine.max_logprobs:
             raise RequestError(f"logprobs must be between 0 and {self.engine.max_logprobs}",
                                "logprobs")
+        if r.sampling.repetition_penalty != 1.0 and not self.engine.penalties:
+            raise RequestError("this server's engine has no repetition penalty",
+                               "repetition_penalty")
+        if not r.sampling.repetition_penalty > 0:
+            raise RequestError("repetition_penalty must be positive", "repetition_penalty")
 
     def submit(self, requests: Sequence[SeqRequest], key: str | None = None,
                on_output: OnOutput | None = None) -> list[Handle]:
@@ -192,6 +238,7 @@ class Scheduler:
                                 f"{self.limits.max_queue}); retry later")
             handles = [Handle(next(self._ids), r, key, on_output, self) for r in requests]
             for h in handles:
+                h.tokens = list(h.request.prompt)
                 self._queue.push(h, key)
                 self._active[h.id] = h
             self._cond.notify()
@@ -227,10 +274,14 @@ class Scheduler:
         return self._thread is not None and self._thread.is_alive()
 
     def stats(self) -> dict:
-        e = self.engine
-        return {"waiting": len(self._queue), "running": len(self._live),
-                "free_slots": len(self._free), "slots": e.max_slots,
-                "cache_tokens": self._cache_used, "cache_capacity": e.max_slots * e.max_len,
+        e, b = self.engine, self.blocks
+        running = len(self._running)
+        return {"waiting": len(self._queue) + len(self._resume), "running": running,
+                "free_slots": e.max_num_seqs - running, "slots": e.max_num_seqs,
+                "cache_tokens": self._cache_used, "cache_capacity": b.usable * b.block_size,
+                "blocks_used": b.num_used, "blocks_free": b.num_free,
+                "prefix_cache_queries": b.queries, "prefix_cache_hits": b.hits,
+                "preemptions": self.preemptions,
                 "tokens_in_flight": self._reserved, "active": len(self._active),
                 "steps": self.steps, "alive": self.alive}
 
@@ -238,12 +289,12 @@ class Scheduler:
     def _ready(self, forming: bool = False) -> tuple[bool, float | None]:
         """(may admit now, seconds until that may change) -- under the lock.  ``forming``:
         a static batch is being filled."""
-        if not self._queue or not self._free:
+        if not (self._queue or self._resume) or len(self._running) >= self.engine.max_num_seqs:
             return False, None
         if self.policy == "static" and not forming:
-            if self._live:
+            if self._running:
                 return False, None
-            if len(self._queue) < self.engine.max_slots:
+            if len(self._queue) < self.engine.max_num_seqs and not self._resume:
                 head = self._queue.peek()
                 left = head.t_submit + self.static_wait - time.perf_counter()
                 if left > 0:
@@ -256,7 +307,7 @@ class Scheduler:
                 with self._cond:
                     while True:
                         ready, wait = self._ready()
-                        if self._stopping or self._cancels or self._live or ready:
+                        if self._stopping or self._cancels or self._running or ready:
                             break
                         self._cond.wait(wait)
                     if self._stopping:
@@ -264,9 +315,10 @@ class Scheduler:
                     cancels, self._cancels = self._cancels, []
                 self._cancel_now(cancels)
                 del cancels  # the thread sleeps in this frame: hold no finished handle
-                self._admit()
-                if self._live:
-                    self._step()
+                works, handles, n = self._plan()
+                if works:
+                    self._step(works, handles, n)
+                del works, handles
         except Exception:  # a bug here must not leave clients hanging
             log.exception("engine thread crashed")
         finally:
@@ -278,7 +330,7 @@ class Scheduler:
             for h in waiting:
                 self._queue.remove(h)
             self._cancels = []
-        for h in list(self._live.values()) + waiting:
+        for h in list(self._running.values()) + list(self._resume) + waiting:
             self._finish(h, "cancelled", error="the server is shutting down")
 
     def _cancel_now(self, handles: list[Handle]) -> None:
@@ -291,49 +343,243 @@ class Scheduler:
             elif h.state == "running":
                 self._finish(h, "cancelled")
 
-    def _admit(self) -> None:
+    # Planning -------------------------------------------------------------------------------
+    def _preempt(self, h: Handle) -> None:
+        """Free a running sequence's blocks; it is recomputed when admitted again."""
+        self.blocks.free(h.id)
+        self._running.pop(h.id, None)
+        self._cache_used -= h.computed
+        h.computed = 0
+        h.preemptions += 1
+        self.preemptions += 1
+        self._resume.append(h)
+        if self.metrics:
+            self.metrics.preemptions.inc()
+
+    def _work(self, h: Handle, chunk: int) -> Work:
+        r = h.request
+        start, end = h.computed, h.computed + chunk
+        n_prompt = len(r.prompt)
+        targets = ()
+        if h.scoring and start < n_prompt - 1:
+            targets = tuple(r.prompt[start + 1:min(end, n_prompt - 1) + 1])
+        sp = r.sampling
+        return Work(h.id, h.tokens[start:end], start, self.blocks.tables[h.id],
+                    EngineRequest(r.prompt, r.max_tokens, sp, r.logprobs or 0, h.scoring),
+                    sample=end == len(h.tokens), count=h.generated, targets=targets,
+                    context=h.tokens[:end] if sp.repetition_penalty != 1.0 else ())
+
+    def _plan(self) -> tuple[list[Work], list[Handle], int]:
+        """The next step's works (see the module docstring) and its decode steps."""
+        e = self.engine
+        budget = e.max_batched_tokens
+        with self._cond:
+            quiet = not self._queue
+        decodes = [h for h in self._running.values() if len(h.tokens) - h.computed == 1]
+        n = 1
+        if (quiet and not self._resume and len(decodes) == len(self._running)):
+            n = min([self.steps_per_dispatch]
+                    + [h.request.max_tokens - h.generated for h in decodes])
+            n = max(1, n)
+        chosen: list[Handle] = []
+        for h in decodes:
+            while h.id in self._running and not self.blocks.grow(h.id, h.computed + n):
+                victim = next(reversed(self._running.values()))
+                self._preempt(victim)
+            if h.id in self._running:
+                chosen.append(h)
+        works = [self._work(h, 1) for h in chosen]
+        budget -= len(chosen)
+        for h in list(self._running.values()):  # prompts being prefilled, oldest first
+            left = len(h.tokens) - h.computed
+            if left <= 1 or budget <= 0:
+                continue
+            chunk = min(left, budget) if e.chunked_prefill else left
+            works.append(self._work(h, chunk))
+            chosen.append(h)
+            budget -= chunk
         forming = False
-        while True:
-            with self._cond:
-                ready, _ = self._ready(forming)
-                if not ready or self._stopping:
-                    return
-                h = self._queue.peek()
-                if self._reserved + h.cost > self.budget:
-                    return
-                self._queue.pop()
-                h.state = "running"
-            forming = self.policy == "static"  # fill the batch, then run it to the end
-            if h.cancel_requested:
+        while budget > 0:
+            action = self._next_admission(forming)
+            if action is None:
+                break
+            kind, h = action
+            if kind == "cancel":
                 self._finish(h, "cancelled")
                 continue
-            h.admitted = True
-            self._reserved += h.cost
-            r = h.request
-            if r.max_tokens == 0 and not (r.echo and r.logprobs is not None):
-                self._start(h, None)  # nothing for the model to do
+            forming = self.policy == "static"  # fill the batch, then run it to the end
+            if kind == "trivial":
+                self._start(h)  # nothing for the model to do
                 continue
-            try:
-                prefix = self.engine.prefill(EngineRequest(
-                    r.prompt, r.max_tokens, r.sampling, r.logprobs or 0,
-                    prompt_logprobs=r.echo and r.logprobs is not None))
-            except Exception as e:
-                log.exception("prefill failed")
-                self._finish(h, "error", error=f"prefill failed: {e}")
-                continue
-            self._start(h, prefix)
+            hits, queries = self.blocks.hits, self.blocks.queries
+            need = self._need(h)
+            h.computed = self.blocks.allocate(h.id, h.tokens, need=need)
+            if need is not None:
+                self._cached_scores(h)
+            if self.metrics:
+                self.metrics.prefix_queries.inc(self.blocks.queries - queries)
+                self.metrics.prefix_hits.inc(self.blocks.hits - hits)
+            self._cache_used += h.computed
+            self._running[h.id] = h
+            left = len(h.tokens) - h.computed
+            chunk = min(left, budget) if e.chunked_prefill else left
+            works.append(self._work(h, chunk))
+            chosen.append(h)
+            budget -= chunk
+        return works, chosen, n if all(len(w.tokens) == 1 for w in works) else 1
 
-    def _start(self, h: Handle, prefix: Prefix | None) -> None:
+    def _score_k(self, h: Handle) -> int:
+        """Top alternatives the engine returns for this sequence's prompt scores."""
+        return self.engine.max_logprobs if h.request.logprobs else 0
+
+    def _need(self, h: Handle):
+        """Which cached blocks a sequence may take: any, unless its prompt is still to be
+        scored -- then only blocks that kept the scores of their tokens (with as many top
+        alternatives, and the same next token after the block)."""
+        if not h.scoring or h.t_first is not None:
+            return None
+        k, prompt, bs = self._score_k(h), h.request.prompt, self.blocks.block_size
+        return lambda i, note: (note is not None and note[0] >= k
+                                and note[1] == prompt[(i + 1) * bs])
+
+    def _next_admission(self, forming: bool) -> tuple[str, Handle] | None:
+        """Take the next sequence to admit (preempted ones first) -> ("cancel" | "trivial" |
+        "admit", handle), or None when none may start now."""
+        with self._cond:
+            ready, _ = self._ready(forming)
+            if not ready or self._stopping:
+                return None
+            if self._resume:
+                h = self._resume[0]
+                if not self.blocks.can_allocate(h.tokens, True, len(self._running),
+                                                self._need(h)):
+                    return None
+                self._resume.pop(0)
+                return "admit", h
+            h = self._queue.peek()
+            if h.cancel_requested:
+                self._queue.pop()
+                h.state = "running"
+                return "cancel", h
+            if self._reserved + h.cost > self.budget:
+                return None
+            trivial = h.request.max_tokens == 0 and not h.scoring
+            if not trivial:
+                if self._running and self.blocks.pending(h.tokens):
+                    return None  # its prompt's next block is being computed: share it
+                # room for its prompt and for the next block of every running sequence
+                if not self.blocks.can_allocate(h.tokens, True, len(self._running),
+                                                self._need(h)):
+                    return None
+            self._queue.pop()
+            h.state, h.admitted = "running", True
+            self._reserved += h.cost
+            return ("trivial" if trivial else "admit"), h
+
+    # Stepping -------------------------------------------------------------------------------
+    def _step(self, works: list[Work], handles: list[Handle], n: int) -> None:
+        try:
+            out = self.engine.step(works, n)
+        except Exception as e:
+            log.exception("engine step failed")
+            for h in handles:
+                self._finish(h, "error", error=f"generation failed: {e}")
+            return
+        self.steps += n
+        now = time.perf_counter()
+        toks = out.tokens
+        for i, (w, h) in enumerate(zip(works, handles, strict=True)):
+            if h.state != "running" or h.id not in self._running:
+                continue
+            if w.targets and out.scores[i] is not None:
+                self._keep_scores(h, w, out.scores[i])
+            fed = len(w.tokens) + n - 1
+            h.computed += fed
+            self._cache_used += fed
+            if self.metrics and w.start < len(h.request.prompt):
+                self.metrics.prompt_tokens.inc(min(len(w.tokens),
+                                                   len(h.request.prompt) - w.start))
+            if not w.sample:
+                self.blocks.commit(h.id, h.tokens, h.computed)
+                if w.targets:
+                    self._note_scores(h)
+                continue
+            first = h.t_first is None
+            if first:
+                if h.scoring:
+                    self.blocks.commit(h.id, h.tokens, h.computed)
+                    self._note_scores(h)
+                self._start(h)
+                if h.state == "done":
+                    continue
+            finished, taken = None, 0
+            for j in range(n):
+                taken += 1
+                finished = self._take(
+                    h, toks.ids[j, i], toks.logprobs[j, i],
+                    None if toks.top_ids is None else toks.top_ids[j, i],
+                    None if toks.top_logprobs is None else toks.top_logprobs[j, i])
+                if finished:
+                    break
+            if self.metrics and not first:
+                for _ in range(taken):
+                    self.metrics.tpot.observe((now - h.t_last) / taken)
+            h.t_last = now
+            if finished:
+                self._finish(h, finished)
+            else:
+                self.blocks.commit(h.id, h.tokens, h.computed)
+                self._deliver(h)
+
+    def _scores(self, h: Handle) -> list:
+        """The prompt scores being filled: log-probs (m,), top ids and log-probs (m, k)."""
+        if h.prompt_scores is None:
+            m, k = len(h.request.prompt) - 1, self._score_k(h)
+            h.prompt_scores = [np.zeros(m), np.zeros((m, k), np.int64), np.zeros((m, k))]
+        return h.prompt_scores
+
+    def _cached_scores(self, h: Handle) -> None:
+        """Scores of the prompt positions in the cached blocks a sequence took."""
+        lp, ids, tlp = self._scores(h)
+        k, bs = ids.shape[1], self.blocks.block_size
+        for i in range(h.computed // bs):
+            note = self.blocks.notes[self.blocks.tables[h.id][i]]
+            a = i * bs
+            lp[a:a + bs] = note[2]
+            ids[a:a + bs], tlp[a:a + bs] = note[3][:, :k], note[4][:, :k]
+        h.scored = h.noted = h.computed
+
+    def _keep_scores(self, h: Handle, w: Work, score) -> None:
+        lp, ids, tlp = score
+        keep = self._scores(h)
+        k = keep[1].shape[1]
+        a, b = w.start, w.start + len(lp)
+        keep[0][a:b] = lp
+        if k and ids is not None:
+            keep[1][a:b], keep[2][a:b] = ids[:, :k], tlp[:, :k]
+        h.scored = b
+
+    def _note_scores(self, h: Handle) -> None:
+        """Keep the scores of a scored prompt's full blocks with them in the cache."""
+        bs, prompt = self.blocks.block_size, h.request.prompt
+        lp, ids, tlp = h.prompt_scores
+        # a block's last score is of the token after it: that token must be known
+        end = min(h.scored, h.computed, len(prompt) - 1) // bs
+        for i in range(h.noted // bs, end):
+            a = i * bs
+            self.blocks.annotate(h.id, i, (ids.shape[1], prompt[a + bs], lp[a:a + bs].copy(),
+                                           ids[a:a + bs].copy(), tlp[a:a + bs].copy()))
+        h.noted = max(h.noted, end * bs)
+
+    def _start(self, h: Handle) -> None:
+        """The first token is due (or nothing is): echo the prompt, start the text."""
         r = h.request
-        if self.metrics and prefix is not None:
-            self.metrics.prompt_tokens.inc(len(r.prompt))
         if r.echo:
             lps, tops = None, None
-            if r.logprobs is not None and prefix is not None:
-                lps = prefix.prompt_logprobs
-                ids = prefix.prompt_top_ids
-                tops = [self._top(None if ids is None else ids[i],
-                                  None if ids is None else prefix.prompt_top_logprobs[i],
+            if r.logprobs is not None and h.prompt_scores is not None:
+                lps, ids, tlps = h.prompt_scores
+                k = ids.shape[-1]
+                tops = [self._top(ids[i] if k else None, tlps[i] if k else None,
                                   r.logprobs, tok, lps[i])
                         for i, tok in enumerate(r.prompt[1:])]
             h.prompt_text, entries = prompt_entries(self.codec, r.prompt, lps, tops)
@@ -347,19 +593,6 @@ class Scheduler:
         h.t_first = h.t_last = now
         if self.metrics:
             self.metrics.ttft.observe(now - h.t_submit)
-        f = prefix.first
-        finished = self._take(h, f.ids[0], f.logprobs[0],
-                              None if f.top_ids is None else f.top_ids[0],
-                              None if f.top_logprobs is None else f.top_logprobs[0])
-        if finished:
-            self._finish(h, finished)
-            return
-        slot = self._free.pop()
-        self.engine.insert(prefix, slot)
-        h.slot, h.length = slot, prefix.length + 1
-        self._live[slot] = h
-        self._cache_used += h.length
-        self._deliver(h)
 
     def _top(self, ids, lps, k: int, chosen: int, chosen_lp: float) -> dict[str, float]:
         """Top-k alternatives as text -> log-prob, plus the chosen token (as OpenAI)."""
@@ -375,6 +608,7 @@ class Scheduler:
         r, tok, lp = h.request, int(tok), float(lp)
         h.generated += 1
         h.cum_logprob += lp
+        h.tokens.append(tok)
         if tok == self.engine.eos_token_id and not r.ignore_eos:
             return "stop"
         entry = None
@@ -388,52 +622,17 @@ class Scheduler:
             return "length"
         return None
 
-    def _step(self) -> None:
-        with self._cond:
-            n = 1 if len(self._queue) else self.steps_per_dispatch
-        live = list(self._live.items())
-        try:
-            toks = self.engine.generate(n)
-        except Exception as e:
-            log.exception("generate failed")
-            for _, h in live:
-                self._finish(h, "error", error=f"generation failed: {e}")
-            return
-        self.steps += n
-        now = time.perf_counter()
-        for slot, h in live:
-            if h.state != "running":
-                continue
-            finished, taken = None, 0
-            for i in range(n):
-                taken += 1
-                finished = self._take(
-                    h, toks.ids[i, slot], toks.logprobs[i, slot],
-                    None if toks.top_ids is None else toks.top_ids[i, slot],
-                    None if toks.top_logprobs is None else toks.top_logprobs[i, slot])
-                if finished:
-                    break
-            if self.metrics:
-                for _ in range(taken):
-                    self.metrics.tpot.observe((now - h.t_last) / taken)
-            h.t_last = now
-            h.length += taken
-            self._cache_used += taken
-            if finished:
-                self._finish(h, finished)
-            else:
-                self._deliver(h)
-
     def _finish(self, h: Handle, reason: str, error: str | None = None) -> None:
         if h.state == "done":
             return
         h.state, h.t_done = "done", time.perf_counter()
-        if h.slot is not None:
-            self.engine.free(h.slot)
-            self._live.pop(h.slot, None)
-            self._free.append(h.slot)
-            self._cache_used -= h.length
-            h.slot = None
+        if h.id in self._running:
+            self._running.pop(h.id)
+            self._cache_used -= h.computed
+        if h.id in self.blocks.tables:
+            self.blocks.free(h.id)
+        if h in self._resume:
+            self._resume.remove(h)
         if h.admitted:
             self._reserved -= h.cost
         if h.stream is not None and reason in ("stop", "length"):
@@ -469,4 +668,3 @@ class Scheduler:
                 h.on_output(h, out)
             except Exception:
                 log.exception("output callback failed")
-

@@ -84,7 +84,7 @@ def test_serving_runs_on_the_ray_backend(pipeline, reference):
             "max_tokens": 8, "temperature": 0}
     texts = []
     for m in (pipeline, reference):
-        app = serve_app(m, name="alpa/opt-tiny", max_slots=2, max_len=64, warmup=False)
+        app = serve_app(m, name="alpa/opt-tiny", max_num_seqs=2, max_len=64, warmup=False)
         with BackgroundServer(app) as srv:
             r = httpx.post(srv.url + "/v1/completions", json=body, timeout=120)
             assert r.status_code == 200, r.text

@@ -8,11 +8,11 @@ from optkit.serve import (
     FakeEngine,
     Limits,
     Metrics,
-    ModelEngine,
     SamplingParams,
     Scheduler,
     SeqRequest,
     create_app,
+    make_engine,
 )
 
 
@@ -61,11 +61,17 @@ def wait_until(cond, timeout=10.0, interval=0.01):
 SCHEDULER_PROMPTS = [(2, 100, 200, 300), (2, 7), (2, 5000, 6000, 7000, 8000, 9000, 11, 12, 13)]
 
 
+#: Engine sizes of the model tests (the same shapes everywhere: compiled once per session).
+ENGINE = dict(max_num_seqs=8, max_len=128, max_batched_tokens=64, block_size=16,
+              num_blocks=65)
+
+
 def scheduler_outputs(executor, slots=8, max_len=128, new_tokens=7):
     """Token ids and cumulative log-probs of the server's scheduler thread over ``executor``
     (greedy and sampled rows, log-probs on some): what backends must reproduce."""
     # CharCodec only decodes text here; the token ids are what gets compared
-    s = Scheduler(ModelEngine(executor, slots, max_len), CharCodec(), Limits()).start()
+    engine = make_engine(executor, **{**ENGINE, "max_num_seqs": slots, "max_len": max_len})
+    s = Scheduler(engine, CharCodec(), Limits()).start()
     try:
         hs = s.submit([SeqRequest(p, new_tokens,
                                   SamplingParams(temperature=0.8 * (i % 2), seed=i),

@@ -14,7 +14,7 @@ NAME = "jax/opt-tiny"
 
 @pytest.fixture(scope="module")
 def srv(tiny_model):
-    app = serve_app(tiny_model, name=NAME, max_slots=4, max_len=128,
+    app = serve_app(tiny_model, name=NAME, max_num_seqs=4, max_len=128,
                     limits=Limits(max_queue=16), warmup=False)
     with BackgroundServer(app) as s:
         yield s

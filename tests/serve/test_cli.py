@@ -13,7 +13,7 @@ import pytest
 
 from optkit.cli import build_parser, main
 from optkit.commands.serve import build_app
-from optkit.serve import ModelEngine, read_api_keys
+from optkit.serve import PagedEngine, read_api_keys
 
 
 def test_help_explains_the_options(capsys):
@@ -21,7 +21,8 @@ def test_help_explains_the_options(capsys):
         main(["serve", "--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    for flag in ("--model", "--path", "--port", "--host", "--dummy", "--max-slots",
+    for flag in ("--model", "--path", "--port", "--host", "--dummy", "--max-num-seqs",
+                 "--max-batched-tokens", "--block-size", "--num-blocks", "--kv-memory-fraction",
                  "--max-prompt-len", "--max-queue", "--api-keys", "--tokenizer"):
         assert flag in out
 
@@ -35,14 +36,16 @@ def test_arguments_build_the_server(tmp_path):
     keys = tmp_path / "keys"
     keys.write_text("# team keys\nalpha 3\nbeta\n")
     args = build_parser().parse_args([
-        "serve", "--model", "jax/opt-tiny", "--path", str(tmp_path), "--max-slots", "3",
-        "--max-len", "64", "--max-queue", "5", "--max-prompt-len", "40", "--api-keys",
+        "serve", "--model", "jax/opt-tiny", "--path", str(tmp_path), "--max-num-seqs", "3",
+        "--max-len", "64", "--max-batched-tokens", "32", "--block-size", "8", "--num-blocks",
+        "20", "--max-queue", "5", "--max-prompt-len", "40", "--api-keys",
         str(keys), "--no-warmup"])
     app = build_app(args)
     s = app.state.scheduler
-    assert isinstance(s.engine, ModelEngine)
-    assert (s.engine.max_slots, s.engine.max_len, s.limits.max_queue, s.max_prompt_len) == \
-        (3, 64, 5, 40)
+    assert isinstance(s.engine, PagedEngine)
+    e = s.engine
+    assert (e.max_num_seqs, e.max_len, e.max_batched_tokens, e.block_size, e.num_blocks,
+            s.limits.max_queue, s.max_prompt_len) == (3, 64, 32, 8, 20, 5, 40)
     assert s._queue.weights == {"alpha": 3.0, "beta": 1.0}
 
 

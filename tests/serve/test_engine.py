@@ -1,18 +1,18 @@
-"""ModelEngine on a tiny random OPT: greedy parity, per-slot sampling, prompt scoring."""
+"""PagedEngine on a tiny random OPT: greedy parity with generate, seeded sampling, chunked
+prefill against the full forward, preemption and prefix caching that change no token."""
 
 import jax
 import numpy as np
 import pytest
 
 from optkit.generation import generate
-from optkit.serve import HFCodec, Limits, ModelEngine, SamplingParams, Scheduler, SeqRequest
-from optkit.serve.engine import EngineRequest, bucket_length
-from tests.serve.conftest import wait_until
+from optkit.options import ModelOptions
+from optkit.serve import HFCodec, Limits, PagedEngine, SamplingParams, Scheduler, SeqRequest
+from optkit.serve.engine import EngineRequest, Work, bucket_length
+from tests.serve.conftest import ENGINE, wait_until
 
 #: one xdist worker compiles the tiny model for all these modules (make test: --dist loadgroup)
 pytestmark = pytest.mark.xdist_group("serve-model")
-
-SLOTS, MAX_LEN = 8, 128  # the same shapes in every model test: compiled once per session
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +24,7 @@ def codec():
 
 @pytest.fixture
 def scheduler(tiny_model, codec):
-    s = Scheduler(ModelEngine(tiny_model.executor, SLOTS, MAX_LEN), codec,
+    s = Scheduler(PagedEngine(tiny_model.executor, **ENGINE), codec,
                   Limits(max_queue=64)).start()
     yield s
     s.stop()
@@ -100,14 +100,145 @@ def test_top_k_one_is_greedy(codec, scheduler):
     assert greedy_ids == top1
 
 
-def test_prompt_logprobs_match_the_model(tiny_model, codec):
-    engine = ModelEngine(tiny_model.executor, SLOTS, MAX_LEN)
-    ids = codec.encode("The quick brown fox jumps over the lazy dog")
-    prefix = engine.prefill(EngineRequest(tuple(ids), 1, num_top=5, prompt_logprobs=True))
+def test_chunked_prefill_gives_the_full_forward_logits(tiny_model, codec):
+    engine = PagedEngine(tiny_model.executor, **ENGINE)
+    ids = codec.encode("The quick brown fox jumps over the lazy dog. " * 4)
+    n = len(ids)
     logits = np.asarray(tiny_model(np.array([ids])).logits[0], np.float32)
     lp = np.asarray(jax.nn.log_softmax(logits, -1))
-    want = lp[np.arange(len(ids) - 1), ids[1:]]
-    np.testing.assert_allclose(prefix.prompt_logprobs, want, atol=1e-4)
-    np.testing.assert_array_equal(prefix.prompt_top_ids[:, 0], lp[:-1].argmax(-1))
-    assert prefix.first.ids[0] == lp[-1].argmax()
-    np.testing.assert_allclose(prefix.first.logprobs[0], lp[-1].max(), atol=1e-4)
+    req = EngineRequest(tuple(ids), 1, num_top=5, prompt_logprobs=True)
+    blocks = [9, 3, 17, 4, 30]  # any blocks, in any order
+    other, other_ids = EngineRequest((2, 7), 2), [2, 7]
+    got, start = [], 0
+    for step, chunk in enumerate((5, 16, n - 21)):  # beside another sequence's steps
+        end = start + chunk
+        works = [Work(0, ids[start:end], start, blocks, req, sample=end == n,
+                      targets=ids[start + 1:min(end, n - 1) + 1])]
+        if step < 2:  # its whole prompt, then one decode
+            fed = other_ids if step == 0 else other_ids[-1:]
+            works.append(Work(1, fed, len(other_ids) - len(fed), [40], other, count=step))
+        out = engine.step(works)
+        if step < 2:
+            other_ids.append(int(out.tokens.ids[0, 1]))
+        got.append(out.scores[0])
+        start = end
+    want_other = np.asarray(tiny_model(np.array([other_ids[:-1]])).logits[0]).argmax(-1)
+    assert other_ids[2:] == want_other[1:].tolist()
+    lps = np.concatenate([g[0] for g in got])
+    np.testing.assert_allclose(lps, lp[np.arange(n - 1), ids[1:]], atol=1e-4)
+    top = np.concatenate([g[1] for g in got])
+    np.testing.assert_array_equal(top[:, 0], lp[:-1].argmax(-1))
+    assert out.tokens.ids[0, 0] == lp[-1].argmax()
+    np.testing.assert_allclose(out.tokens.logprobs[0, 0], lp[-1].max(), atol=1e-4)
+
+
+def greedy_requests(codec, new=24):
+    prompts = ["Paris is the capital city of", "Hello", "def f(x):\n    return",
+               "The best way to serve a language model is " * 3]
+    return [SeqRequest(tuple(codec.encode(p)), max_tokens=new, ignore_eos=True)
+            for p in prompts]
+
+
+def test_preemption_changes_no_token(tiny_model, codec, scheduler):
+    reqs = greedy_requests(codec)
+    want = run(scheduler, reqs)
+    # 5 blocks of 16: the sequences (2, 2, 2 and 4 blocks) cannot all fit at once
+    small = Scheduler(PagedEngine(tiny_model.executor, **{**ENGINE, "num_blocks": 6}), codec,
+                      Limits(max_queue=64), prefix_caching=False).start()
+    try:
+        assert run(small, reqs) == want
+        assert small.stats()["preemptions"] >= 1
+        small.blocks.check()
+    finally:
+        small.stop()
+
+
+def test_prefix_cache_hits_change_no_token(tiny_model, codec, scheduler):
+    prefix = "Answer the question. Q: what is the capital city of France? A:" * 2
+    reqs = [SeqRequest(tuple(codec.encode(prefix + end)), 8, ignore_eos=True)
+            for end in (" Paris", " Lyon", " Nice")]
+    plain = Scheduler(PagedEngine(tiny_model.executor, **ENGINE), codec,
+                      Limits(max_queue=64), prefix_caching=False).start()
+    try:
+        want = [run(plain, [r])[0] for r in reqs]
+        assert plain.stats()["prefix_cache_hits"] == 0
+    finally:
+        plain.stop()
+    hits = scheduler.stats()["prefix_cache_hits"]
+    got = [run(scheduler, [r])[0] for r in reqs]
+    assert got == want
+    assert scheduler.stats()["prefix_cache_hits"] - hits >= 2 * 16
+
+
+def test_repetition_penalty_matches_generate(tiny_model, codec, scheduler):
+    prompt = tuple(codec.encode("Hello hello hello"))
+    kw = dict(max_new_tokens=12, eos_token_id=[])
+    want = generate(tiny_model.executor, np.array([prompt], np.int32),
+                    repetition_penalty=1.8, **kw)[0, len(prompt):]
+    plain = generate(tiny_model.executor, np.array([prompt], np.int32), **kw)[0, len(prompt):]
+    assert want.tolist() != plain.tolist()  # the penalty matters for this prompt
+    noise = SeqRequest(tuple(codec.encode("noise")), 9, ignore_eos=True)
+    got = run(scheduler, [noise, SeqRequest(prompt, 12, SamplingParams(repetition_penalty=1.8),
+                                            ignore_eos=True)])[1]
+    assert got == want.tolist()
+
+
+def test_min_tokens_bans_eos_until_reached():
+    from optkit.serve.engine import _process
+
+    logits = np.zeros((3, 6), np.float32)
+    logits[:, 2] = 5.0  # EOS (2) is the favourite of every row
+    st = {"counts": np.array([0, 3, 4]), "min_tokens": np.array([4, 4, 4])}
+    x = np.asarray(_process(logits, st, eos=2, penalty=False))
+    assert np.isneginf(x[:2, 2]).all() and x[2, 2] == 5.0
+    np.testing.assert_array_equal(np.delete(x, 2, axis=1), 0.0)
+
+
+def test_pallas_paged_decode_attention_matches_xla(tiny_model):
+    """The GPU kernel's path (here through Pallas' interpreter) gives XLA's tokens."""
+    pytest.importorskip("optkit.kernels.paged_attention")
+    from optkit.parallel.executor import MeshExecutor
+
+    ex = tiny_model.executor
+    fused = MeshExecutor(ex.cfg, ex.params, ex.mesh, ex.rules,
+                         options=ModelOptions(kernels="attention"))
+    assert fused.paged_decode_attention(16) is not None
+    assert ex.paged_decode_attention(16) is None  # XLA's path off GPUs by default
+    outs = []
+    for executor in (ex, fused):
+        engine = PagedEngine(executor, **ENGINE)
+        req = EngineRequest((2, 5, 6, 7, 8), 8, num_top=2)
+        first = engine.step([Work(0, req.prompt, 0, [3, 1, 4], req)]).tokens.ids[0, 0]
+        out = engine.step([Work(0, (int(first),), 5, [3, 1, 4], req, count=1)], 3)
+        outs.append((out.tokens.ids, out.tokens.logprobs))
+    np.testing.assert_array_equal(outs[0][0], outs[1][0])
+    np.testing.assert_allclose(outs[0][1], outs[1][1], atol=1e-4)
+
+
+def test_scored_prompts_reuse_cached_context(tiny_model, codec, scheduler):
+    """echo + logprobs after one long context (lm-eval multiple choice): the context's
+    blocks and scores are reused, and every log-prob equals a run without the cache."""
+    context = "Question: which city is the capital of France? Answer:" * 3
+    reqs = [SeqRequest(tuple(codec.encode(context + c)), 0, echo=True, logprobs=1)
+            for c in (" Paris", " Lyon", " Marseille")]
+
+    def scores(s):
+        out = []
+        for r in reqs:
+            (h,) = s.submit([r])
+            wait_until(lambda h=h: h.done, timeout=120)
+            out.append(h.prompt_scores)
+        return out
+
+    plain = Scheduler(PagedEngine(tiny_model.executor, **ENGINE), codec,
+                      Limits(max_queue=64), prefix_caching=False).start()
+    try:
+        want = scores(plain)
+    finally:
+        plain.stop()
+    hits = scheduler.stats()["prefix_cache_hits"]
+    got = scores(scheduler)
+    assert scheduler.stats()["prefix_cache_hits"] - hits >= 2 * 32
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g[0], w[0], atol=1e-5)
+        np.testing.assert_array_equal(g[1], w[1])

@@ -16,7 +16,7 @@ import pytest
 from optkit import get_tokenizer
 from optkit.serve import BackgroundServer, Limits, serve_app
 from optkit.serve.scheduler import Handle
-from tests.serve.conftest import wait_until
+from tests.serve.conftest import ENGINE, wait_until
 
 #: one xdist worker compiles the tiny model for all these modules (make test: --dist loadgroup)
 pytestmark = pytest.mark.xdist_group("serve-model")
@@ -26,7 +26,7 @@ NAME = "jax/opt-tiny"
 
 @pytest.fixture(scope="module")
 def served(tiny_model):
-    app = serve_app(tiny_model, name=NAME, max_slots=8, max_len=128,
+    app = serve_app(tiny_model, name=NAME, **ENGINE,
                     limits=Limits(max_queue=128), warmup=False)
     with BackgroundServer(app) as srv:
         yield srv, app.state.scheduler

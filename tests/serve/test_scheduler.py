@@ -36,7 +36,8 @@ def sched():
     def make(limits=None, **kw):
         engine = FakeEngine(max_slots=kw.pop("max_slots", 2), max_len=kw.pop("max_len", 256),
                             step_delay=kw.pop("step_delay", 0.0),
-                            prefill_delay=kw.pop("prefill_delay", 0.0))
+                            prefill_delay=kw.pop("prefill_delay", 0.0),
+                            num_blocks=kw.pop("num_blocks", None))
         s = Scheduler(engine, C, limits or Limits(max_queue=32), **kw).start()
         made.append(s)
         return s
@@ -169,21 +170,21 @@ def test_cancel_running_and_waiting(sched):
     wait_until(lambda: run.done)
     assert run.finish_reason == "cancelled" and run.generated < 200
     assert col.outputs[run.id][-1].finish_reason == "cancelled"
-    assert s.engine.calls["free"] == 1
+    assert s.stats()["blocks_used"] == 0
     assert_clean(s)
 
 
-def test_prefill_failure_fails_one_request_only(sched):
+def test_failed_step_fails_its_sequences_only(sched):
     s = sched()
 
-    def broken(request):
+    def broken(works, num_steps=1):
         raise RuntimeError("device on fire")
 
-    ok_prefill = s.engine.prefill
-    s.engine.prefill = broken
+    ok_step = s.engine.step
+    s.engine.step = broken
     (h,), col = run_all(s, [req("a", 3)])
     assert h.finish_reason == "error" and "device on fire" in col.outputs[h.id][-1].error
-    s.engine.prefill = ok_prefill
+    s.engine.step = ok_step
     (h,), col = run_all(s, [req("a", 3)])
     assert col.text(h) == "bcd"
     assert_clean(s)
@@ -208,3 +209,89 @@ def test_weighted_keys_share_the_slot(sched):
     wait_until(lambda: all(h.done for h in blocker + a + b))
     order = sorted(a + b, key=lambda h: h.t_first)
     assert sum(h in a for h in order[:8]) == 6
+
+
+def test_long_prompt_is_chunked_while_a_stream_decodes(sched):
+    s = sched(max_slots=2, step_delay=0.002, steps_per_dispatch=1)
+    col = Collector()
+    (stream,) = s.submit([req("a", 60)], on_output=col)
+    wait_until(lambda: stream.generated >= 3)
+    s.engine.works = []
+    seen = []
+    step = s.engine.step
+
+    def spy(works, num_steps=1):
+        seen.append([(w.seq, len(w.tokens), w.start) for w in works])
+        return step(works, num_steps)
+
+    s.engine.step = spy
+    (long_,), _ = run_all(s, [req("b" * 200, 2)])
+    # the 200-token prompt went in chunks of the token budget (64), and every one of those
+    # steps also decoded the stream
+    chunks = [next(n for i, n, _ in st if i == long_.id) for st in seen
+              if any(i == long_.id for i, _, _ in st)]
+    assert chunks[:4] == [63, 63, 63, 11]
+    assert all(any(i == stream.id and n == 1 for i, n, _ in st) for st in seen[:4])
+    wait_until(lambda: stream.done)
+    assert col.text(stream) == ("bcdefghijklmnopqrstuvwxyza" * 3)[:60]
+    assert_clean(s)
+
+
+def test_preemption_under_memory_pressure_loses_nothing(sched):
+    # 6 blocks of 16 tokens: three sequences growing to 60 tokens each cannot all fit
+    s = sched(max_slots=3, num_blocks=7, steps_per_dispatch=2)
+    hs, col = run_all(s, [req(c * 10, 50) for c in "abc"])
+    want = [("".join(chr(ord("a") + (ord(c) - ord("a") + 1 + i) % 26) for i in range(50)))
+            for c in "abc"]
+    assert [col.text(h) for h in hs] == want
+    assert [h.finish_reason for h in hs] == ["length"] * 3
+    assert s.stats()["preemptions"] >= 1
+    s.blocks.check()
+    assert_clean(s)
+
+
+def test_prefix_cache_shares_prompt_blocks(sched):
+    s = sched(max_slots=4)
+    prompt = "abcdefghijklmnopqrstuvwxyzabcdefghijklmnop"  # 42 tokens: two full blocks
+    (a,), _ = run_all(s, [req(prompt, 4)])
+    hits = s.stats()["prefix_cache_hits"]
+    (b,), col = run_all(s, [req(prompt, 4)])
+    assert s.stats()["prefix_cache_hits"] - hits == 32
+    assert col.text(b) == "qrst"
+    assert s.engine.works[0].start >= 32 or b.generated == 4
+    # n > 1: the copies wait one step for the first one's prompt blocks, then share them
+    hits = s.stats()["prefix_cache_hits"]
+    hs, col = run_all(s, [req("z" * 40 + "ab", 3) for _ in range(3)])
+    assert {col.text(h) for h in hs} == {"cde"}
+    assert s.stats()["prefix_cache_hits"] - hits == 2 * 32
+    assert_clean(s)
+
+
+def test_prompt_scores_come_with_cached_blocks(sched):
+    """lm-eval's multiple choice: several continuations scored after one context share the
+    context's blocks and its scores; the entries equal those of a run without the cache."""
+    context = "the quick brown fox jumps over the lazy dog and then it "  # 56 tokens
+    choices = ["runs", "sleeps", "eats"]
+    reqs = [req(context + c, 0, echo=True, logprobs=2) for c in choices]
+
+    def entries(s):
+        out = []
+        for r in reqs:  # one at a time: the first one fills the cache
+            (h,), col = run_all(s, [r])
+            out.append([(e.token, e.logprob, e.top) for o in col.outputs[h.id]
+                        for e in o.prompt_entries or []])
+        return out
+
+    plain = sched(prefix_caching=False)
+    want = entries(plain)
+    s = sched()
+    assert entries(s) == want
+    assert s.stats()["prefix_cache_hits"] == 2 * 48  # three full context blocks, twice
+    s.blocks.check()
+    # scores kept without top alternatives do not serve a request that wants them
+    s2 = sched()
+    run_all(s2, [req(context + "x", 0, echo=True, logprobs=0)])
+    run_all(s2, [req(context + "y", 0, echo=True, logprobs=2)])
+    assert s2.stats()["prefix_cache_hits"] == 0
+    run_all(s2, [req(context + "z", 0, echo=True, logprobs=0)])
+    assert s2.stats()["prefix_cache_hits"] == 48
