@@ -465,33 +465,15 @@ def summarize_run(records: list[Record], t0: float, duration: float, workload: W
 # ---------------------------------------------------------------------------------------------
 # optkit: the engine, the scheduler, the same run's ceilings
 # ---------------------------------------------------------------------------------------------
-def kv_slots_that_fit(model, max_context: int, cap: int = 256) -> int:
-    """Sequences of ``max_context`` tokens whose KV cache fits in 85% of the device memory
-    left (less 4 GiB for activations); 16 where the device reports no memory."""
-    import jax
-    import jax.numpy as jnp
-
-    stats = jax.devices()[0].memory_stats() or {}
-    limit = stats.get("bytes_limit")
-    if not limit:
-        return 16
-    cfg = model.config
-    per_token = 2 * cfg.num_hidden_layers * cfg.hidden_size * jnp.dtype(model.dtype).itemsize
-    free = 0.85 * (limit - stats.get("bytes_in_use", 0)) - 4 * 2 ** 30
-    return int(max(1, min(cap, free // (per_token * max_context))))
-
-
 def build_engine(model, max_context: int, options: dict):
-    """The engine ``Scheduler`` drives: the one place that knows its constructor.
+    """The engine ``Scheduler`` drives, as ``optkit serve`` builds it:
+    ``optkit.serve.engine.make_engine`` (the paged engine on one device or a mesh) for
+    sequences of up to ``max_context`` tokens at its default sizes; ``--engine-opt
+    KEY=VALUE`` overrides any keyword argument (``max_num_seqs``, ``max_batched_tokens``,
+    ``block_size``, ``num_blocks``, ``memory_fraction``)."""
+    from optkit.serve.engine import make_engine
 
-    ``ModelEngine(executor, max_slots, max_len)``: sequences of up to ``max_context``
-    tokens, as many slots as fit in memory; ``--engine-opt KEY=VALUE`` overrides any
-    keyword argument."""
-    from optkit.serve.engine import ModelEngine
-
-    kw = {"max_len": max_context, "max_slots": kv_slots_that_fit(model, max_context)}
-    kw.update(options)
-    return ModelEngine(model.executor, **kw)
+    return make_engine(model.executor, **{"max_len": max_context, **options})
 
 
 def build_scheduler(engine, options: dict):

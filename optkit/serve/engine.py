@@ -255,6 +255,10 @@ def _paged_fn(cfg, block_size: int, kind: str, *statics):
 #: or blocks cost next to nothing, and every bucket is one more compiled program.  (XLA on
 #: CPUs ran a one-row step of opt-125m 7x slower than a two-row one: 250 vs 34 ms.)
 MIN_ROWS, MIN_BLOCKS = 2, 4
+#: Tokens a row of prompt chunks holds under static shapes: a step's chunks are packed into
+#: rows of this many tokens (a long chunk over several rows of the same step: each layer
+#: writes every new K/V before any row attends, so a later row sees the earlier ones).
+CHUNK_ROW = 64
 
 
 class PagedEngine:
@@ -266,8 +270,13 @@ class PagedEngine:
     positions; by default as many as fill ``memory_fraction`` of each device's memory,
     weights included (GPUs), or room for ``max_num_seqs`` sequences of up to 512 tokens (hosts
     that report no memory: CPUs).  Shapes are bucketed (rows, tokens and blocks read to
-    powers of two) so few programs compile.  ``max_logprobs`` bounds the top alternatives
-    per token.
+    powers of two) so few programs compile; ``static_shapes`` (default: on GPUs, where a
+    program of a large model takes seconds to compile and padding costs little next to the
+    weight reads) fixes them instead: decode rows padded to ``max_num_seqs``, every row's
+    block table to ``max_len``, prompt chunks packed into rows of :data:`CHUNK_ROW` tokens,
+    ``max_batched_tokens // CHUNK_ROW`` rows (more only when many short prompts start at
+    once), so a handful of programs serve every step.  ``max_logprobs`` bounds the top
+    alternatives per token.
     """
 
     chunked_prefill = True
@@ -277,7 +286,7 @@ class PagedEngine:
                  max_batched_tokens: int | None = None, block_size: int = 16,
                  num_blocks: int | None = None, memory_fraction: float = 0.9,
                  max_len: int | None = None, max_logprobs: int = 5,
-                 prefix_caching: bool = True):
+                 prefix_caching: bool = True, static_shapes: bool | None = None):
         cfg = executor.cfg
         if not hasattr(executor, "paged_run"):
             raise ValueError(f"{type(executor).__name__} has no paged step; serve it with "
@@ -295,6 +304,7 @@ class PagedEngine:
                                       or DEFAULTS["gpu" if gpu else "cpu"][1])
         self.block_size = int(block_size)
         self.prefix_caching = bool(prefix_caching)
+        self.static_shapes = gpu if static_shapes is None else bool(static_shapes)
         if self.max_num_seqs < 1 or self.max_batched_tokens < 1 or self.block_size < 1:
             raise ValueError("max_num_seqs, max_batched_tokens and block_size must be >= 1")
         if self.max_len < 2:
@@ -336,15 +346,16 @@ class PagedEngine:
     def _fn(self, *key):
         return _paged_fn(self.cfg, self.block_size, *key)
 
-    def _group(self, works: list[Work], rows: int, t: int, nb: int) -> dict:
+    def _group(self, pieces: list[tuple], rows: int, t: int, nb: int) -> dict:
+        """Rows of ``t`` token slots from ``pieces`` (tokens, start, blocks), one a row."""
         g = {"tokens": np.zeros((rows, t), np.int32), "tables": np.zeros((rows, nb), np.int32),
              "start": np.zeros(rows, np.int32), "n_new": np.zeros(rows, np.int32)}
-        for i, w in enumerate(works):
-            n = len(w.tokens)
-            g["tokens"][i, :n] = w.tokens
-            blocks = list(w.blocks)[:nb]
+        for i, (tokens, start, blocks) in enumerate(pieces):
+            n = len(tokens)
+            g["tokens"][i, :n] = tokens
+            blocks = list(blocks)[:nb]
             g["tables"][i, :len(blocks)] = blocks
-            g["start"][i], g["n_new"][i] = w.start, n
+            g["start"][i], g["n_new"][i] = start, n
         return g
 
     def _sampling(self, works: list[Work | None], penalty: bool, steps: int) -> dict:
@@ -388,21 +399,42 @@ class PagedEngine:
         where = np.zeros(len(works), np.int64)  # work -> its row among all rows
         flat = np.zeros(len(works), np.int64)   # work -> its first token among all tokens
         # blocks read per row: one bucket for the whole step (fewer programs to compile)
-        nb = pow2(max(-(-(w.start + len(w.tokens) + num_steps - 1) // self.block_size)
-                      for w in works), MIN_BLOCKS)
+        need = max(-(-(w.start + len(w.tokens) + num_steps - 1) // self.block_size)
+                   for w in works)
+        nb = (pow2(-(-self.max_len // self.block_size)) if self.static_shapes
+              else pow2(need, MIN_BLOCKS))
         groups, rows = [], []
         if decode:
-            r = pow2(len(decode), MIN_ROWS)
-            groups.append(self._group([works[i] for i in decode], r, 1, nb))
+            r = self.max_num_seqs if self.static_shapes else pow2(len(decode), MIN_ROWS)
+            r = max(r, len(decode))
+            groups.append(self._group([(works[i].tokens, works[i].start, works[i].blocks)
+                                       for i in decode], r, 1, nb))
             where[decode] = flat[decode] = np.arange(len(decode))
             rows += [works[i] for i in decode] + [None] * (r - len(decode))
         if chunks:
-            r = pow2(len(chunks))
-            t = pow2(max(len(works[i].tokens) for i in chunks), MIN_BUCKET)
-            groups.append(self._group([works[i] for i in chunks], r, t, nb))
-            where[chunks] = len(rows) + np.arange(len(chunks))
-            flat[chunks] = len(rows) + t * np.arange(len(chunks))
-            rows += [works[i] for i in chunks] + [None] * (r - len(chunks))
+            if self.static_shapes:  # rows of CHUNK_ROW tokens; a chunk may take several
+                t = CHUNK_ROW
+                pieces, owner = [], []
+                for i in chunks:
+                    w = works[i]
+                    flat[i] = len(rows) + len(pieces) * t
+                    for a in range(0, len(w.tokens), t):
+                        pieces.append((w.tokens[a:a + t], w.start + a, w.blocks))
+                        owner.append(None)
+                    owner[-1] = w
+                    where[i] = len(rows) + len(pieces) - 1
+                r = max(self.max_batched_tokens // t, 1)
+                r = r if len(pieces) <= r else pow2(len(pieces))
+                groups.append(self._group(pieces, r, t, nb))
+                rows += owner + [None] * (r - len(pieces))
+            else:
+                r = pow2(len(chunks))
+                t = pow2(max(len(works[i].tokens) for i in chunks), MIN_BUCKET)
+                groups.append(self._group([(works[i].tokens, works[i].start, works[i].blocks)
+                                           for i in chunks], r, t, nb))
+                where[chunks] = len(rows) + np.arange(len(chunks))
+                flat[chunks] = len(rows) + t * np.arange(len(chunks))
+                rows += [works[i] for i in chunks] + [None] * (r - len(chunks))
         sampling = self._sampling(rows, penalty, num_steps)
         if num_steps > 1 or not chunks and not any(w.targets for w in works):
             self._max_steps = max(self._max_steps, pow2(num_steps))

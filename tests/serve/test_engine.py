@@ -139,6 +139,31 @@ def greedy_requests(codec, new=24):
             for p in prompts]
 
 
+def test_static_shapes_give_the_same_tokens_and_scores(tiny_model, codec):
+    """Static shapes (the GPU default: rows padded to max_num_seqs, tables to max_len, chunks
+    packed into rows of CHUNK_ROW tokens, a long one over several rows of a step) give the
+    bucketed engine's tokens and prompt log-probs."""
+    from optkit.serve.engine import CHUNK_ROW
+
+    long = "The best way to serve a language model is to batch " * 8
+    assert len(codec.encode(long)) > CHUNK_ROW  # one chunk over several rows
+    reqs = greedy_requests(codec, new=10) + [
+        SeqRequest(tuple(codec.encode(long)), 6, ignore_eos=True, logprobs=2, echo=True)]
+    outs = []
+    for static in (False, True):  # 256 tokens a step: a chunk spans several rows
+        s = Scheduler(PagedEngine(tiny_model.executor, **{**ENGINE, "max_batched_tokens": 256},
+                                  static_shapes=static), codec, Limits(max_queue=64)).start()
+        try:
+            outs.append(s.submit(reqs))
+            wait_until(lambda: all(h.done for h in outs[-1]), timeout=120)
+        finally:
+            s.stop()
+    want, got = outs
+    assert [h.stream.ids for h in got] == [h.stream.ids for h in want]
+    np.testing.assert_allclose([h.cum_logprob for h in got], [h.cum_logprob for h in want],
+                               atol=1e-4)
+
+
 def test_preemption_changes_no_token(tiny_model, codec, scheduler):
     reqs = greedy_requests(codec)
     want = run(scheduler, reqs)
