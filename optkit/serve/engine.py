@@ -33,6 +33,7 @@ row ``stream`` of a call with that seed.
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -45,6 +46,8 @@ from optkit import model as M
 from optkit.generation.processors import repetition_penalty, suppress_eos
 from optkit.generation.sampling import logprobs as token_logprobs
 from optkit.generation.sampling import sample_tokens
+
+log = logging.getLogger(__name__)
 
 MIN_BUCKET = 16
 
@@ -314,6 +317,11 @@ class PagedEngine:
         self.num_blocks = int(num_blocks or self._default_blocks(memory_fraction))
         if self.num_blocks < 2:
             raise ValueError(f"num_blocks={self.num_blocks}: need at least 2 (one reserved)")
+        if (self.num_blocks - 1) * self.block_size < self.max_len:
+            log.warning("a KV pool of %d blocks of %d tokens cannot hold one sequence of "
+                        "max_len=%d: longer requests are refused (more memory_fraction or "
+                        "num_blocks, or a smaller max_len)", self.num_blocks - 1,
+                        self.block_size, self.max_len)
         self.pools = executor.init_pools(self.num_blocks, self.block_size)
         self._max_steps = 1
 
@@ -325,19 +333,26 @@ class PagedEngine:
         return 2 * c.num_hidden_layers * self.block_size * c.hidden_size * item
 
     def _default_blocks(self, fraction: float) -> int:
+        """Blocks that fill ``fraction`` of the first device's memory limit after its share
+        of the weights and a headroom for a step's activations (5% of the limit); hosts
+        that report no limit (CPUs): room for ``max_num_seqs`` sequences of 512 tokens.
+        Only the weights are subtracted, not what the allocator reports in use, which may
+        count memory it holds but nothing uses."""
         devices = list(self.executor.mesh.devices.flat)
-        stats = devices[0].memory_stats() or {}
-        limit, used = stats.get("bytes_limit"), stats.get("bytes_in_use")
-        if limit and used is not None:
-            # each device holds its share of the heads of every block
-            c = self.cfg
-            shape = (c.num_attention_heads, 1, self.block_size, c.head_dim)
-            sharding = jax.tree.leaves(self.executor.pool_shardings(1, self.block_size))[0]
-            heads = sharding.shard_shape(shape)[-4]
-            per_device = self.block_bytes() * heads // c.num_attention_heads
-            return max(2, int(max(0, fraction * limit - used) // per_device))
-        per_seq = -(-min(self.max_len, 512) // self.block_size)
-        return self.max_num_seqs * per_seq + 1
+        limit = (devices[0].memory_stats() or {}).get("bytes_limit")
+        if not limit:
+            per_seq = -(-min(self.max_len, 512) // self.block_size)
+            return self.max_num_seqs * per_seq + 1
+        weights = sum(shard.data.nbytes for leaf in jax.tree.leaves(self.executor.params)
+                      for shard in leaf.addressable_shards if shard.device == devices[0])
+        # each device holds its share of the heads of every block
+        c = self.cfg
+        shape = (c.num_attention_heads, 1, self.block_size, c.head_dim)
+        sharding = jax.tree.leaves(self.executor.pool_shardings(1, self.block_size))[0]
+        per_device = self.block_bytes() * sharding.shard_shape(shape)[-4] // \
+            c.num_attention_heads
+        free = (fraction - 0.05) * limit - weights
+        return max(2, int(max(0.0, free) // per_device))
 
     def cache_bytes(self) -> int:
         return int(sum(x.nbytes for x in jax.tree.leaves(self.pools)))
