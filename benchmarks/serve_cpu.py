@@ -169,21 +169,10 @@ def measure_generate(args, new_tokens: int) -> dict:
 
 
 def environment() -> dict:
-    import importlib.metadata
+    """The machine and software (``optkit.bench.core.environment``) and its load."""
+    from optkit.bench.core import environment as machine
 
-    import optkit
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cpu_count": os.cpu_count(), "python": platform.python_version(),
-            "jax": importlib.metadata.version("jax"), "optkit": optkit.__version__,
-            "load_avg_1m": os.getloadavg()[0], "host": platform.node()}
+    return {**machine(), "load_avg_1m": os.getloadavg()[0]}
 
 
 def markdown(rows: list[dict]) -> str:
