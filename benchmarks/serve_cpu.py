@@ -16,7 +16,7 @@ server's median end-to-end time to generate's.  Rows go to ``--out``/serve_cpu.j
 a table to ``--out``/serve_cpu.md, each server's log to ``--out``/server-N.log::
 
     python benchmarks/serve_cpu.py
-    python benchmarks/serve_cpu.py --server-args "--max-slots 1 --max-len 256"
+    python benchmarks/serve_cpu.py --server-args "--max-num-seqs 1 --max-len 256"
 """
 
 from __future__ import annotations
@@ -204,7 +204,7 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3, help="timed requests / generate calls")
     ap.add_argument("--server-args", action="append", default=[], metavar="ARGS",
                     help="another server configuration to measure besides the defaults, "
-                         "e.g. \"--max-slots 1 --max-len 256\" or --server-args=--no-warmup "
+                         "e.g. \"--max-num-seqs 1 --max-len 256\" or --server-args=--no-warmup "
                          "(repeatable)")
     ap.add_argument("--no-defaults", action="store_true",
                     help="measure only the --server-args configurations")

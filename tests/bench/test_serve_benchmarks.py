@@ -98,8 +98,8 @@ def test_record_follows_loadgen_definitions(sg):
 
 
 def test_parse_options(sg):
-    assert sg.parse_options(["max_slots=4", "kind=paged", "x=1.5"]) == {
-        "max_slots": 4, "kind": "paged", "x": 1.5}
+    assert sg.parse_options(["max_num_seqs=4", "kind=paged", "x=1.5"]) == {
+        "max_num_seqs": 4, "kind": "paged", "x": 1.5}
     with pytest.raises(ValueError, match="KEY=VALUE"):
         sg.parse_options(["4"])
 
@@ -110,7 +110,7 @@ def test_serve_gpu_tiny_on_cpu(sg, tmp_path):
     argv = ["--models", "opt-tiny", "--in-process", "--num-requests", str(n),
             "--workloads", "alpaca", "--online-workload", "alpaca", "--rates", "8",
             "--online-seconds", "1", "--online-min-requests", "4",
-            "--engine-opt", "max_slots=4", "--hf-opt", "num_blocks=8",
+            "--engine-opt", "max_num_seqs=4", "--hf-opt", "num_blocks=8",
             "--hf-opt", "max_batch_tokens=256", "--stall-stream-tokens", "120",
             "--stall-delay", "0.1", "--chunk-tokens", "32", "--step-tokens", "4",
             "--warmup-requests", "3", "--out", str(tmp_path)]
@@ -124,7 +124,7 @@ def test_serve_gpu_tiny_on_cpu(sg, tmp_path):
     assert off["completed"] == n and off["failed"] == 0 and off["mismatched_outputs"] == 0
     assert off["generated_tokens"] == sum(work.max_tokens)
     assert 1 <= off["batch_reached"] <= 4 and off["warmup_s"] > 0
-    assert off["engine_config"]["max_slots"] == 4 and off["card"] and off["jax"]
+    assert off["engine_config"]["max_num_seqs"] == 4 and off["card"] and off["jax"]
     assert off["ttft_p99_ms"] >= off["ttft_p50_ms"] > 0
     online = mine[4]
     assert online["rate"] == 8 and online["num_requests"] == n and online["failed"] == 0
@@ -165,14 +165,14 @@ def test_serve_gpu_rejects_bad_arguments(sg, tmp_path):
 def test_serve_cpu_tiny(tmp_path):
     sc = _script("serve_cpu")
     assert sc.main(["--model", "jax/opt-tiny", "--max-tokens", "4", "--repeats", "1",
-                    "--no-defaults", "--server-args", "--max-slots 2 --max-len 64 --no-warmup",
+                    "--no-defaults", "--server-args", "--max-num-seqs 2 --max-len 64 --no-warmup",
                     "--out", str(tmp_path)]) == 0
     (row,) = [json.loads(line) for line in (tmp_path / "serve_cpu.jsonl").read_text()
               .splitlines()]
     assert row["completed"] == 1 and row["failed"] == 0
-    assert row["server_args"] == "--max-slots 2 --max-len 64 --no-warmup"
+    assert row["server_args"] == "--max-num-seqs 2 --max-len 64 --no-warmup"
     assert 1 <= row["completion_tokens"] <= 4
     assert row["generate_tokens"] == row["completion_tokens"]
     assert row["same_text"], (row["server_text"], row["generate_text"])
     assert row["ratio"] == pytest.approx(row["e2e_p50_ms"] / 1e3 / row["generate_s"])
-    assert "| --max-slots 2 --max-len 64 --no-warmup |" in (tmp_path / "serve_cpu.md").read_text()
+    assert "| --max-num-seqs 2 --max-len 64 --no-warmup |" in (tmp_path / "serve_cpu.md").read_text()
