@@ -175,4 +175,5 @@ def test_serve_cpu_tiny(tmp_path):
     assert row["generate_tokens"] == row["completion_tokens"]
     assert row["same_text"], (row["server_text"], row["generate_text"])
     assert row["ratio"] == pytest.approx(row["e2e_p50_ms"] / 1e3 / row["generate_s"])
-    assert "| --max-num-seqs 2 --max-len 64 --no-warmup |" in (tmp_path / "serve_cpu.md").read_text()
+    summary = (tmp_path / "serve_cpu.md").read_text()
+    assert "| --max-num-seqs 2 --max-len 64 --no-warmup |" in summary
