@@ -524,8 +524,6 @@ def _first_token(num_top, eos, logits, state):
     return sample_step(num_top, eos, logits, state)[2]
 
 
-_sample_jit = jax.jit(sample_step, static_argnums=(0, 1))
-
 
 @functools.partial(jax.jit, static_argnums=0)
 def _score_prompt(num_top, logits, tokens):
@@ -549,8 +547,8 @@ class Prefix:
 
 
 class ModelEngine:
-    """Slots over any executor (``init_cache``, ``prefill``, ``insert`` and ``decode_loop``
-    or ``decode``): one KV cache of ``max_slots`` rows of ``max_len`` positions.
+    """Slots over any executor (``init_cache``, ``prefill``, ``insert`` and
+    ``decode_loop``): one KV cache of ``max_slots`` rows of ``max_len`` positions.
 
     For executors without a paged step (pipeline, Ray).  :meth:`step` runs on its own slot
     calls: ``prefill(request)`` a whole prompt at batch 1, ``insert(prefix, slot)`` it into
@@ -646,16 +644,8 @@ class ModelEngine:
         num_top = self.max_logprobs if self._num_top.any() else 0
         state = (self._seeds, self._streams, self._counts, self._temp, self._top_k,
                  self._top_p, self._min_tokens)
-        if hasattr(self.executor, "decode_loop"):  # several steps in one dispatch
-            _, self.cache, _, out = self.executor.decode_loop(
-                step_fn(num_top, self.eos_token_id), self._last, self.cache, state, num_steps)
-        else:  # an executor with only decode(): one dispatch per step
-            outs, tokens = [], self._last
-            for _ in range(num_steps):
-                logits, self.cache = self.executor.decode(tokens, self.cache)
-                tokens, state, o = _sample_jit(num_top, self.eos_token_id, logits, state)
-                outs.append(o)
-            out = jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
+        _, self.cache, _, out = self.executor.decode_loop(
+            step_fn(num_top, self.eos_token_id), self._last, self.cache, state, num_steps)
         toks = Tokens(*_host(out))
         self._last = toks.ids[-1].astype(np.int32)
         self._counts = self._counts + num_steps

@@ -1,4 +1,4 @@
-"""The engine drives any executor: a sharded SPMD mesh, and one that only has ``decode``."""
+"""The engine drives a sharded SPMD mesh (dp x tp) and the Pallas paged kernel under tp."""
 
 import jax
 import numpy as np
@@ -18,25 +18,6 @@ pytestmark = pytest.mark.xdist_group("serve-model")
 PROMPTS = [(2, 100, 200, 300), (2, 7), (2, 5000, 6000, 7000, 8000, 9000, 11, 12, 13)]
 
 
-class DecodeOnly:
-    """The smallest executor the engine accepts: no ``decode_loop``."""
-
-    def __init__(self, inner):
-        self.inner, self.cfg = inner, inner.cfg
-
-    def init_cache(self, batch, max_len):
-        return self.inner.init_cache(batch, max_len)
-
-    def prefill(self, tokens, mask, cache, all_logits=False):
-        return self.inner.prefill(tokens, mask, cache, all_logits)
-
-    def decode(self, tokens, cache):
-        return self.inner.decode(tokens, cache)
-
-    def insert(self, cache, prefix, slot):
-        return self.inner.insert(cache, prefix, slot)
-
-
 @pytest.fixture(scope="module")
 def reference(tiny_model):
     return scheduler_outputs(tiny_model.executor)
@@ -53,12 +34,6 @@ def test_tensor_and_data_parallel_mesh(tiny_model, tiny_weights, reference):
     ids, lps = scheduler_outputs(sharded)
     assert ids == reference[0]
     np.testing.assert_allclose(lps, reference[1], atol=1e-3)
-
-
-def test_executor_without_decode_loop(tiny_model, reference):
-    ids, lps = scheduler_outputs(DecodeOnly(tiny_model.executor))
-    assert ids == reference[0]
-    np.testing.assert_allclose(lps, reference[1], atol=1e-4)
 
 
 def test_tensor_parallel_paged_kernel_matches_one_device(tiny_model, tiny_weights):
