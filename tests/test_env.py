@@ -3,6 +3,7 @@ the package itself needs only its base dependencies."""
 
 import ast
 import json
+import os
 import re
 import shlex
 import subprocess
@@ -15,6 +16,10 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parents[1]
+#: ``make -n`` as a user runs it: under ``make test`` (CI) the inherited MAKEFLAGS/MAKELEVEL
+#: would make it a sub-make that prints "Entering directory" lines.
+MAKE_N = ["make", "--no-print-directory", "-n"]
+ENV = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 
 
@@ -39,7 +44,7 @@ def extras_of(target: str) -> list[str]:
 
 def test_make_and_environment_yml_install_the_same(tmp_path):
     # what `make install` runs for a new environment, as make itself expands it
-    plan = subprocess.run(["make", "-n", "install", f"VENV={tmp_path / 'env'}"], cwd=ROOT,
+    plan = subprocess.run([*MAKE_N, "install", f"VENV={tmp_path / 'env'}"], cwd=ROOT, env=ENV,
                           capture_output=True, text=True, check=True).stdout
     make_targets = [t for line in plan.splitlines() if " pip install " in line
                     and "-U pip" not in line for t in install_targets(shlex.split(line))]
@@ -63,7 +68,7 @@ def test_make_uses_an_existing_environment(tmp_path):
     env = tmp_path / "env"
     (env / "bin").mkdir(parents=True)
     (env / "bin" / "python").symlink_to(sys.executable)
-    plan = subprocess.run(["make", "-n", "test", f"VENV={env}"], cwd=ROOT,
+    plan = subprocess.run([*MAKE_N, "test", f"VENV={env}"], cwd=ROOT, env=ENV,
                           capture_output=True, text=True, check=True).stdout
     lines = plan.splitlines()
     assert lines[0].startswith(f"test -x {env}/bin/python ||")

@@ -78,7 +78,9 @@ def tiny_hf_checkpoint(path: Path) -> None:
 STAND_INS = {"path/to/hf-opt-1.3b": tiny_hf_checkpoint}
 
 
-@pytest.fixture(scope="module")
+# Session scope: the commands build on each other in README order, and a worker may run other
+# modules' tests between them (a module-scoped folder would be made anew).
+@pytest.fixture(scope="session")
 def workdir(tmp_path_factory):
     work = tmp_path_factory.mktemp("readme")
     for rel, make in STAND_INS.items():
