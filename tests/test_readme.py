@@ -78,8 +78,8 @@ def tiny_hf_checkpoint(path: Path) -> None:
 STAND_INS = {"path/to/hf-opt-1.3b": tiny_hf_checkpoint}
 
 
-# Session scope: the commands build on each other in README order, and a worker may run other
-# modules' tests between them (a module-scoped folder would be made anew).
+# One folder for every command (a command that needs another's output is joined to it with
+# `&&` in the README: tests may run in any order).
 @pytest.fixture(scope="session")
 def workdir(tmp_path_factory):
     work = tmp_path_factory.mktemp("readme")
