@@ -27,6 +27,13 @@ then open http://127.0.0.1:10001/ or point any OpenAI client at http://127.0.0.1
    -d '{"model": "alpa/opt-125m", "prompt": "Paris is", "max_tokens": 16}')"""
 
 
+def positive_int(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return n
+
+
 def register(sub) -> None:
     p = sub.add_parser(
         "serve", help="serve a model over HTTP (OpenAI API + web page)",
@@ -50,8 +57,20 @@ def register(sub) -> None:
                         "network)")
     g.add_argument("--port", type=int, default=10001, help="(default: %(default)s)")
     g.add_argument("--api-keys", metavar="FILE",
-                   help="require API keys: one 'KEY [WEIGHT]' per line; heavier keys get a "
-                        "larger share of the engine while requests wait")
+                   help="require 'Authorization: Bearer KEY' on the API (not on /, /health, "
+                        "/metrics, /docs): one 'KEY [WEIGHT]' per line, the key being "
+                        "everything up to the first whitespace ('#' included); comments only "
+                        "on lines starting with '#'; heavier keys get a larger share of the "
+                        "engine while requests wait (default weight 1)")
+    g.add_argument("--allowed-hosts", nargs="+", metavar="HOST",
+                   help="Host header names accepted besides localhost / 127.0.0.1 / [::1] "
+                        "(any port; '*.example.com' matches subdomains; '*' accepts any). "
+                        "Without it, only requests arriving on a loopback address are "
+                        "checked (against DNS rebinding from a browser); with it, every "
+                        "request is; others get 400")
+    g.add_argument("--max-body-bytes", type=positive_int, metavar="N",
+                   help="largest request body in bytes; larger ones get 413 before they "
+                        "are read (default: 4 MiB)")
     g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     g = p.add_argument_group("limits")
     g.add_argument("--max-num-seqs", type=int,
@@ -99,8 +118,11 @@ def build_app(args):
         read_api_keys,
         serve_app,
     )
+    from optkit.serve.guard import MAX_BODY_BYTES
 
     keys = read_api_keys(args.api_keys) if args.api_keys else None
+    guard = dict(max_body_bytes=args.max_body_bytes or MAX_BODY_BYTES,
+                 allowed_hosts=args.allowed_hosts)
     limits = Limits(max_queue=args.max_queue, max_prompt_len=args.max_prompt_len,
                     max_tokens_in_flight=args.max_tokens_in_flight)
     if args.fake:
@@ -109,7 +131,8 @@ def build_app(args):
                             num_blocks=args.num_blocks)
         scheduler = Scheduler(engine, CharCodec(), limits, weights=keys,
                               steps_per_dispatch=args.steps_per_dispatch, metrics=Metrics())
-        return create_app(scheduler, scheduler.codec, "fake", api_keys=keys, max_n=args.max_n)
+        return create_app(scheduler, scheduler.codec, "fake", api_keys=keys, max_n=args.max_n,
+                          **guard)
 
     from optkit import get_tokenizer
     from optkit.serve.engine import describe
@@ -126,7 +149,7 @@ def build_app(args):
                     num_blocks=args.num_blocks, memory_fraction=args.kv_memory_fraction,
                     prefix_caching=not args.no_prefix_caching, limits=limits,
                     api_keys=keys, steps_per_dispatch=args.steps_per_dispatch,
-                    max_n=args.max_n, warmup=not args.no_warmup)
+                    max_n=args.max_n, warmup=not args.no_warmup, **guard)
     log.info("%s", describe(app.state.scheduler.engine))
     return app
 

@@ -14,6 +14,8 @@ Layers (each file one job)::
     requests.py   request validation and expansion into sequences; /tokenize, /detokenize
     responses.py  completion and chat response bodies and chunks
     streaming.py  submit, the non-streaming collector, the SSE stream
+    keys.py       the API-key file, constant-time key checks
+    guard.py      ASGI middleware: Host allow-list, API keys, body limit (before the body)
     app.py        thin FastAPI routes;  metrics.py  Prometheus;  static/  the page, the icon
     server.py     uvicorn in the foreground or on a thread
 
@@ -26,9 +28,9 @@ Layers (each file one job)::
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
-from optkit.serve.app import create_app, read_api_keys
+from optkit.serve.app import create_app
 from optkit.serve.engine import (
     Engine,
     EngineRequest,
@@ -38,6 +40,8 @@ from optkit.serve.engine import (
     make_engine,
 )
 from optkit.serve.fake import FakeEngine
+from optkit.serve.guard import MAX_BODY_BYTES
+from optkit.serve.keys import read_api_keys
 from optkit.serve.metrics import Metrics
 from optkit.serve.scheduler import Limits, Scheduler, SeqRequest
 from optkit.serve.server import BackgroundServer, run
@@ -50,12 +54,14 @@ def serve_app(model, tokenizer=None, *, name: str | None = None,
               memory_fraction: float = 0.9, max_len: int | None = None,
               limits: Limits | None = None, api_keys: Mapping[str, float] | None = None,
               steps_per_dispatch: int = 4, max_logprobs: int = 5, max_n: int = 16,
-              prefix_caching: bool = True, warmup: bool = True):
+              prefix_caching: bool = True, warmup: bool = True,
+              max_body_bytes: int = MAX_BODY_BYTES, allowed_hosts: Sequence[str] | None = None):
     """A FastAPI app serving a JAX model from :func:`optkit.get_model` (anything with an
     ``.executor``); ``tokenizer`` defaults to optkit's.  The engine is a
     :class:`~optkit.serve.engine.PagedEngine` (sizing: see there; defaults by platform) or,
     for pipeline / Ray executors, a :class:`~optkit.serve.engine.ModelEngine` with
-    ``max_num_seqs`` slots."""
+    ``max_num_seqs`` slots.  ``api_keys``, ``max_body_bytes``, ``allowed_hosts``: see
+    :class:`~optkit.serve.guard.Guard`."""
     if not hasattr(model, "executor"):
         raise ValueError(f"serving needs a JAX model (jax/... or alpa/...); got {model!r}")
     if tokenizer is None:
@@ -75,7 +81,8 @@ def serve_app(model, tokenizer=None, *, name: str | None = None,
                           prefix_caching=prefix_caching)
     aliases = (name.split("/", 1)[1],) if "/" in name else ()
     return create_app(scheduler, scheduler.codec, name, api_keys=api_keys, max_n=max_n,
-                      aliases=aliases)
+                      aliases=aliases, max_body_bytes=max_body_bytes,
+                      allowed_hosts=allowed_hosts)
 
 
 __all__ = ["BackgroundServer", "CharCodec", "Engine", "EngineRequest", "FakeEngine",

@@ -15,7 +15,7 @@ to names local to :func:`create_app`.)
 """
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated
@@ -27,6 +27,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from optkit.serve.chat import get_template
+from optkit.serve.guard import MAX_BODY_BYTES, Guard, accepted_key, protected_paths
 from optkit.serve.metrics import Metrics
 from optkit.serve.protocol import (
     APIError,
@@ -48,28 +49,6 @@ STATIC = Path(__file__).resolve().parent / "static"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 #: rejected-request counter label per status of an APIError
 REJECTED = {400: "invalid", 401: "auth", 429: "queue_full"}
-
-
-def read_api_keys(path) -> dict[str, float]:
-    """API keys file: one ``KEY [WEIGHT]`` per line (weight 1 when left out; ``#`` comments).
-    A key's weight is its share of admissions while requests wait."""
-    keys: dict[str, float] = {}
-    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
-        parts = line.split("#", 1)[0].split()
-        if not parts:
-            continue
-        if len(parts) > 2:
-            raise ValueError(f"{path}:{n}: expected 'KEY [WEIGHT]', got {line!r}")
-        try:
-            weight = float(parts[1]) if len(parts) == 2 else 1.0
-        except ValueError:
-            raise ValueError(f"{path}:{n}: weight {parts[1]!r} is not a number") from None
-        if not weight > 0:
-            raise ValueError(f"{path}:{n}: weight must be positive")
-        keys[parts[0]] = weight
-    if not keys:
-        raise ValueError(f"{path}: no API keys")
-    return keys
 
 
 def add_error_handlers(app: FastAPI, metrics: Metrics) -> None:
@@ -108,28 +87,14 @@ def add_error_handlers(app: FastAPI, metrics: Metrics) -> None:
                             status_code=500)
 
 
-def key_auth(api_keys: Mapping[str, float] | None):
-    """The dependency that checks ``Authorization: Bearer KEY`` (None: keys are off)."""
-
-    async def auth(request: Request) -> str | None:
-        if not api_keys:
-            return None
-        header = request.headers.get("authorization", "")
-        key = header[7:].strip() if header[:7].lower() == "bearer " else ""
-        if key not in api_keys:
-            raise APIError(401, "invalid or missing API key (send 'Authorization: Bearer "
-                                "KEY')", code="invalid_api_key")
-        return key
-
-    return auth
-
-
 def create_app(scheduler: Scheduler, codec: Codec, model_name: str, *,
                api_keys: Mapping[str, float] | None = None, max_n: int = 16,
                metrics: Metrics | None = None, aliases: tuple[str, ...] = (),
-               chat_template: str | None = None) -> FastAPI:
+               chat_template: str | None = None, max_body_bytes: int = MAX_BODY_BYTES,
+               allowed_hosts: Sequence[str] | None = None) -> FastAPI:
     """FastAPI app serving ``scheduler`` (started and stopped with the app).
-    ``chat_template``: ``plain`` or ``instruct`` (default: by ``model_name``)."""
+    ``chat_template``: ``plain`` or ``instruct`` (default: by ``model_name``).
+    ``api_keys``, ``max_body_bytes``, ``allowed_hosts``: see :class:`~optkit.serve.guard.Guard`."""
     metrics = metrics or scheduler.metrics or Metrics()
     if scheduler.metrics is None:
         scheduler.metrics = metrics
@@ -156,7 +121,7 @@ def create_app(scheduler: Scheduler, codec: Codec, model_name: str, *,
     app.state.planner = planner
 
     add_error_handlers(app, metrics)
-    Key = Annotated[str | None, Depends(key_auth(api_keys))]
+    Key = Annotated[str | None, Depends(accepted_key)]
 
     # Plain endpoints ----------------------------------------------------------------------
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
@@ -215,4 +180,7 @@ def create_app(scheduler: Scheduler, codec: Codec, model_name: str, *,
         return await answer(plan, ChatFormat(model_name, plan), bool(body.stream), request,
                             key)
 
+    app.add_middleware(Guard(None, keys=api_keys, protected=protected_paths(app.routes),
+                             max_body_bytes=max_body_bytes, allowed_hosts=allowed_hosts,
+                             metrics=metrics).around)
     return app
