@@ -31,17 +31,22 @@ from fastapi import Request
 from fastapi.routing import APIRoute
 
 from optkit.serve.keys import KeyChecker
-from optkit.serve.protocol import error_body
+from optkit.serve.protocol import APIError, error_body
 
 #: default request-body limit (bytes): a maximal token-id body parses in tens of ms
 MAX_BODY_BYTES = 4 * 2**20
 LOOPBACK_NAMES = ("localhost",)
+UNAUTHORIZED = "invalid or missing API key (send 'Authorization: Bearer KEY')"
 
 
 def accepted_key(request: Request) -> str | None:
     """FastAPI dependency: the API key the guard accepted (None when keys are off).
-    Routes that depend on it are the protected ones (:func:`protected_paths`)."""
-    return request.scope.get("state", {}).get("api_key")
+    Routes that depend on it are the protected ones (:func:`protected_paths`); one the
+    guard let through unchecked while keys are on is refused here."""
+    state = request.scope.get("state", {})
+    if state.get("api_keys_on") and state.get("api_key") is None:
+        raise APIError(401, UNAUTHORIZED, code="invalid_api_key")
+    return state.get("api_key")
 
 
 def protected_paths(routes: Iterable) -> list[re.Pattern]:
@@ -119,9 +124,6 @@ class Guard:
         return (is_loopback(name) or name in self.hosts
                 or any(name.endswith(d) for d in self.domains))
 
-    def needs_key(self, path: str) -> bool:
-        return self.keys is not None and any(p.match(path) for p in self.protected)
-
     # -- ASGI ---------------------------------------------------------------------------
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -132,13 +134,14 @@ class Guard:
             return await self.refuse(send, 400, "host", has_body, "invalid_host",
                                      "the Host header names a host this server does not "
                                      "serve (see optkit serve --allowed-hosts)")
-        if self.needs_key(scope["path"]):
-            key = self.keys.check_header(_header(scope, b"authorization"))
-            if key is None:
-                return await self.refuse(send, 401, "auth", has_body, "invalid_api_key",
-                                         "invalid or missing API key (send 'Authorization: "
-                                         "Bearer KEY')")
-            scope.setdefault("state", {})["api_key"] = key
+        if self.keys is not None:
+            scope.setdefault("state", {})["api_keys_on"] = True
+            if any(p.match(_route_path(scope)) for p in self.protected):
+                key = self.keys.check_header(_header(scope, b"authorization"))
+                if key is None:
+                    return await self.refuse(send, 401, "auth", has_body, "invalid_api_key",
+                                             UNAUTHORIZED)
+                scope["state"]["api_key"] = key
         if length is not None:
             try:
                 n = int(length)
@@ -188,6 +191,14 @@ def _header(scope, name: bytes) -> bytes | None:
         if k == name:
             return v
     return None
+
+
+def _route_path(scope) -> str:
+    """The path the routes match: ``path`` less the ``root_path`` prefix."""
+    path, root = scope["path"], scope.get("root_path", "")
+    if root and path.startswith(root) and path[len(root):len(root) + 1] in ("/", ""):
+        return path[len(root):] or "/"
+    return path
 
 
 def _replay(body: bytes, receive):

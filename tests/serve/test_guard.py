@@ -10,6 +10,7 @@ import time
 
 import httpx
 import pytest
+from starlette.requests import Request
 
 from optkit.cli import build_parser, main
 from optkit.commands.serve import build_app
@@ -215,6 +216,35 @@ def test_the_same_routes_need_a_key(server):
         assert r.status_code == 400, path  # past the guard: the body is validated
 
 
+def test_keys_under_a_root_path():
+    sched = Scheduler(FakeEngine(max_slots=2, max_len=64), CharCodec(), Limits(),
+                      metrics=Metrics())
+    app = create_app(sched, sched.codec, "fake", api_keys={"sk-a": 1})
+
+    async def get(path, **headers):
+        transport = httpx.ASGITransport(app, root_path="/api")
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+            return (await c.get(path, headers=headers)).status_code
+
+    assert asyncio.run(get("/api/v1/models")) == 401
+    assert asyncio.run(get("/api/v1/models", Authorization="Bearer sk-a")) == 200
+    assert asyncio.run(get("/api/health")) == 503  # open; the engine is not started here
+
+
+def test_a_protected_route_the_guard_did_not_check_is_refused():
+    from optkit.serve.guard import accepted_key
+    from optkit.serve.protocol import APIError
+
+    def request(state):
+        return Request({"type": "http", "headers": [], "state": state})
+
+    assert accepted_key(request({})) is None  # keys off
+    assert accepted_key(request({"api_keys_on": True, "api_key": "sk-a"})) == "sk-a"
+    with pytest.raises(APIError) as e:
+        accepted_key(request({"api_keys_on": True}))
+    assert e.value.status == 401
+
+
 def test_host_allow_list_on_loopback(server):
     srv = server()
     for host in (f"localhost:{srv.port}", "localhost", f"127.0.0.1:{srv.port}",
@@ -237,7 +267,7 @@ def test_host_allow_list_on_loopback(server):
         assert r.status_code == status, host
 
 
-async def asgi_status(guard, server_addr, host):
+async def asgi_status(guard, server_addr, host, extra_headers=()):
     async def ok(scope, receive, send):
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b""})
@@ -252,7 +282,7 @@ async def asgi_status(guard, server_addr, host):
         sent.append(message)
 
     scope = {"type": "http", "method": "GET", "path": "/health", "server": server_addr,
-             "headers": [(b"host", host.encode())]}
+             "headers": [(b"host", host.encode()), *extra_headers]}
     await guard(scope, receive, send)
     return sent[0]["status"]
 
@@ -266,6 +296,11 @@ def test_non_loopback_connections_are_checked_only_with_allowed_hosts():
     assert status(None, ("::1", 8000), "evil.example") == 400
     assert status(["api.example.com"], ("10.1.2.3", 8000), "evil.example") == 400
     assert status(["api.example.com"], ("10.1.2.3", 8000), "api.example.com") == 200
+
+
+def test_unreadable_content_length():
+    bad = [(b"content-length", b"12x")]
+    assert asyncio.run(asgi_status(Guard(None), ("127.0.0.1", 80), "localhost", bad)) == 400
 
 
 @pytest.mark.parametrize("value, name", [("Example.com:8080", "example.com"),
