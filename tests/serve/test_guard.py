@@ -294,6 +294,8 @@ def test_non_loopback_connections_are_checked_only_with_allowed_hosts():
     assert status(None, ("10.1.2.3", 8000), "evil.example") == 200
     assert status(None, ("127.0.0.1", 8000), "evil.example") == 400
     assert status(None, ("::1", 8000), "evil.example") == 400
+    assert status(None, ("::ffff:127.0.0.1", 8000), "evil.example") == 400
+    assert status(None, ("::ffff:127.0.0.1", 8000), "[::ffff:127.0.0.1]:8000") == 200
     assert status(["api.example.com"], ("10.1.2.3", 8000), "evil.example") == 400
     assert status(["api.example.com"], ("10.1.2.3", 8000), "api.example.com") == 200
 
