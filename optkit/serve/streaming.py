@@ -4,8 +4,9 @@
 thread's outputs reach an ``asyncio.Queue`` through ``loop.call_soon_threadsafe`` (the engine
 never waits on the event loop).  :func:`collect` gathers every sequence to its end and picks
 the best ``n`` of ``best_of``; :func:`sse` turns outputs into ``data:`` events as they come,
-ending with ``data: [DONE]`` (after an error event too).  Both cancel every sequence of the request when they stop
-early: the client went away, the response task was cancelled, or a sequence failed.
+ending with ``data: [DONE]`` (after an error event too).  Both cancel every sequence of the
+request when they stop early: the client went away, the response task was cancelled, or a
+sequence failed.
 """
 
 from __future__ import annotations
