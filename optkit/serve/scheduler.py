@@ -307,7 +307,7 @@ class Scheduler:
 
     def start(self) -> Scheduler:
         if self._thread is None:
-            self._stopping = False
+            self._stopping, self._closed_until = False, None
             self._thread = threading.Thread(target=self._loop, name="optkit-engine",
                                             daemon=True)
             self._thread.start()
