@@ -103,9 +103,10 @@ def retry_after(excess: int, admitted: Sequence[float], now: float) -> int:
     """Seconds until ``excess`` more sequences have left the waiting queue, at the rate of
     the recent admissions ``admitted`` (their times, oldest first, up to ``now``): the
     window's count over the time from its oldest admission to now, so the rate falls while
-    nothing is admitted.  Rounded up and clipped to [1, 60]; 60 when nothing was admitted."""
+    nothing is admitted.  Rounded up and clipped to [1, 60]; 1 before the first admission
+    (a burst at startup: the rate is known a moment later)."""
     if not admitted:
-        return RETRY_AFTER_MAX
+        return RETRY_AFTER_MIN
     span = now - admitted[0]
     seconds = excess * span / len(admitted) if span > 0 else 0.0
     return int(min(max(math.ceil(seconds), RETRY_AFTER_MIN), RETRY_AFTER_MAX))

@@ -171,7 +171,7 @@ def test_retry_after_follows_the_admission_rate():
     assert retry_after(3, [0.0, 1.0, 2.0, 3.0], now=8.0) == 6   # nothing since: slower
     assert retry_after(1, [9.0], now=9.2) == 1                  # never below 1 s
     assert retry_after(500, [0.0, 1.0], now=2.0) == RETRY_AFTER_MAX
-    assert retry_after(1, [], now=5.0) == RETRY_AFTER_MAX       # nothing admitted yet
+    assert retry_after(9, [], now=5.0) == 1                     # nothing admitted yet
 
 
 def test_queue_full_says_when_to_retry(sched):
