@@ -90,3 +90,27 @@ def test_loading_options_are_checked_where_they_enter(capsys):
     assert "the model is not int8" in capsys.readouterr().err
 
 
+
+
+@pytest.mark.parametrize("command", ["generate", "serve"])
+def test_checksums_name_a_corrupt_weight_file(tmp_path, capsys, command):
+    """A flipped byte keeps the file's size and header: it loads unless --checksums."""
+    import numpy as np
+
+    from optkit.config import OPTConfig
+    from optkit.weights.random import write_random_folder
+
+    folder = write_random_folder(tmp_path / "opt-tiny-np", OPTConfig.from_name("opt-tiny"),
+                                 dtype=np.float32, progress=False)
+    victim = folder / "decoder.layers.0.fc1.weight"
+    data = bytearray(victim.read_bytes())
+    data[-5] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    argv = [command, "--model", "jax/opt-tiny", "--path", str(tmp_path)]
+    if command == "generate":
+        argv += ["--prompt", "hi", "--max-new-tokens", "1"]
+        assert main(argv) == 0
+        capsys.readouterr()
+    assert main([*argv, "--checksums"]) == 1  # serve: fails before it listens
+    err = capsys.readouterr().err
+    assert f"optkit {command}: error: corrupt weight file {victim}: sha256" in err

@@ -26,7 +26,8 @@ def _kernels(text: str) -> str:
 
 
 def add_loading_options(group) -> None:
-    """``--dtype``, ``--quantize``, ``--kernels`` and ``--cluster`` on a parser or group."""
+    """``--dtype``, ``--quantize``, ``--kernels``, ``--cluster`` and ``--checksums`` on a
+    parser or group."""
     group.add_argument("--dtype", type=_dtype, default="auto", metavar="DTYPE",
                        help=f"{', '.join(DTYPES)} (or {', '.join(DTYPE_ALIASES)}); auto: "
                             "float16 on GPUs, float32 on CPU")
@@ -41,6 +42,10 @@ def add_loading_options(group) -> None:
     group.add_argument("--cluster", metavar="ADDRESS",
                        help="run an alpa/ model on a Ray cluster: auto (the cluster this "
                             "machine joined with `ray start`), HEAD:6379 or ray://HEAD:10001")
+    group.add_argument("--checksums", action="store_true",
+                       help="verify every weight file's sha256 against the folder's "
+                            "optkit-manifest.json before loading (reads all the weights "
+                            "once more; jax/ and alpa/ folders)")
 
 
 def load_model(args):
@@ -48,8 +53,12 @@ def load_model(args):
     from optkit import get_model
     from optkit.weights.hub import MissingWeights
 
+    if args.checksums and (args.dummy or args.model.startswith("facebook/")):
+        raise ValueError("--checksums verifies an optkit weight folder: use jax/ or alpa/ "
+                         "with --path (not --dummy)")
     try:
         return get_model(args.model, path=args.path, dummy=args.dummy, dtype=args.dtype,
-                         cluster=args.cluster, quantize=args.quantize, kernels=args.kernels)
+                         cluster=args.cluster, quantize=args.quantize, kernels=args.kernels,
+                         checksums=args.checksums)
     except MissingWeights as e:
         raise ValueError(e.explain(path="--path DIR", dummy="--dummy")) from None

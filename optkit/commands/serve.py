@@ -72,6 +72,10 @@ def register(sub) -> None:
                    help="largest request body in bytes; larger ones get 413 before they "
                         "are read (default: 4 MiB)")
     g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    g.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="on Ctrl-C / SIGTERM, new requests get 503 and running sequences get "
+                        "this long to finish; streams still open then end with an error "
+                        "event and [DONE] (default: %(default)s)")
     g = p.add_argument_group("limits")
     g.add_argument("--max-num-seqs", type=int,
                    help="sequences in flight at most (default: 64 on GPUs, 16 on CPUs; "
@@ -120,6 +124,8 @@ def build_app(args):
     )
     from optkit.serve.guard import MAX_BODY_BYTES
 
+    if not args.shutdown_timeout >= 0:
+        raise ValueError("--shutdown-timeout must be >= 0 seconds")
     keys = read_api_keys(args.api_keys) if args.api_keys else None
     guard = dict(max_body_bytes=args.max_body_bytes or MAX_BODY_BYTES,
                  allowed_hosts=args.allowed_hosts)
@@ -161,5 +167,6 @@ def run(args) -> int:
     where = f"http://{args.host}:{args.port}"
     print(f"optkit serve: {where}/ (web page), {where}/v1 (OpenAI API); Ctrl-C stops",
           flush=True)
-    run_server(app, host=args.host, port=args.port, log_level=args.log_level)
+    run_server(app, host=args.host, port=args.port, log_level=args.log_level,
+               shutdown_timeout=args.shutdown_timeout)
     return 0

@@ -58,7 +58,7 @@ def add_error_handlers(app: FastAPI, metrics: Metrics) -> None:
     async def _api_error(request, exc: APIError):
         if exc.status in REJECTED:
             metrics.rejected.labels(REJECTED[exc.status]).inc()
-        return JSONResponse(exc.body, status_code=exc.status)
+        return JSONResponse(exc.body, status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request, exc: RequestValidationError):

@@ -36,12 +36,15 @@ MAX_STOPS = 8
 
 
 class APIError(Exception):
-    """An error answered as an OpenAI error object with HTTP ``status``."""
+    """An error answered as an OpenAI error object with HTTP ``status`` (and ``headers``,
+    e.g. ``Retry-After``)."""
 
     def __init__(self, status: int, message: str, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None):
+                 param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.body = status, error_body(message, type, param, code)
+        self.headers = headers
 
 
 class StreamOptions(BaseModel):

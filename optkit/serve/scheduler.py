@@ -34,6 +34,11 @@ So several short prompts prefill in one step, a long one is split over steps, an
 stream gets a token every step whatever arrives.  While nobody waits and no prompt is being
 prefilled, ``steps_per_dispatch`` decode steps run in one dispatch.
 
+Shutting down (:meth:`Scheduler.close`, then :meth:`Scheduler.stop`): ``close`` stops
+admitting -- :meth:`Scheduler.submit` raises :class:`ShuttingDown`, and sequences still
+waiting end at once (cancelled, with a shutting-down error) -- while running ones go on;
+``stop`` ends whatever still runs the same way and joins the thread.
+
 ``policy="static"`` is Alpa's scheme, kept as the benchmark baseline: wait until
 ``max_num_seqs`` requests are queued (or the oldest has waited ``static_wait`` s), run them
 together to completion, and only then admit the next batch.
@@ -43,8 +48,10 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -66,8 +73,43 @@ class RequestError(ValueError):
         self.param, self.code = param, code
 
 
+#: Bounds of a Retry-After estimate (seconds).
+RETRY_AFTER_MIN, RETRY_AFTER_MAX = 1, 60
+#: Admissions that :func:`retry_after` estimates the admission rate from.
+RATE_WINDOW = 64
+#: The error that sequences ended by a shutdown carry.
+SHUTTING_DOWN = "the server is shutting down"
+
+
 class QueueFull(RuntimeError):
-    """The waiting queue is at its limit (HTTP 429)."""
+    """The waiting queue is at its limit (HTTP 429); ``retry_after``: seconds until it
+    should have room (:func:`retry_after`)."""
+
+    def __init__(self, message: str, retry_after: int = RETRY_AFTER_MIN):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class ShuttingDown(RuntimeError):
+    """The scheduler was closed (HTTP 503); ``retry_after``: seconds until its shutdown
+    grace period ends (at least 1)."""
+
+    def __init__(self, message: str, retry_after: int = RETRY_AFTER_MIN):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+def retry_after(excess: int, admitted: Sequence[float], now: float) -> int:
+    """Seconds until ``excess`` more sequences have left the waiting queue, at the rate of
+    the recent admissions ``admitted`` (their times, oldest first, up to ``now``): the
+    window's count over the time from its oldest admission to now, so the rate falls while
+    nothing is admitted.  Rounded up and clipped to [1, 60]; 1 before the first admission
+    (a burst at startup: the rate is known a moment later)."""
+    if not admitted:
+        return RETRY_AFTER_MIN
+    span = now - admitted[0]
+    seconds = excess * span / len(admitted) if span > 0 else 0.0
+    return int(min(max(math.ceil(seconds), RETRY_AFTER_MIN), RETRY_AFTER_MAX))
 
 
 @dataclass(frozen=True)
@@ -187,6 +229,8 @@ class Scheduler:
         self._cache_used = 0
         self._ids = itertools.count()
         self._stopping = False
+        self._closed_until: float | None = None  # set by close(): the grace period's end
+        self._admitted: deque[float] = deque(maxlen=RATE_WINDOW)  # times, from the queue
         self._thread: threading.Thread | None = None
         self.steps = 0
         self.preemptions = 0
@@ -227,15 +271,25 @@ class Scheduler:
 
     def submit(self, requests: Sequence[SeqRequest], key: str | None = None,
                on_output: OnOutput | None = None) -> list[Handle]:
-        """Queue sequences (all or none).  Raises RequestError or QueueFull."""
+        """Queue sequences (all or none).  Raises RequestError, QueueFull or (once
+        closed) ShuttingDown."""
         for r in requests:
             self.check(r)
+        if len(requests) > self.limits.max_queue:
+            raise RequestError(f"the request has {len(requests)} sequences (prompts x "
+                               f"best_of); this server queues at most {self.limits.max_queue}")
         with self._cond:
+            now = time.perf_counter()
+            if self._closed_until is not None:
+                left = math.ceil(self._closed_until - now)
+                raise ShuttingDown(SHUTTING_DOWN, max(left, RETRY_AFTER_MIN))
             if self._stopping or self._thread is None:
                 raise RuntimeError("the scheduler is not running")
-            if len(self._queue) + len(requests) > self.limits.max_queue:
+            excess = len(self._queue) + len(requests) - self.limits.max_queue
+            if excess > 0:
                 raise QueueFull(f"the queue is full ({len(self._queue)} waiting, limit "
-                                f"{self.limits.max_queue}); retry later")
+                                f"{self.limits.max_queue}); retry later",
+                                retry_after(excess, self._admitted, now))
             handles = [Handle(next(self._ids), r, key, on_output, self) for r in requests]
             for h in handles:
                 h.tokens = list(h.request.prompt)
@@ -254,11 +308,30 @@ class Scheduler:
 
     def start(self) -> Scheduler:
         if self._thread is None:
-            self._stopping = False
+            self._stopping, self._closed_until = False, None
             self._thread = threading.Thread(target=self._loop, name="optkit-engine",
                                             daemon=True)
             self._thread.start()
         return self
+
+    def close(self, grace: float = 0.0) -> None:
+        """Stop admitting: :meth:`submit` raises :class:`ShuttingDown` from now on (its
+        ``retry_after`` counts down the ``grace`` seconds), and sequences still waiting end
+        at once, cancelled with a shutting-down error; running (and preempted) ones go on."""
+        with self._cond:
+            if self._closed_until is not None:
+                return
+            self._closed_until = time.perf_counter() + grace
+            for h in self._queue.items():
+                if not h.cancel_requested:
+                    h.cancel_requested = True
+                    self._cancels.append(h)
+            self._cond.notify()
+
+    @property
+    def idle(self) -> bool:
+        """No sequence is waiting or running."""
+        return not self._active
 
     def stop(self, timeout: float = 30.0) -> None:
         """Finish every queued or running sequence as cancelled and join the thread."""
@@ -283,7 +356,8 @@ class Scheduler:
                 "prefix_cache_queries": b.queries, "prefix_cache_hits": b.hits,
                 "preemptions": self.preemptions,
                 "tokens_in_flight": self._reserved, "active": len(self._active),
-                "steps": self.steps, "alive": self.alive}
+                "steps": self.steps, "alive": self.alive,
+                "closed": self._closed_until is not None}
 
     # Engine thread ----------------------------------------------------------------------------
     def _ready(self, forming: bool = False) -> tuple[bool, float | None]:
@@ -331,7 +405,7 @@ class Scheduler:
                 self._queue.remove(h)
             self._cancels = []
         for h in list(self._running.values()) + list(self._resume) + waiting:
-            self._finish(h, "cancelled", error="the server is shutting down")
+            self._finish(h, "cancelled", error=SHUTTING_DOWN)
 
     def _cancel_now(self, handles: list[Handle]) -> None:
         for h in handles:
@@ -339,9 +413,13 @@ class Scheduler:
                 with self._cond:
                     removed = self._queue.remove(h)
                 if removed:
-                    self._finish(h, "cancelled")
+                    self._finish(h, "cancelled", error=self._cancel_error())
             elif h.state == "running":
                 self._finish(h, "cancelled")
+
+    def _cancel_error(self) -> str | None:
+        """Why a waiting sequence was cancelled: a shutdown, or (None) its client."""
+        return SHUTTING_DOWN if self._closed_until is not None else None
 
     # Planning -------------------------------------------------------------------------------
     def _preempt(self, h: Handle) -> None:
@@ -405,7 +483,7 @@ class Scheduler:
                 break
             kind, h = action
             if kind == "cancel":
-                self._finish(h, "cancelled")
+                self._finish(h, "cancelled", error=self._cancel_error())
                 continue
             forming = self.policy == "static"  # fill the batch, then run it to the end
             if kind == "trivial":
@@ -472,6 +550,7 @@ class Scheduler:
                                                 self._need(h)):
                     return None
             self._queue.pop()
+            self._admitted.append(time.perf_counter())
             h.state, h.admitted = "running", True
             self._reserved += h.cost
             return ("trivial" if trivial else "admit"), h

@@ -4,8 +4,9 @@
 thread's outputs reach an ``asyncio.Queue`` through ``loop.call_soon_threadsafe`` (the engine
 never waits on the event loop).  :func:`collect` gathers every sequence to its end and picks
 the best ``n`` of ``best_of``; :func:`sse` turns outputs into ``data:`` events as they come,
-ending with ``data: [DONE]``.  Both cancel every sequence of the request when they stop
-early: the client went away, the response task was cancelled, or a sequence failed.
+ending with ``data: [DONE]`` (after an error event too).  Both cancel every sequence of the
+request when they stop early: the client went away, the response task was cancelled, or a
+sequence failed.
 """
 
 from __future__ import annotations
@@ -19,7 +20,14 @@ from dataclasses import dataclass
 from optkit.serve.protocol import APIError
 from optkit.serve.requests import Plan
 from optkit.serve.responses import Result
-from optkit.serve.scheduler import Handle, Output, QueueFull, Scheduler
+from optkit.serve.scheduler import (
+    Handle,
+    Output,
+    QueueFull,
+    RequestError,
+    Scheduler,
+    ShuttingDown,
+)
 
 
 @dataclass
@@ -35,7 +43,9 @@ class Submission:
 
 
 def submit(scheduler: Scheduler, plan: Plan, key: str | None = None) -> Submission:
-    """Queue ``plan``'s sequences (all or none); call from the event loop."""
+    """Queue ``plan``'s sequences (all or none); call from the event loop.  A full queue is
+    a 429 and a closed scheduler a 503, both with ``Retry-After`` (see
+    :func:`~optkit.serve.scheduler.retry_after`)."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[tuple[Handle, Output]] = asyncio.Queue()
 
@@ -48,7 +58,13 @@ def submit(scheduler: Scheduler, plan: Plan, key: str | None = None) -> Submissi
     try:
         handles = scheduler.submit(plan.seqs, key=key, on_output=on_output)
     except QueueFull as e:
-        raise APIError(429, str(e), "rate_limit_error", code="queue_full") from None
+        raise APIError(429, str(e), "rate_limit_error", code="queue_full",
+                       headers={"Retry-After": str(e.retry_after)}) from None
+    except ShuttingDown as e:
+        raise APIError(503, str(e), "server_error", code="shutting_down",
+                       headers={"Retry-After": str(e.retry_after)}) from None
+    except RequestError as e:
+        raise APIError(400, str(e), param=e.param, code=e.code) from None
     except RuntimeError as e:
         raise APIError(503, str(e), "server_error") from None
     return Submission(handles, queue)
@@ -113,21 +129,23 @@ def sse_event(obj) -> str:
 
 def sse(sub: Submission, plan: Plan, fmt) -> AsyncIterator[str]:
     """The event stream of a streamed request in ``fmt``'s shapes (a chunk per output, a
-    usage chunk when asked, ``[DONE]``); a failed sequence ends it with an error event."""
+    usage chunk when asked, ``[DONE]``); a failed sequence (an engine error, a shutdown)
+    ends it with an error event and ``[DONE]``."""
 
     async def run():
         try:
-            completion_tokens = 0
+            completion_tokens, err = 0, None
             async for i, out in events(sub):
                 if out.finish_reason is not None:
                     completion_tokens += out.num_generated
                     err = failure(out)
                     if err is not None:
-                        yield sse_event(err.body)
-                        return
+                        break
                 for chunk in fmt.chunks(i, out):
                     yield sse_event(chunk)
-            if plan.include_usage:
+            if err is not None:
+                yield sse_event(err.body)
+            elif plan.include_usage:
                 yield sse_event(fmt.usage_chunk(completion_tokens))
             yield "data: [DONE]\n\n"
         finally:  # normal end, client gone (the response task is cancelled) or error

@@ -22,14 +22,15 @@ def fake_server():
     servers = []
 
     def make(max_slots=4, step_delay=0.0, prefill_delay=0.0, limits=None, api_keys=None,
-             steps_per_dispatch=4, max_len=256, max_n=16):
+             steps_per_dispatch=4, max_len=256, max_n=16, shutdown_timeout=30.0):
         engine = FakeEngine(max_slots=max_slots, max_len=max_len, step_delay=step_delay,
                             prefill_delay=prefill_delay)
         sched = Scheduler(engine, CharCodec(), limits or Limits(max_queue=64),
                           weights=api_keys, steps_per_dispatch=steps_per_dispatch,
                           metrics=Metrics())
         srv = BackgroundServer(create_app(sched, sched.codec, "fake", api_keys=api_keys,
-                                          max_n=max_n)).start()
+                                          max_n=max_n),
+                               shutdown_timeout=shutdown_timeout).start()
         servers.append(srv)
         return srv, sched, engine
 
@@ -55,6 +56,20 @@ def wait_until(cond, timeout=10.0, interval=0.01):
         if time.monotonic() > deadline:
             raise AssertionError("condition not reached in time")
         time.sleep(interval)
+
+
+def gated(scheduler):
+    """Make ``scheduler``'s engine wait for the returned (cleared) event before each step."""
+    import threading
+
+    go, step = threading.Event(), scheduler.engine.step
+
+    def wait_then_step(works, num_steps=1):
+        assert go.wait(120), "the test never let the engine step"
+        return step(works, num_steps)
+
+    scheduler.engine.step = wait_then_step
+    return go
 
 
 #: Prompts (token ids) of :func:`scheduler_outputs`.

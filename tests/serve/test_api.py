@@ -197,6 +197,7 @@ def test_full_queue_gets_429(fake_server):
     r = post(srv, {"model": "fake", "prompt": "a", "max_tokens": 1})
     assert r.status_code == 429
     assert r.json()["error"]["type"] == "rate_limit_error"
+    assert 1 <= int(r.headers["Retry-After"]) <= 60  # seconds, from the admission rate
     with pytest.raises(openai.RateLimitError):
         client(srv).completions.create(model="fake", prompt="a", max_tokens=1)
     for h in held:

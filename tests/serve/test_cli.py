@@ -1,5 +1,6 @@
 """``optkit serve``: help, argument wiring, API-key files, and a clean Ctrl-C shutdown."""
 
+import json
 import os
 import signal
 import socket
@@ -23,7 +24,8 @@ def test_help_explains_the_options(capsys):
     out = capsys.readouterr().out
     for flag in ("--model", "--path", "--port", "--host", "--dummy", "--max-num-seqs",
                  "--max-batched-tokens", "--block-size", "--num-blocks", "--kv-memory-fraction",
-                 "--max-prompt-len", "--max-queue", "--api-keys", "--tokenizer"):
+                 "--max-prompt-len", "--max-queue", "--api-keys", "--tokenizer",
+                 "--shutdown-timeout", "--checksums"):
         assert flag in out
 
 
@@ -52,6 +54,8 @@ def test_arguments_build_the_server(tmp_path):
 @pytest.mark.parametrize("argv, message", [
     (["--model", "facebook/opt-125m", "--dummy"], "JAX"),
     (["--model", "jax/opt-125m"], "--path"),
+    (["--model", "jax/opt-125m", "--dummy", "--checksums"], "--checksums verifies"),
+    (["--fake", "--shutdown-timeout", "-1"], "--shutdown-timeout"),
 ])
 def test_argument_errors(argv, message, capsys):
     assert main(["serve", *argv]) == 1
@@ -74,12 +78,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_serves_then_stops_cleanly_on_ctrl_c():
+def test_serves_then_drains_on_ctrl_c():
+    """Ctrl-C: the open stream (2000 tokens at 0.02 s a step: 40 s at least) outlives the
+    1 s grace period, so it ends with an error event and [DONE]; the process exits 0."""
     port = free_port()
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     proc = subprocess.Popen([sys.executable, "-m", "optkit.cli", "serve", "--fake", "--port",
-                             str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env=env)
+                             str(port), "--shutdown-timeout", "1"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env)
     try:
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 120
@@ -94,15 +100,22 @@ def test_serves_then_stops_cleanly_on_ctrl_c():
         r = httpx.post(url + "/v1/completions", timeout=10,
                        json={"model": "fake", "prompt": "Hi", "max_tokens": 3})
         assert r.json()["choices"][0]["text"] == "jkl"
-        with httpx.stream("POST", url + "/v1/completions", timeout=10, json={
+        with httpx.stream("POST", url + "/v1/completions", timeout=60, json={
                 "model": "fake", "prompt": "a", "max_tokens": 2000, "stream": True}) as r:
-            next(r.iter_lines())  # a stream is open while we press Ctrl-C
+            lines = r.iter_lines()
+            first = next(lines)  # a stream is open while we press Ctrl-C
             proc.send_signal(signal.SIGINT)
-            code = proc.wait(timeout=30)
+            events = [first] + [line for line in lines if line]
+        code = proc.wait(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
     out = proc.stdout.read()
+    assert events[-1] == "data: [DONE]", events[-3:]
+    error = json.loads(events[-2].removeprefix("data: "))["error"]
+    assert error["message"] == "the server is shutting down", error
+    assert all('"text_completion"' in e for e in events[:-2])
     assert code == 0, out
+    assert "ending 1 unfinished sequence(s) with an error" in out
     assert "Application shutdown complete" in out and "Traceback" not in out
     assert f"http://127.0.0.1:{port}/" in out

@@ -6,8 +6,14 @@ import threading
 import pytest
 
 from optkit.serve import CharCodec, FakeEngine, Limits, Scheduler, SeqRequest
-from optkit.serve.scheduler import QueueFull, RequestError
-from tests.serve.conftest import wait_until
+from optkit.serve.scheduler import (
+    RETRY_AFTER_MAX,
+    QueueFull,
+    RequestError,
+    ShuttingDown,
+    retry_after,
+)
+from tests.serve.conftest import gated, wait_until
 
 C = CharCodec()
 
@@ -156,6 +162,64 @@ def test_queue_limit_is_all_or_nothing(sched):
     wait_until(lambda: all(h.done for h in running + waiting))
     assert {h.finish_reason for h in running + waiting} == {"cancelled"}
     assert_clean(s)
+
+
+def test_retry_after_follows_the_admission_rate():
+    # four admissions in the 4 s up to now: one a second
+    assert retry_after(3, [0.0, 1.0, 2.0, 3.0], now=4.0) == 3
+    assert retry_after(1, [0.0, 1.0, 2.0, 3.0], now=4.0) == 1
+    assert retry_after(3, [0.0, 1.0, 2.0, 3.0], now=8.0) == 6   # nothing since: slower
+    assert retry_after(1, [9.0], now=9.2) == 1                  # never below 1 s
+    assert retry_after(500, [0.0, 1.0], now=2.0) == RETRY_AFTER_MAX
+    assert retry_after(9, [], now=5.0) == 1                     # nothing admitted yet
+
+
+def test_queue_full_says_when_to_retry(sched):
+    s = sched(max_slots=1, step_delay=0.01, limits=Limits(max_queue=2))
+    running = s.submit([req("a", 250)])
+    wait_until(lambda: s.stats()["running"] == 1)
+    waiting = s.submit([req("b", 5), req("c", 5)])
+    with pytest.raises(QueueFull) as e:
+        s.submit([req("d", 5)])
+    assert 1 <= e.value.retry_after <= RETRY_AFTER_MAX
+    with pytest.raises(RequestError, match="queues at most 2"):  # can never fit: not a 429
+        s.submit([req("d", 5)] * 3)
+    for h in running + waiting:
+        h.cancel()
+    assert_clean(s)
+
+
+def test_close_ends_the_waiting_and_lets_the_running_finish(sched):
+    s = sched(max_slots=1)
+    go = gated(s)
+    col = Collector()
+    run, wait = s.submit([req("a", 30), req("b", 30)], on_output=col)
+    wait_until(lambda: s.stats()["running"] == 1)  # its first step waits for ``go``
+    s.close(grace=100)
+    with pytest.raises(ShuttingDown) as e:
+        s.submit([req("c", 1)])
+    assert 1 <= e.value.retry_after <= 100
+    assert s.stats()["closed"] and not run.done
+    go.set()
+    wait_until(lambda: wait.done)
+    assert wait.finish_reason == "cancelled" and wait.t_first is None
+    assert col.outputs[wait.id][-1].error == "the server is shutting down"
+    wait_until(lambda: s.idle)
+    assert (run.finish_reason, col.text(run)) == ("length", "bcdefghijklmnopqrstuvwxyzabcde")
+    assert_clean(s)
+
+
+def test_stop_after_close_ends_the_running_with_an_error(sched):
+    s = sched(max_slots=1, step_delay=0.05, steps_per_dispatch=1)  # 250 tokens: 12.5 s
+    col = Collector()
+    (run,) = s.submit([req("a", 250)], on_output=col)
+    wait_until(lambda: len(col.text(run)) >= 2)
+    s.close()
+    s.stop()
+    assert run.finish_reason == "cancelled" and run.generated < 250
+    assert col.outputs[run.id][-1].error == "the server is shutting down"
+    with pytest.raises(ShuttingDown):
+        s.submit([req("c", 1)])
 
 
 def test_cancel_running_and_waiting(sched):

@@ -112,10 +112,16 @@ def test_sse_completion_chunks_usage_and_done():
 
 
 def test_sse_error_event_ends_the_stream():
-    p = plan()
-    sub = submission([(0, Output("a", [])), (0, Output("", [], "cancelled", 1))], 1)
+    p = plan(include_usage=True)
+    sub = submission([(0, Output("a", [])),
+                      (0, Output("", [], "cancelled", 1, error="the server is shutting down"))],
+                     1)
     events = read(sse(sub, p, CompletionFormat("m", p)))
-    assert events[-1]["error"]["type"] == "server_error" and "[DONE]" not in events
+    assert events[0]["choices"][0]["text"] == "a"
+    err = events[1]["error"]
+    assert (err["message"], err["type"]) == ("the server is shutting down", "server_error")
+    assert events[2:] == ["[DONE]"]  # no usage chunk after an error
+    assert sub.handles[0].cancelled
 
 
 def test_sse_chat_role_first_leading_space_dropped_logprobs():
