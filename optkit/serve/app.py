@@ -42,6 +42,7 @@ from starlette.exceptions import HTTPException
 from optkit.serve.chat import get_template
 from optkit.serve.metrics import Metrics
 from optkit.serve.protocol import (
+    TOKEN_ID,
     APIError,
     ChatCompletion,
     ChatCompletionRequest,
@@ -66,6 +67,9 @@ STATIC = Path(__file__).resolve().parent / "static"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 #: rejected-request counter label per status of an APIError
 REJECTED = {400: "invalid", 401: "auth", 429: "queue_full"}
+#: one server-sent event of a stream (OpenAPI 3.1: the event-stream schema is an event's)
+SSE_EVENT = {"type": "object", "required": ["data"], "properties": {"data": {
+    "type": "string", "description": "a JSON chunk, an error object, or [DONE] (the last)"}}}
 #: what each documented error status means (OpenAPI), all with an ErrorResponse body
 ERRORS = {400: "Invalid request (schema or server limits)",
           401: "Missing or unknown API key",
@@ -207,12 +211,25 @@ def json_response(fn, body) -> Response:
     return Response(fn(body).model_dump_json(), media_type="application/json")
 
 
-def openapi_document(app: FastAPI, keyed: bool):
+def _bound_token_ids(node, vocab_size: int) -> None:
+    """Every schema in ``node`` marked as a token id gets its ``maximum``."""
+    if isinstance(node, dict):
+        if node.pop(TOKEN_ID, False):
+            node["maximum"] = vocab_size - 1
+        node = list(node.values())
+    if isinstance(node, list):
+        for x in node:
+            _bound_token_ids(x, vocab_size)
+
+
+def openapi_document(app: FastAPI, keyed: bool, vocab_size: int):
     """``app.openapi``: FastAPI's document less its 422 responses (validation errors are 400
-    here, listed with each route), with a bearer scheme on the routes that take a key."""
+    here, listed with each route), with a bearer scheme on the routes that take a key and
+    token ids bounded by the vocabulary."""
 
     def openapi() -> dict:
         doc = FastAPI.openapi(app)  # cached by FastAPI; the edits below are idempotent
+        _bound_token_ids(doc, vocab_size)
         for ops in doc["paths"].values():
             for op in ops.values():
                 op["responses"].pop("422", None)
@@ -259,14 +276,16 @@ def create_app(scheduler: Scheduler, codec: Codec, model_name: str, *,
     app.state.metrics = metrics
     app.state.planner = planner
 
-    app.openapi = openapi_document(app, bool(api_keys))
+    # token ids: below the engine's vocabulary (prompts) and the tokenizer's (/detokenize)
+    app.openapi = openapi_document(app, bool(api_keys),
+                                   min(engine.vocab_size, codec.vocab_size))
     add_error_handlers(app, metrics)
     app.add_middleware(RequestIds)
     Key = Annotated[str | None, Depends(key_auth(api_keys))]
     keyed = (401,) if api_keys else ()
 
     # Plain endpoints ----------------------------------------------------------------------
-    @app.get("/", response_class=HTMLResponse)
+    @app.get("/", response_class=HTMLResponse, responses=errors())
     async def index():
         """The web page (HTML)."""
         return page
@@ -276,15 +295,16 @@ def create_app(scheduler: Scheduler, codec: Codec, model_name: str, *,
         return Response(icon, media_type="image/x-icon",
                         headers={"Cache-Control": "max-age=86400"})
 
-    @app.get("/health", responses={503: {
-        "description": "The engine has stopped (the same body, status 'engine stopped')"}})
+    @app.get("/health", responses={**errors(), 503: {
+        "description": "The engine has stopped (the same body, status 'engine stopped')",
+        "content": {"application/json": {"schema": {"type": "object"}}}}})
     async def health():
         s = scheduler.stats()
         status = 200 if s["alive"] else 503
         return JSONResponse({"status": "ok" if s["alive"] else "engine stopped",
                              "model": model_name, **s}, status_code=status)
 
-    @app.get("/metrics", response_class=PlainTextResponse)
+    @app.get("/metrics", response_class=PlainTextResponse, responses=errors())
     async def prometheus():
         """Prometheus metrics (text exposition format)."""
         return Response(metrics.render(), media_type=metrics.content_type)
@@ -316,7 +336,7 @@ def create_app(scheduler: Scheduler, codec: Codec, model_name: str, *,
         return fmt.response(await collect(sub, plan, request.receive))
 
     generation = {**errors(400, *keyed, 404, 413, 429, 503),
-                  200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
+                  200: {"content": {"text/event-stream": {"schema": SSE_EVENT}},
                         "description": "The response, or with stream: true its chunks as "
                                        "server-sent events ending with 'data: [DONE]'"}}
 

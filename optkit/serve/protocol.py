@@ -30,6 +30,7 @@ from typing import Annotated, Literal
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Discriminator,
     Field,
@@ -37,10 +38,12 @@ from pydantic import (
     StrictStr,
     Tag,
     field_validator,
+    model_validator,
 )
 
 MAX_STOPS = 8
 INT32_MAX = 2**31 - 1
+TOKEN_ID = "x-token-id"  # marks token ids in JSON schemas
 UINT32_MAX = 2**32 - 1
 
 
@@ -57,9 +60,22 @@ def _no_surrogates(text: str) -> str:
 #: Text that can be tokenized and encoded as UTF-8.
 Text = Annotated[StrictStr, AfterValidator(_no_surrogates)]
 NonEmptyText = Annotated[Text, Field(min_length=1)]
+def _integral(v):
+    return int(v) if isinstance(v, float) and v.is_integer() else v
+
+
+def integer(lo: int, hi: int):
+    """A JSON integer in [lo, hi]: ``3`` or ``3.0`` (both integers to JSON Schema), not
+    ``3.5``, ``"3"`` or ``true``."""
+    return Annotated[StrictInt, Field(ge=lo, le=hi), BeforeValidator(_integral)]
+
+
 #: A count or id the device holds as int32.
-Int32 = Annotated[StrictInt, Field(ge=0, le=INT32_MAX)]
-TokenIds = Annotated[list[Int32], Field(min_length=1)]
+Int32 = integer(0, INT32_MAX)
+Positive32 = integer(1, INT32_MAX)
+#: A token id (the served vocabulary's bound is set in the app's OpenAPI document).
+TokenId = Annotated[Int32, Field(json_schema_extra={TOKEN_ID: True})]
+TokenIds = Annotated[list[TokenId], Field(min_length=1)]
 
 
 def _prompt_kind(v) -> str | None:
@@ -108,18 +124,18 @@ class SamplingRequest(BaseModel):
     model: Text
     temperature: Annotated[float, Field(ge=0, le=2)] | None = 1.0
     top_p: Annotated[float, Field(gt=0, le=1)] | None = 1.0
-    n: Annotated[int, Field(ge=1, le=INT32_MAX)] | None = 1
+    n: Positive32 | None = 1
     stop: NonEmptyText | Annotated[list[NonEmptyText], Field(max_length=MAX_STOPS)] | None \
         = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    seed: Annotated[int, Field(ge=0, le=UINT32_MAX)] | None = None
+    seed: integer(0, UINT32_MAX) | None = None
     user: Text | None = None
     presence_penalty: Annotated[float, Field(ge=0, le=0)] | None = None
     frequency_penalty: Annotated[float, Field(ge=0, le=0)] | None = None
     logit_bias: Annotated[dict[Text, float], Field(max_length=0)] | None = None
     # vLLM's extensions
-    top_k: Annotated[int, Field(ge=-1, le=INT32_MAX)] | None = None
+    top_k: integer(-1, INT32_MAX) | None = None
     min_tokens: Int32 | None = 0
     repetition_penalty: Annotated[float, Field(gt=0)] | None = 1.0
     ignore_eos: bool | None = False
@@ -131,9 +147,9 @@ class SamplingRequest(BaseModel):
 
 
 class CompletionRequest(SamplingRequest):
-    prompt: Prompt
+    prompt: Annotated[Prompt, Field(examples=["Paris is the capital of"])]
     max_tokens: Int32 | None = 16
-    best_of: Annotated[int, Field(ge=1, le=INT32_MAX)] | None = None
+    best_of: Positive32 | None = None
     echo: bool | None = False
     logprobs: Int32 | None = None
     suffix: Literal[None] = None
@@ -179,29 +195,43 @@ class ChatMessage(BaseModel):
 
 
 class ChatCompletionRequest(SamplingRequest):
-    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    messages: Annotated[list[ChatMessage], Field(
+        min_length=1, examples=[[{"role": "user", "content": "What is the capital of France?"}]])]
     max_tokens: Int32 | None = None
     max_completion_tokens: Int32 | None = None
     logprobs: bool | None = False
-    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    top_logprobs: integer(0, 20) | None = None
+
+
+def _no_default(schema: dict) -> None:
+    schema.pop("default", None)  # None stands for "not sent"; null is refused
 
 
 class TokenizeRequest(BaseModel):
-    """``/tokenize``: a ``prompt``, or chat ``messages`` rendered by the chat template."""
+    """``/tokenize``: a ``prompt``, or chat ``messages`` rendered by the chat template
+    (exactly one of them; neither may be null)."""
 
-    model_config = STRICT
+    model_config = ConfigDict(**STRICT, json_schema_extra={
+        "oneOf": [{"required": ["prompt"]}, {"required": ["messages"]}]})
     model: Text | None = None
-    prompt: Text | None = None
-    messages: list[ChatMessage] | None = None
+    prompt: Text = Field(None, json_schema_extra=_no_default)  # type: ignore[assignment]
+    messages: list[ChatMessage] = Field(  # type: ignore[assignment]
+        None, json_schema_extra=_no_default)
     add_special_tokens: bool = True  # OPT's </s> in front, as the model is fed
     add_generation_prompt: bool = True
     return_token_strs: bool = False
+
+    @model_validator(mode="after")
+    def _one_input(self):
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("send either prompt or messages")
+        return self
 
 
 class DetokenizeRequest(BaseModel):
     model_config = STRICT
     model: Text | None = None
-    tokens: list[Int32]
+    tokens: list[TokenId]
 
 
 class TokenizeResponse(BaseModel):
