@@ -38,7 +38,6 @@ from pydantic import (
     StrictStr,
     Tag,
     field_validator,
-    model_validator,
 )
 
 MAX_STOPS = 8
@@ -209,7 +208,7 @@ def _no_default(schema: dict) -> None:
 
 class TokenizeRequest(BaseModel):
     """``/tokenize``: a ``prompt``, or chat ``messages`` rendered by the chat template
-    (exactly one of them; neither may be null)."""
+    (exactly one of them, as the schema says and the planner checks; neither may be null)."""
 
     model_config = ConfigDict(**STRICT, json_schema_extra={
         "oneOf": [{"required": ["prompt"]}, {"required": ["messages"]}]})
@@ -220,12 +219,6 @@ class TokenizeRequest(BaseModel):
     add_special_tokens: bool = True  # OPT's </s> in front, as the model is fed
     add_generation_prompt: bool = True
     return_token_strs: bool = False
-
-    @model_validator(mode="after")
-    def _one_input(self):
-        if (self.prompt is None) == (self.messages is None):
-            raise ValueError("send either prompt or messages")
-        return self
 
 
 class DetokenizeRequest(BaseModel):

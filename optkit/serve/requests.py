@@ -137,6 +137,8 @@ class RequestPlanner:
 
     def tokenize(self, body: TokenizeRequest) -> TokenizeResponse:
         self.check_model(body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise APIError(400, "send either prompt or messages", param="prompt")
         text = (body.prompt if body.messages is None
                 else self.render(body.messages, body.add_generation_prompt))
         ids = self.codec.encode(text, add_special_tokens=body.add_special_tokens)

@@ -58,10 +58,8 @@ def failure(out: Output) -> APIError | None:
     """The error a finished sequence's request fails with (None for stop / length)."""
     if out.finish_reason in ("stop", "length"):
         return None
-    if out.finish_reason == "error":  # the engine thread logged the exception
-        return APIError(500, "internal error: generation failed (see the server log)",
-                        "server_error")
-    return APIError(503, out.error or f"the request was {out.finish_reason}", "server_error")
+    return APIError(500 if out.finish_reason == "error" else 503,
+                    out.error or f"the request was {out.finish_reason}", "server_error")
 
 
 async def events(sub: Submission) -> AsyncIterator[tuple[int, Output]]:
