@@ -172,7 +172,11 @@ def add_error_handlers(app: FastAPI, metrics: Metrics) -> None:
         else:  # the top-level field (deeper parts name union members, not fields)
             param = str(loc[0]) if loc and isinstance(loc[0], str) else None
             text = str(err.get("msg")).removeprefix("Value error, ")
-            msg = f"{param}: {text}" if param else text
+            if err.get("type") in ("string_too_short", "too_short") and \
+                    err.get("ctx", {}).get("min_length") == 1:
+                text = "must not be empty"
+            where = "".join(f"[{i}]" for i in loc[1:] if isinstance(i, int))  # list items
+            msg = f"{param}{where}: {text}" if param else text
         metrics.rejected.labels("invalid").inc()
         return JSONResponse(error_body(msg, param=param, code=err.get("type")), status_code=400)
 

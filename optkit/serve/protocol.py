@@ -58,7 +58,7 @@ def _no_surrogates(text: str) -> str:
 
 #: Text that can be tokenized and encoded as UTF-8.
 Text = Annotated[StrictStr, AfterValidator(_no_surrogates)]
-NonEmptyText = Annotated[Text, Field(min_length=1)]
+NonEmptyText = Annotated[StrictStr, Field(min_length=1), AfterValidator(_no_surrogates)]
 def _integral(v):
     return int(v) if isinstance(v, float) and v.is_integer() else v
 
