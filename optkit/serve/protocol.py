@@ -3,14 +3,14 @@ endpoints, validated strictly.
 
 Unknown fields, wrong JSON types and out-of-range values are refused (HTTP 400), so a
 client that misspells a parameter learns it instead of silently getting defaults.  Every
-check the schema can state is in the models (so the OpenAPI document says it too): text
-holds no lone UTF-16 surrogates (they cannot be tokenized or encoded as UTF-8), integers
-fit the device's dtypes (int32; the seed uint32), numbers are finite, prompts are not
-empty.  vLLM's
-sampling extensions that benchmark and eval tools send are accepted: ``top_k`` (-1 or 0:
-off), ``min_tokens`` (no end-of-sequence before that many tokens), ``repetition_penalty``
-(> 0; 1 is off) and ``ignore_eos``.  OpenAI fields optkit cannot honour (presence /
-frequency penalties, ``logit_bias``, ``suffix``) are accepted only at their neutral values.
+check a schema can state is in the models, so the OpenAPI document states it too: text
+holds no lone UTF-16 surrogates (they can be neither tokenized nor encoded as UTF-8),
+integers fit the device's dtypes (int32; the seed uint32), numbers are finite, prompts and
+stop strings are not empty.  vLLM's sampling extensions that benchmark and eval tools send
+are accepted: ``top_k`` (-1 or 0: off), ``min_tokens`` (no end-of-sequence before that many
+tokens), ``repetition_penalty`` (> 0; 1 is off) and ``ignore_eos``.  OpenAI fields optkit
+cannot honour (presence / frequency penalties, ``logit_bias``, ``suffix``) are accepted
+only at their neutral values.
 
 Completion log-probs follow the legacy OpenAI shape: ``tokens`` (each token's own text),
 ``token_logprobs`` (``None`` for the first prompt token under ``echo``), ``top_logprobs``
@@ -42,10 +42,8 @@ from pydantic import (
 
 MAX_STOPS = 8
 INT32_MAX = 2**31 - 1
-TOKEN_ID = "x-token-id"  # marks token ids in JSON schemas
 UINT32_MAX = 2**32 - 1
-
-
+TOKEN_ID = "x-token-id"  # marks token ids in JSON schemas
 SURROGATE = re.compile("[\ud800-\udfff]")
 
 
@@ -59,6 +57,8 @@ def _no_surrogates(text: str) -> str:
 #: Text that can be tokenized and encoded as UTF-8.
 Text = Annotated[StrictStr, AfterValidator(_no_surrogates)]
 NonEmptyText = Annotated[StrictStr, Field(min_length=1), AfterValidator(_no_surrogates)]
+
+
 def _integral(v):
     return int(v) if isinstance(v, float) and v.is_integer() else v
 
