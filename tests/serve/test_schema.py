@@ -91,19 +91,25 @@ def pin_model(doc, name):
 
 
 def test_schemathesis_finds_no_failure(srv, doc, tmp_path):
-    """Two runs of every check: (1) the document as served (any ``model`` string: every
+    """Three runs of every check: (1) the document as served (any ``model`` string: every
     field's schema against the validators, which run before the model is looked up);
     (2) ``model`` pinned to the served one, so requests reach the planner and the engine
     (every check but positive-data acceptance: a schema cannot state cross-field limits
-    such as prompt + max_tokens <= the context, which are 400s)."""
-    served, pinned = tmp_path / "served", tmp_path / "pinned"
-    served.mkdir()
-    pinned.mkdir()
+    such as prompt + max_tokens <= the context, which are 400s); (3) a server with API
+    keys (its 401s and bearer scheme; requests without the key must be refused)."""
+    served, pinned, keyed = tmp_path / "served", tmp_path / "pinned", tmp_path / "keyed"
+    for d in (served, pinned, keyed):
+        d.mkdir()
     runs = [schemathesis(srv.url + "/openapi.json", served, "--checks", "all")]
     (pinned / "openapi.json").write_text(json.dumps(pin_model(doc, "fake")))
     runs.append(schemathesis(pinned / "openapi.json", pinned, "--url", srv.url,
                              "--checks", "all", "--exclude-checks",
                              "positive_data_acceptance"))
+    sched = Scheduler(FakeEngine(), CharCodec(), Limits(), weights={"sk-1": 1.0})
+    with BackgroundServer(create_app(sched, sched.codec, "fake",
+                                     api_keys={"sk-1": 1.0})) as with_keys:
+        runs.append(schemathesis(with_keys.url + "/openapi.json", keyed, "--checks", "all",
+                                 "-H", "Authorization: Bearer sk-1", examples=20))
     total = 0
     for code, report, out in runs:
         cases = report["test_cases"]
@@ -112,7 +118,7 @@ def test_schemathesis_finds_no_failure(srv, doc, tmp_path):
         assert code == 0 and report["failures"] == [] and cases["errored"] == 0, out[-4000:]
         assert report["operations"]["tested"] == len(doc["paths"])
         total += cases["generated"]
-    assert total >= 300
+    assert total >= 1000
 
 
 def test_schemathesis_catches_an_undocumented_status(srv, doc, tmp_path):
