@@ -559,10 +559,10 @@ class Scheduler:
     def _step(self, works: list[Work], handles: list[Handle], n: int) -> None:
         try:
             out = self.engine.step(works, n)
-        except Exception as e:
+        except Exception:  # logged here; clients get no exception text
             log.exception("engine step failed")
             for h in handles:
-                self._finish(h, "error", error=f"generation failed: {e}")
+                self._finish(h, "error", error="internal error: generation failed")
             return
         self.steps += n
         now = time.perf_counter()

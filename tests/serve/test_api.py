@@ -3,12 +3,22 @@
 import asyncio
 import json
 import math
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
 import pytest
 
-from optkit.serve import Limits
+from optkit.serve import (
+    BackgroundServer,
+    CharCodec,
+    FakeEngine,
+    Limits,
+    Scheduler,
+    create_app,
+)
 from tests.serve.conftest import wait_until
 
 HALF, QUARTER = math.log(0.5), math.log(0.25)
@@ -153,6 +163,25 @@ MALFORMED = [
     ("presence penalty", {"model": "fake", "prompt": "a", "presence_penalty": 0.5}, 400),
     ("logit bias", {"model": "fake", "prompt": "a", "logit_bias": {"5": 10}}, 400),
     ("suffix", {"model": "fake", "prompt": "a", "suffix": "x"}, 400),
+    # what the tokenizer or the device cannot take is refused before them
+    ("lone surrogate", '{"model": "fake", "prompt": "a\\ud800b"}', 400),
+    ("lone surrogate in a list", '{"model": "fake", "prompt": ["ok", "\\udc00"]}', 400),
+    ("lone surrogate in stop", '{"model": "fake", "prompt": "a", "stop": ["\\ud800"]}', 400),
+    ("lone surrogate key", '{"model": "fake", "prompt": "a", "\\ud800": 1}', 400),
+    ("top_k past int32", {"model": "fake", "prompt": "a", "top_k": 2**31}, 400),
+    ("seed negative", {"model": "fake", "prompt": "a", "seed": -1}, 400),
+    ("seed past uint32", {"model": "fake", "prompt": "a", "seed": 2**32}, 400),
+    ("token id past int32", {"model": "fake", "prompt": [2**31]}, 400),
+    ("token id 2**64", {"model": "fake", "prompt": [[1, 2**64]]}, 400),
+    ("max_tokens past int32", {"model": "fake", "prompt": "a", "max_tokens": 2**31}, 400),
+    ("min_tokens past int32", {"model": "fake", "prompt": "a", "min_tokens": 2**31}, 400),
+    ("n past int32", {"model": "fake", "prompt": "a", "n": 2**31}, 400),
+    ("best_of past int32", {"model": "fake", "prompt": "a", "best_of": 2**40}, 400),
+    ("logprobs past int32", {"model": "fake", "prompt": "a", "logprobs": 2**31}, 400),
+    ("NaN temperature", '{"model": "fake", "prompt": "a", "temperature": NaN}', 400),
+    ("infinite penalty", '{"model": "fake", "prompt": "a", "repetition_penalty": 1e999}', 400),
+    ("Infinity top_p", '{"model": "fake", "prompt": "a", "top_p": Infinity}', 400),
+    ("integer 1.5", {"model": "fake", "prompt": "a", "n": 1.5}, 400),
 ]
 
 
@@ -181,12 +210,144 @@ def test_malformed_requests_get_openai_errors(shared_fake_server, name, body, st
 
 def test_other_http_errors_are_openai_objects(shared_fake_server):
     srv = shared_fake_server
-    r = httpx.get(srv.url + "/v1/completions")
-    assert r.status_code == 405 and "error" in r.json()
-    r = httpx.get(srv.url + "/v1/nothing")
-    assert r.status_code == 404 and "error" in r.json()
-    r = post(srv, "model=fake", headers={"Content-Type": "text/plain"})
-    assert 400 <= r.status_code < 500 and "error" in r.json()
+    for r, status in [(httpx.get(srv.url + "/v1/completions"), 405),
+                      (httpx.get(srv.url + "/v1/nothing"), 404),
+                      (post(srv, "model=fake", headers={"Content-Type": "text/plain"}), 400),
+                      (post(srv, "{bad"), 400)]:
+        assert r.status_code == status, r.text
+        err = r.json()["error"]
+        assert set(err) == {"message", "type", "param", "code"}
+        assert err["code"] is None or isinstance(err["code"], str)
+        assert len(r.headers["x-request-id"]) == 32
+    assert r.json()["error"]["code"] == "json_invalid"
+
+
+def test_integer_fields_take_integral_json_numbers(shared_fake_server):
+    r = post(shared_fake_server, {"model": "fake", "prompt": [97.0, 98], "max_tokens": 2.0})
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == "cd"
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/v1/chat/completions", '{"model": "fake", "messages": [{"role": "user", '
+                             '"content": "hi \\ud83d"}]}'),
+    ("/v1/chat/completions", '{"model": "fake", "messages": [{"role": "user", "content": '
+                             '[{"type": "text", "text": "\\udfff"}]}]}'),
+    ("/v1/chat/completions", '{"model": "fake", "messages": [{"role": "user", "content": '
+                             '"hi"}], "stop": "\\ud800"}'),
+    ("/tokenize", '{"prompt": "a\\ud800"}'),
+    ("/tokenize", '{"messages": [{"role": "user", "content": "\\ud800", "name": "x"}]}'),
+    ("/detokenize", '{"tokens": [1, 2147483648]}'),
+])
+def test_other_routes_refuse_what_the_tokenizer_or_device_cannot_take(shared_fake_server,
+                                                                      path, body):
+    with httpx.Client(base_url=shared_fake_server.url, timeout=10) as c:
+        r = c.post(path, content=body, headers={"Content-Type": "application/json"})
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["type"] == "invalid_request_error"
+        assert c.get("/health").status_code == 200  # the same connection serves on
+
+
+class FailingCodec(CharCodec):
+    def encode(self, text, add_special_tokens=True):
+        raise RuntimeError("secret detail of the failure")
+
+
+class FailingEngine(FakeEngine):
+    def step(self, works, num_steps=1):
+        raise RuntimeError("secret detail of the failure")
+
+
+@pytest.mark.parametrize("what", ["planner", "engine"])
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_500_names_a_request_id_not_the_exception(what, stream, caplog):
+    engine = FailingEngine() if what == "engine" else FakeEngine()
+    codec = FailingCodec() if what == "planner" else CharCodec()
+    sched = Scheduler(engine, codec, Limits())
+    body = {"model": "fake", "prompt": "ab", "max_tokens": 2, "stream": stream}
+    with (BackgroundServer(create_app(sched, codec, "fake")) as srv,
+          httpx.Client(base_url=srv.url, timeout=10) as c):
+        r = c.post("/v1/completions", json=body)
+        rid = r.headers["x-request-id"]
+        if what == "planner":  # fails before the response starts
+            assert r.status_code == 500
+            err = r.json()["error"]
+            assert err["message"] == f"internal error (request id {rid})"
+            assert any(rid in rec.getMessage() and rec.exc_info for rec in caplog.records)
+        elif stream:  # the stream ends with an error event, then [DONE]
+            assert r.status_code == 200
+            events = [e.strip() for e in r.text.split("data: ")[1:]]
+            assert events[-1] == "[DONE]"
+            err = json.loads(events[-2])["error"]
+        else:
+            assert r.status_code == 500
+            err = r.json()["error"]
+        assert err["type"] == "server_error" and err["message"].startswith("internal error")
+        assert "secret" not in r.text and "RuntimeError" not in r.text
+        assert c.get("/health").status_code == 200  # and the connection serves on
+
+
+class BlockingCodec(CharCodec):
+    """Encoding waits until released: a long tokenization held as long as a test needs."""
+
+    def __init__(self):
+        self.started, self.release = threading.Event(), threading.Event()
+
+    def encode(self, text, add_special_tokens=True):
+        self.started.set()
+        assert self.release.wait(30)
+        return super().encode(text, add_special_tokens)
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/v1/completions", {"model": "fake", "prompt": "ab", "max_tokens": 2}),
+    ("/v1/chat/completions", {"model": "fake", "messages": [{"role": "user", "content": "a"}],
+                              "max_tokens": 2}),
+    ("/tokenize", {"prompt": "ab"}),
+])
+def test_health_answers_while_a_request_is_being_tokenized(path, body):
+    codec = BlockingCodec()
+    sched = Scheduler(FakeEngine(), codec, Limits())
+    with BackgroundServer(create_app(sched, codec, "fake")) as srv:
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(httpx.post, srv.url + path, json=body, timeout=30)
+            try:
+                assert codec.started.wait(10)
+                t0 = time.perf_counter()
+                health = httpx.get(srv.url + "/health", timeout=10)
+                print(f"/health during {path}'s tokenizing: "
+                      f"{(time.perf_counter() - t0) * 1e3:.1f} ms")
+                assert health.status_code == 200 and not pending.done()
+            finally:
+                codec.release.set()
+            assert pending.result().status_code == 200
+
+
+def test_health_latency_while_a_2mb_prompt_is_tokenized():
+    """The real tokenizer on a 2 MB prompt (/tokenize: 430k tokens back); /health is polled
+    meanwhile and its latencies printed (no bound asserted: the machine may be busy)."""
+    from optkit import get_tokenizer
+    from optkit.serve import HFCodec
+
+    codec = HFCodec(get_tokenizer())
+    sched = Scheduler(FakeEngine(), codec, Limits())
+    prompt = "Paris is the capital and largest city of France. " * 42000  # 2.06 MB
+    with (BackgroundServer(create_app(sched, codec, "fake")) as srv,
+          ThreadPoolExecutor(1) as pool, httpx.Client(base_url=srv.url, timeout=30) as c):
+        t0 = time.perf_counter()
+        pending = pool.submit(httpx.post, srv.url + "/tokenize", json={"prompt": prompt},
+                              timeout=120)
+        latencies = []
+        while not pending.done():
+            t = time.perf_counter()
+            assert c.get("/health").status_code == 200
+            latencies.append(time.perf_counter() - t)
+            time.sleep(0.02)
+        r = pending.result()
+        took = time.perf_counter() - t0
+    assert r.status_code == 200 and r.json()["count"] > 400_000
+    print(f"/tokenize of {len(prompt) / 1e6:.2f} MB took {took:.2f} s; /health answered "
+          f"{len(latencies)} times meanwhile, max {max(latencies, default=0) * 1e3:.1f} ms, "
+          f"median {sorted(latencies)[len(latencies) // 2] * 1e3 if latencies else 0:.1f} ms")
 
 
 def test_full_queue_gets_429(fake_server):

@@ -1,6 +1,7 @@
 """Request validation and expansion (RequestPlanner) and the chat templates, without HTTP."""
 
 import pytest
+from pydantic import ValidationError
 
 from optkit import get_tokenizer
 from optkit.serve import CharCodec, FakeEngine, HFCodec, Limits, Scheduler
@@ -110,3 +111,40 @@ def test_tokenize_round_trips_with_the_tokenizer():
     with pytest.raises(APIError) as e:
         p.tokenize(TokenizeRequest(model="other", prompt="x"))
     assert e.value.status == 404
+
+
+@pytest.mark.parametrize("body", [
+    {"prompt": "a\ud800"}, {"prompt": ["a", "\udfff"]}, {"prompt": "a", "stop": "\ud800"},
+    {"prompt": "a", "user": "\ud800"}, {"prompt": ""}, {"prompt": []}, {"prompt": [[]]},
+    {"prompt": [""]}, {"prompt": [-1]}, {"prompt": [[5, 2**31]]}, {"prompt": "a", "top_k": 2**31},
+    {"prompt": "a", "seed": 2**32}, {"prompt": "a", "seed": -1}, {"prompt": "a", "n": 2**31},
+    {"prompt": "a", "max_tokens": 2**31}, {"prompt": "a", "min_tokens": -1},
+    {"prompt": "a", "logprobs": 2**31}, {"prompt": "a", "temperature": float("nan")},
+    {"prompt": "a", "repetition_penalty": float("inf")}, {"prompt": "a", "n": 2.5},
+    {"prompt": "a", "n": True}, {"prompt": "a", "stop": ["x"] * 9}, {"prompt": 5},
+])
+def test_the_schema_refuses_what_the_tokenizer_or_device_cannot_take(body):
+    with pytest.raises(ValidationError):
+        CompletionRequest(model="fake", **body)
+
+
+def test_integral_floats_are_integers_and_bounds_are_inclusive():
+    r = CompletionRequest(model="fake", prompt=[[1.0, 2**31 - 1]], n=2.0, seed=2**32 - 1,
+                          top_k=-1)
+    assert r.prompt == [[1, 2**31 - 1]] and type(r.n) is int and r.seed == 2**32 - 1
+
+
+def test_chat_and_tokenize_refuse_surrogates_and_need_one_input():
+    for bad in ([{"role": "user", "content": "\ud800"}],
+                [{"role": "user", "content": [{"type": "text", "text": "\udc00"}]}],
+                [{"role": "user", "content": "a", "name": "\ud800"}]):
+        with pytest.raises(ValidationError):
+            ChatCompletionRequest(model="fake", messages=bad)
+    for body in ({"prompt": None}, {"prompt": "\ud800"}):
+        with pytest.raises(ValidationError):
+            TokenizeRequest(**body)
+    for body in ({}, {"prompt": "a", "messages": []}):
+        with pytest.raises(APIError, match="either prompt or messages"):
+            planner().tokenize(TokenizeRequest(**body))
+    with pytest.raises(ValidationError):
+        DetokenizeRequest(tokens=[2**31])
