@@ -330,11 +330,14 @@ def init_pools(cfg: OPTConfig, num_blocks: int, block_size: int, dtype=jnp.float
 
 def write_pool(pool: jax.Array, slots: jax.Array, new: jax.Array) -> jax.Array:
     """pool (A, NB, bs, D) with token rows ``new`` (N, A, D) stored at flat positions
-    ``slots`` (N,) = block * bs + offset (padding tokens all aim at block 0)."""
+    ``slots`` (N,) = block * bs + offset; a negative slot (padding) writes nothing.  The
+    other slots must differ from each other (every token has its own place): the scatter
+    is told its indices are unique, which lets it write them in parallel."""
     a, nb, bs, d = pool.shape
     flat = pool.reshape(a, nb * bs, d)
-    flat = flat.at[:, slots].set(jnp.swapaxes(new, 0, 1).astype(pool.dtype),
-                                 mode="promise_in_bounds")
+    index = jnp.where(slots < 0, nb * bs, slots)  # out of bounds: dropped
+    flat = flat.at[:, index].set(jnp.swapaxes(new, 0, 1).astype(pool.dtype), mode="drop",
+                                 unique_indices=True)
     return flat.reshape(a, nb, bs, d)
 
 
@@ -365,14 +368,15 @@ def paged_forward(params: Params, cfg: OPTConfig, tokens: jax.Array, positions: 
     """New tokens of several sequences through every layer over paged K/V pools.
 
     ``tokens``, ``positions`` (each token's index in its sequence) and ``slots`` (where its
-    K/V go: block * block_size + offset) are flat (N,).  ``groups`` splits them, in order,
-    into rows of equal length: a sequence of (tables (R,NB), q_index (R,T)), R*T tokens each
-    (decodes: T = 1; prompt chunks continuing the sequences whose earlier tokens are already
-    in their blocks: T > 1).  Each layer first writes the new K/V, then every token attends
-    over its sequence up to itself.  ``decode_attention(q (R,A,D), k_pool, v_pool, tables,
-    lengths (R,)) -> (R,A,D)`` replaces :func:`paged_attention` for T = 1 groups (e.g. a
-    GPU kernel); ``lookup``: see :func:`embed`.  Returns hidden states (N,H) after the
-    last layer (:func:`unembed` them where logits are wanted) and the new pools.
+    K/V go: block * block_size + offset; negative for padding) are flat (N,).  ``groups``
+    splits them, in order, into rows of equal length: a sequence of (tables (R,NB),
+    q_index (R,T)), R*T tokens each (decodes: T = 1; prompt chunks continuing the sequences
+    whose earlier tokens are already in their blocks: T > 1).  Each layer first writes the
+    new K/V, then every token attends over its sequence up to itself.
+    ``decode_attention(q (R,A,D), k_pool, v_pool, tables, lengths (R,)) -> (R,A,D)``
+    replaces :func:`paged_attention` for T = 1 groups (e.g. a GPU kernel); ``lookup``: see
+    :func:`embed`.  Returns hidden states (N,H) after the last layer (:func:`unembed` them
+    where logits are wanted) and the new pools.
     """
     x = embed(params, cfg, tokens[None], positions[None] + 2, lookup)
     scale = cfg.head_dim ** -0.5

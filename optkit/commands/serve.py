@@ -97,7 +97,7 @@ def register(sub) -> None:
     g.add_argument("--max-batched-tokens", type=int,
                    help="new tokens one step computes: running decodes first, then prompt "
                         "chunks; smaller keeps streams smoother while long prompts arrive, "
-                        "larger prefills faster (default: 512 on GPUs, 128 on CPUs)")
+                        "larger prefills faster (default: 2048 on GPUs, 128 on CPUs)")
     g.add_argument("--block-size", type=int, default=16,
                    help="tokens per KV-cache block (default: %(default)s)")
     g.add_argument("--num-blocks", type=int,

@@ -6,7 +6,7 @@ for its one-token rows; this module provides it with
 row's blocks up to its length with an online softmax instead of gathering them into a
 contiguous copy first (XLA's path).  Pools are (A, blocks, block_size, D), the op's layout.
 The op splits each row's blocks over ``k_splits`` programs of ``pages_per_compute_block``
-blocks a step; both are chosen from the bucketed number of blocks read (powers of two).
+blocks a step; both are chosen from the number of blocks read and their size.
 
 ``interpret=True`` runs it through Pallas' interpreter (CPU tests).  Where a JAX lacks
 Pallas' Triton backend, importing this module fails and the engine keeps XLA's path.
@@ -27,11 +27,12 @@ def supported(head_dim: int, block_size: int) -> bool:
             and block_size & (block_size - 1) == 0)
 
 
-def splits(num_blocks: int) -> tuple[int, int]:
+def splits(num_blocks: int, block_size: int) -> tuple[int, int]:
     """(k_splits, pages_per_compute_block) for rows reading ``num_blocks`` (a power of
-    two) blocks: up to 8 programs a row, up to 8 blocks a step."""
-    k = min(8, max(1, num_blocks // 2))
-    return k, min(8, num_blocks // k)
+    two) blocks: 128 positions a step, up to 4 programs a row (the fastest of the settings
+    measured on an H200 at 256 and 1,024 positions, ``benchmarks/README.md``)."""
+    per_step = max(1, min(num_blocks, 128 // block_size))
+    return min(4, num_blocks // per_step), per_step
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "interpret"))
@@ -40,8 +41,9 @@ def paged_decode_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array,
                            interpret: bool = False) -> jax.Array:
     """q (R, A, D) attends over the first ``lengths`` (R,) positions of each row's blocks
     ``tables`` (R, NB) in the pools (A, blocks, block_size, D) -> (R, A, D)."""
-    k_splits, per_step = splits(tables.shape[1])
+    k_splits, per_step = splits(tables.shape[1], k_pool.shape[-2])
     out = _paged_op((q.astype(jnp.float32) * scale).astype(q.dtype), k_pool, v_pool,
                     tables.astype(jnp.int32), lengths.astype(jnp.int32),
-                    pages_per_compute_block=per_step, k_splits=k_splits, interpret=interpret)
+                    pages_per_compute_block=per_step, k_splits=k_splits, num_warps=4,
+                    interpret=interpret)
     return out.astype(q.dtype)

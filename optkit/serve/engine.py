@@ -177,13 +177,13 @@ def _advance(st, tok, penalty: bool):
 # ---------------------------------------------------------------------------------------------
 def _group_layout(g, block_size: int):
     """Flat positions, slots and query indices of one group {tokens (R,T), tables (R,NB),
-    start (R,), n_new (R,)}; padding tokens write to block 0 and attend position 0."""
+    start (R,), n_new (R,)}; padding tokens write nothing and attend position 0."""
     r, t = g["tokens"].shape
     pos = g["start"][:, None] + jnp.arange(t)[None, :]
     valid = jnp.arange(t)[None, :] < g["n_new"][:, None]
     blk = jnp.take_along_axis(g["tables"], jnp.clip(pos // block_size, 0,
                                                      g["tables"].shape[1] - 1), axis=1)
-    slots = jnp.where(valid, blk * block_size + pos % block_size, 0)
+    slots = jnp.where(valid, blk * block_size + pos % block_size, -1)
     q_index = jnp.where(valid, pos, 0)
     return pos.reshape(-1), slots.reshape(-1), q_index
 
@@ -413,11 +413,17 @@ class PagedEngine:
             raise ValueError("several steps a dispatch only for decodes")
         where = np.zeros(len(works), np.int64)  # work -> its row among all rows
         flat = np.zeros(len(works), np.int64)   # work -> its first token among all tokens
-        # blocks read per row: one bucket for the whole step (fewer programs to compile)
-        need = max(-(-(w.start + len(w.tokens) + num_steps - 1) // self.block_size)
-                   for w in works)
+        # blocks read per row, bucketed; under static shapes the decode rows take the whole
+        # table (the GPU kernel reads only up to each row's length), prompt chunks a bucket
+        # of what they read (XLA gathers every block of their tables)
+        def blocks(idx):
+            need = max(-(-(works[i].start + len(works[i].tokens) + num_steps - 1)
+                         // self.block_size) for i in idx)
+            return pow2(need, MIN_BLOCKS)
+
         nb = (pow2(-(-self.max_len // self.block_size)) if self.static_shapes
-              else pow2(need, MIN_BLOCKS))
+              else blocks(decode or chunks))
+        nb_chunks = blocks(chunks) if chunks else nb
         groups, rows = [], []
         if decode:
             r = self.max_num_seqs if self.static_shapes else pow2(len(decode), MIN_ROWS)
@@ -440,13 +446,13 @@ class PagedEngine:
                     where[i] = len(rows) + len(pieces) - 1
                 r = max(self.max_batched_tokens // t, 1)
                 r = r if len(pieces) <= r else pow2(len(pieces))
-                groups.append(self._group(pieces, r, t, nb))
+                groups.append(self._group(pieces, r, t, nb_chunks))
                 rows += owner + [None] * (r - len(pieces))
             else:
                 r = pow2(len(chunks))
                 t = pow2(max(len(works[i].tokens) for i in chunks), MIN_BUCKET)
                 groups.append(self._group([(works[i].tokens, works[i].start, works[i].blocks)
-                                           for i in chunks], r, t, nb))
+                                           for i in chunks], r, t, nb_chunks))
                 where[chunks] = len(rows) + np.arange(len(chunks))
                 flat[chunks] = len(rows) + t * np.arange(len(chunks))
                 rows += [works[i] for i in chunks] + [None] * (r - len(chunks))
@@ -492,11 +498,13 @@ class PagedEngine:
                     self.step([Work(-1, (bos,), prompt_len, blocks, req, count=1)], n)
 
 
-#: Default (max_num_seqs, max_batched_tokens) on GPUs and on CPUs.  A step's cost is its
-#: weight reads plus its tokens' products: on a GPU a 512-token step of opt-6.7b is compute
-#: bound (tens of ms), so a long prompt joins running streams in 512-token chunks without
-#: freezing them; a CPU computes far fewer tokens a second, so its chunks are 128 tokens.
-DEFAULTS = {"gpu": (64, 512), "cpu": (16, 128)}
+#: Default (max_num_seqs, max_batched_tokens) on GPUs and on CPUs.  Every step with prompt
+#: chunks also runs the running decodes (their weight reads and attention), so fewer, larger
+#: chunks prefill faster: on an H200, opt-6.7b's offline throughput grew with the budget up
+#: to 2,048 tokens (``benchmarks/README.md``), a step of about a tenth of a second that a
+#: stream waits when a long prompt arrives.  A CPU computes far fewer tokens a second, so
+#: its chunks are 128 tokens.
+DEFAULTS = {"gpu": (64, 2048), "cpu": (16, 128)}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -31,8 +31,10 @@ Planning a step (``engine.max_batched_tokens`` new tokens at most):
    shared instead: prefix caching).
 
 So several short prompts prefill in one step, a long one is split over steps, and a running
-stream gets a token every step whatever arrives.  While nobody waits and no prompt is being
-prefilled, ``steps_per_dispatch`` decode steps run in one dispatch.
+stream gets a token every step whatever arrives.  While no prompt is being prefilled and
+none can start (nobody waits, or ``max_num_seqs`` run), ``steps_per_dispatch`` decode steps
+run in one dispatch (never past a sequence's ``max_tokens``: one ending at its length frees
+its place at the dispatch's end).
 
 Shutting down (:meth:`Scheduler.close`, then :meth:`Scheduler.stop`): ``close`` stops
 admitting -- :meth:`Scheduler.submit` raises :class:`ShuttingDown`, and sequences still
@@ -451,8 +453,8 @@ class Scheduler:
         """The next step's works (see the module docstring) and its decode steps."""
         e = self.engine
         budget = e.max_batched_tokens
-        with self._cond:
-            quiet = not self._queue
+        with self._cond:  # nothing may start before a running sequence ends
+            quiet = not self._queue or len(self._running) >= e.max_num_seqs
         decodes = [h for h in self._running.values() if len(h.tokens) - h.computed == 1]
         n = 1
         if (quiet and not self._resume and len(decodes) == len(self._running)):

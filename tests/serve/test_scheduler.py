@@ -115,14 +115,21 @@ def test_static_policy_batch_window(sched):
     assert h.t_first - h.t_submit >= 0.29  # waited for companions that never came
 
 
-def test_several_steps_per_dispatch_only_while_nobody_waits(sched):
+def test_several_steps_per_dispatch_only_while_none_can_start(sched):
     s = sched(max_slots=1, steps_per_dispatch=4)
     run_all(s, [req("a", 9)])
     assert s.engine.calls["generate"] == 2  # 1 token from prefill + 2 x 4
-    s2 = sched(max_slots=1, steps_per_dispatch=4, step_delay=0.005)
+    # every slot taken: "b" waits for "a" to end whatever the dispatch, so "a" keeps 4 a call
+    s1 = sched(max_slots=1, steps_per_dispatch=4, step_delay=0.005)
+    hs, col = run_all(s1, [req("a", 9), req("b", 9)])
+    assert s1.engine.calls["generate"] == 4
+    assert [col.text(h) for h in hs] == ["bcdefghij", "cdefghijk"]
+    # a free slot but "b" held back (here by the token budget): one token per dispatch,
+    # so "b" starts as soon as it may
+    s2 = sched(max_slots=2, steps_per_dispatch=4, step_delay=0.005,
+               limits=Limits(max_queue=8, max_tokens_in_flight=15))
     hs, col = run_all(s2, [req("a", 9), req("b", 9)])
-    # while "b" waited, "a" went one token per dispatch: 8 + 2 calls instead of 4
-    assert s2.engine.calls["generate"] == 10
+    assert s2.engine.calls["generate"] == 10  # decode calls: 8 for "a", 2 for "b"
     assert [col.text(h) for h in hs] == ["bcdefghij", "cdefghijk"]
 
 
