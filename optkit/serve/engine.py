@@ -334,10 +334,12 @@ class PagedEngine:
 
     def _default_blocks(self, fraction: float) -> int:
         """Blocks that fill ``fraction`` of the first device's memory limit after its share
-        of the weights and a headroom for a step's activations (5% of the limit); hosts
-        that report no limit (CPUs): room for ``max_num_seqs`` sequences of 512 tokens.
-        Only the weights are subtracted, not what the allocator reports in use, which may
-        count memory it holds but nothing uses."""
+        of the weights and a headroom for a step's activations (:meth:`step_bytes` plus 5%
+        of the limit), but no more than twice what ``max_num_seqs`` sequences of ``max_len``
+        tokens hold (the rest only keeps more prompts cached); hosts that report no limit
+        (CPUs): room for ``max_num_seqs`` sequences of 512 tokens.  Only the weights are
+        subtracted, not what the allocator reports in use, which may count memory it holds
+        but nothing uses."""
         devices = list(self.executor.mesh.devices.flat)
         limit = (devices[0].memory_stats() or {}).get("bytes_limit")
         if not limit:
@@ -349,10 +351,22 @@ class PagedEngine:
         c = self.cfg
         shape = (c.num_attention_heads, 1, self.block_size, c.head_dim)
         sharding = jax.tree.leaves(self.executor.pool_shardings(1, self.block_size))[0]
-        per_device = self.block_bytes() * sharding.shard_shape(shape)[-4] // \
-            c.num_attention_heads
-        free = (fraction - 0.05) * limit - weights
-        return max(2, int(max(0.0, free) // per_device))
+        share = sharding.shard_shape(shape)[-4] / c.num_attention_heads
+        free = (fraction - 0.05) * limit - weights - self.step_bytes() * share
+        most = 2 * self.max_num_seqs * -(-self.max_len // self.block_size) + 1
+        return max(2, min(most, int(max(0.0, free) // (self.block_bytes() * share))))
+
+    def step_bytes(self) -> int:
+        """A generous bound on one step's largest activations (all devices): a full budget
+        of prompt chunks gathering K and V of whole tables, and their float32 scores and
+        probabilities, twice over (XLA may keep two layers' worth alive)."""
+        c = self.cfg
+        rows = -(-self.max_batched_tokens // CHUNK_ROW)
+        positions = pow2(-(-self.max_len // self.block_size)) * self.block_size
+        item = jnp.dtype(self.executor.dtype).itemsize
+        gathered = 2 * rows * positions * c.hidden_size * item
+        scores = 2 * rows * c.num_attention_heads * CHUNK_ROW * positions * 4
+        return 2 * (gathered + scores)
 
     def cache_bytes(self) -> int:
         return int(sum(x.nbytes for x in jax.tree.leaves(self.pools)))

@@ -267,3 +267,44 @@ def test_scored_prompts_reuse_cached_context(tiny_model, codec, scheduler):
     for g, w in zip(got, want, strict=True):
         np.testing.assert_allclose(g[0], w[0], atol=1e-5)
         np.testing.assert_array_equal(g[1], w[1])
+
+
+class _Limited:
+    """The executor's device, reporting a memory limit (as GPUs do)."""
+
+    def __init__(self, device, limit: int):
+        self.device, self.limit = device, limit
+
+    def memory_stats(self):
+        return {"bytes_limit": self.limit}
+
+    def __eq__(self, other):
+        return other == self.device
+
+    __hash__ = None
+
+
+class _OnLimitedDevice:
+    """``executor`` whose mesh's first device reports ``limit`` bytes."""
+
+    def __init__(self, executor, limit: int):
+        self._executor = executor
+        self.mesh = type("Mesh", (), {"devices": np.array(
+            [_Limited(d, limit) for d in executor.mesh.devices.flat])})()
+
+    def __getattr__(self, name):
+        return getattr(self._executor, name)
+
+
+def test_default_pool_leaves_room_for_weights_and_a_step(tiny_model):
+    ex = tiny_model.executor
+    weights = sum(x.nbytes for x in jax.tree.leaves(ex.params))
+    kw = {"max_num_seqs": 4, "max_len": 128, "max_batched_tokens": 64, "static_shapes": True}
+    probe = PagedEngine(ex, num_blocks=8, **kw)
+    limit = int((weights + probe.step_bytes() + 40 * probe.block_bytes()) / 0.85)
+    e = PagedEngine(_OnLimitedDevice(ex, limit), **kw)
+    assert 39 <= e.num_blocks <= 40
+    assert weights + probe.step_bytes() + e.num_blocks * e.block_bytes() <= 0.85 * limit
+    # plenty of memory: twice what max_num_seqs sequences of max_len tokens hold, no more
+    big = PagedEngine(_OnLimitedDevice(ex, 1 << 40), **kw)
+    assert big.num_blocks == 2 * 4 * (128 // big.block_size) + 1
