@@ -122,6 +122,7 @@ class Engine(Protocol):
     num_blocks: int          # in the pool, block 0 reserved
     prefix_caching: bool     # full blocks may be shared between sequences
     chunked_prefill: bool    # prompts may be split over steps (else fed whole)
+    chunk_granule: int       # a step's chunks take budget in multiples of this (rows)
     penalties: bool          # honours repetition_penalty
 
     def step(self, works: Sequence[Work], num_steps: int = 1) -> StepOutput: ...
@@ -371,6 +372,13 @@ class PagedEngine:
     def cache_bytes(self) -> int:
         return int(sum(x.nbytes for x in jax.tree.leaves(self.pools)))
 
+    @property
+    def chunk_granule(self) -> int:
+        """Under static shapes each prompt chunk takes whole rows of :data:`CHUNK_ROW`
+        tokens; a scheduler that charges its budget in these units never needs more rows
+        than a step has (so no other program compiles)."""
+        return min(CHUNK_ROW, self.max_batched_tokens) if self.static_shapes else 1
+
     # Steps ---------------------------------------------------------------------------------
     def _fn(self, *key):
         return _paged_fn(self.cfg, self.block_size, *key)
@@ -501,7 +509,9 @@ class PagedEngine:
 
     def warmup(self, steps: tuple[int, ...] = (1,), prompt_len: int = 8) -> None:
         """Compile the programs of one short request: its prompt, then decode dispatches of
-        ``steps`` steps (with and without top log-probs)."""
+        ``steps`` steps (with and without top log-probs); under static shapes also a prompt
+        chunk reading each bucket of blocks, alone and beside running decodes (the shapes
+        of longer prompts, which would otherwise compile while requests wait)."""
         bos = self.cfg.bos_token_id
         blocks = list(range(1, min(self.num_blocks, MIN_BLOCKS + 1)))
         for k in sorted({0, self.max_logprobs}):
@@ -510,6 +520,18 @@ class PagedEngine:
             for n in sorted(set(steps)):
                 if prompt_len + n <= len(blocks) * self.block_size:
                     self.step([Work(-1, (bos,), prompt_len, blocks, req, count=1)], n)
+        if not self.static_shapes:
+            return
+        req = EngineRequest((bos,) * prompt_len, 1)
+        decode = Work(-2, (bos,), prompt_len, blocks, req, count=1)
+        nb = MIN_BLOCKS
+        while nb <= min(pow2(-(-self.max_len // self.block_size)), self.num_blocks - 2):
+            end = min(nb * self.block_size, self.max_len)
+            table = list(range(2, nb + 2))  # block 1 is the decode's
+            chunk = Work(-3, (bos, bos), end - 2, table, req)
+            self.step([chunk])
+            self.step([decode, chunk])
+            nb *= 2
 
 
 #: Default (max_num_seqs, max_batched_tokens) on GPUs and on CPUs.  Every step with prompt
@@ -580,6 +602,7 @@ class ModelEngine:
     no prefix caching, no repetition penalty.
     """
 
+    chunk_granule = 1
     chunked_prefill = False
     prefix_caching = False
     penalties = False

@@ -80,6 +80,7 @@ class FakeEngine:
     eos_token_id = EOT
     block_size = 16
     chunked_prefill = True
+    chunk_granule = 1
     prefix_caching = True
     penalties = True
 

@@ -470,16 +470,28 @@ class Scheduler:
                 chosen.append(h)
         works = [self._work(h, 1) for h in chosen]
         budget -= len(chosen)
+        granule, chunks = e.chunk_granule, 0
+
+        def chunk_size(left: int) -> int:
+            """Tokens of a prompt with ``left`` to go that fit the budget: chunks take it in
+            whole granules (rows of the engine's step), but the step's first chunk may have
+            what is left of the budget."""
+            if not e.chunked_prefill:
+                return left
+            room = budget // granule * granule
+            return min(left, room if room or chunks else budget)
+
         for h in list(self._running.values()):  # prompts being prefilled, oldest first
             left = len(h.tokens) - h.computed
-            if left <= 1 or budget <= 0:
+            if left <= 1 or budget <= 0 or not chunk_size(left):
                 continue
-            chunk = min(left, budget) if e.chunked_prefill else left
+            chunk = chunk_size(left)
             works.append(self._work(h, chunk))
             chosen.append(h)
-            budget -= chunk
+            budget -= -(-chunk // granule) * granule
+            chunks += 1
         forming = False
-        while budget > 0:
+        while budget > 0 and (budget >= granule or not chunks):
             action = self._next_admission(forming)
             if action is None:
                 break
@@ -501,11 +513,11 @@ class Scheduler:
                 self.metrics.prefix_hits.inc(self.blocks.hits - hits)
             self._cache_used += h.computed
             self._running[h.id] = h
-            left = len(h.tokens) - h.computed
-            chunk = min(left, budget) if e.chunked_prefill else left
+            chunk = chunk_size(len(h.tokens) - h.computed)
             works.append(self._work(h, chunk))
             chosen.append(h)
-            budget -= chunk
+            budget -= -(-chunk // granule) * granule
+            chunks += 1
         return works, chosen, n if all(len(w.tokens) == 1 for w in works) else 1
 
     def _score_k(self, h: Handle) -> int:

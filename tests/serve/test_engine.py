@@ -308,3 +308,24 @@ def test_default_pool_leaves_room_for_weights_and_a_step(tiny_model):
     # plenty of memory: twice what max_num_seqs sequences of max_len tokens hold, no more
     big = PagedEngine(_OnLimitedDevice(ex, 1 << 40), **kw)
     assert big.num_blocks == 2 * 4 * (128 // big.block_size) + 1
+
+
+def test_warmup_compiles_what_static_steps_of_any_prompt_need(tiny_model, codec):
+    ex = tiny_model.executor
+    engine = PagedEngine(ex, max_num_seqs=4, max_len=128, max_batched_tokens=64,
+                         num_blocks=64, static_shapes=True)
+    engine.warmup(steps=(1, 4))
+
+    def programs():
+        return sum(f._cache_size() for f in ex._fns.values() if hasattr(f, "_cache_size"))
+
+    before = programs()
+    s = Scheduler(engine, codec, Limits(), steps_per_dispatch=4).start()
+    try:
+        hs = s.submit([SeqRequest(tuple(range(4, 4 + n)), 6, ignore_eos=True)
+                       for n in (3, 20, 50, 70, 100)])
+        wait_until(lambda: all(h.done for h in hs))
+    finally:
+        s.stop()
+    assert all(h.finish_reason == "length" for h in hs)
+    assert programs() == before
