@@ -190,7 +190,7 @@ def test_other_http_errors_are_openai_objects(shared_fake_server):
 
 
 def test_full_queue_gets_429(fake_server):
-    srv, sched, _ = fake_server(max_slots=1, step_delay=0.01, limits=Limits(max_queue=2))
+    srv, sched, _ = fake_server(max_slots=1, step_delay=0.05, limits=Limits(max_queue=2))
     held = sched.submit([sched_req(200)])
     wait_until(lambda: sched.stats()["running"] == 1)
     held += sched.submit([sched_req(5), sched_req(5)])
@@ -234,7 +234,7 @@ def test_keys_are_off_by_default(fake_server):
 @pytest.mark.parametrize("stream", [False, True])
 @pytest.mark.parametrize("where", ["running", "waiting"])
 def test_client_disconnect_cancels_and_frees_the_slot(fake_server, stream, where):
-    srv, sched, engine = fake_server(max_slots=1, step_delay=0.01, steps_per_dispatch=1)
+    srv, sched, engine = fake_server(max_slots=1, step_delay=0.05, steps_per_dispatch=1)
     blocker = sched.submit([sched_req(250)]) if where == "waiting" else []
     if blocker:
         wait_until(lambda: sched.stats()["running"] == 1)
