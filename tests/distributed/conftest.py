@@ -13,6 +13,9 @@ import pytest
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# Ray starts its workers at nice 15: beside any other job on the cores (the other xdist
+# worker, a second test run) they would get a few percent of a core and crawl for minutes.
+os.environ.setdefault("RAY_worker_niceness", "0")
 
 #: prompts for the shared random opt-tiny folder (``weights``)
 PROMPTS = np.array([[2, 100, 200, 300, 400, 500], [1, 1, 2, 7, 8, 9]])
