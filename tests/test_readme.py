@@ -119,6 +119,6 @@ def test_readme_command(workdir, number, command, reason):
         pytest.skip(f"needs: {reason}")
     work, env = workdir
     p = subprocess.run(["bash", "-c", command], cwd=work, env=env, capture_output=True,
-                       text=True, timeout=300, stdin=subprocess.DEVNULL)
+                       text=True, timeout=900, stdin=subprocess.DEVNULL)
     assert p.returncode == 0, (f"README.md:{number}: `{command}` exited {p.returncode}\n"
                                f"{p.stdout[-2000:]}\n{p.stderr[-4000:]}")

@@ -112,7 +112,7 @@ def run_notebook(name: str | os.PathLike, output: str | os.PathLike,
             str(path), str(output), parameters=parameters, kernel_name=kernel,
             cwd=str(cwd or Path.cwd()), progress_bar=progress,
             stdout_file=sys.stdout if echo else None, stderr_file=sys.stderr if echo else None,
-            **kw)
+            start_timeout=300, **kw)  # a kernel starts slowly on a busy machine
 
 
 @contextlib.contextmanager

@@ -126,7 +126,7 @@ def test_reports_the_servers_known_delays(fake_server):
     # so the checks above those bounds compare the client with the server's own measurement.
     # The client's TTFT also spans the HTTP request and the SSE write: a little more.
     assert 250 <= s["ttft_p50_ms"] <= s["ttft_p99_ms"] and s["ttft_mean_ms"] >= 250
-    assert 0 <= s["ttft_mean_ms"] - server["ttft"] < 50
+    assert 0 <= s["ttft_mean_ms"] - server["ttft"] < 250  # far less than a queued request adds
     assert s["itl_p50_ms"] >= 40 * 0.98 and s["tpot_mean_ms"] >= 40 * 0.98
     assert s["itl_mean_ms"] == pytest.approx(server["tpot"], rel=0.1)
     assert s["tpot_mean_ms"] == pytest.approx(s["itl_mean_ms"], rel=0.02)

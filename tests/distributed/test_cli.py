@@ -18,7 +18,7 @@ def test_generate_cli_joins_a_running_cluster(ray_session, weights, capsys):
             "Paris is the capital city of", "--max-new-tokens", "8"]
     env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
     run = subprocess.run([sys.executable, "-m", "optkit.cli", *argv, "--cluster", address],
-                         capture_output=True, text=True, timeout=300, env=env)
+                         capture_output=True, text=True, timeout=900, env=env)
     assert run.returncode == 0, run.stderr[-3000:]
     assert main(["generate", "--model", "jax/opt-tiny", *argv[3:]]) == 0
     here = capsys.readouterr().out

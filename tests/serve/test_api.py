@@ -351,7 +351,7 @@ def test_health_latency_while_a_2mb_prompt_is_tokenized():
 
 
 def test_full_queue_gets_429(fake_server):
-    srv, sched, _ = fake_server(max_slots=1, step_delay=0.01, limits=Limits(max_queue=2))
+    srv, sched, _ = fake_server(max_slots=1, step_delay=0.05, limits=Limits(max_queue=2))
     held = sched.submit([sched_req(200)])
     wait_until(lambda: sched.stats()["running"] == 1)
     held += sched.submit([sched_req(5), sched_req(5)])
@@ -396,7 +396,7 @@ def test_keys_are_off_by_default(fake_server):
 @pytest.mark.parametrize("stream", [False, True])
 @pytest.mark.parametrize("where", ["running", "waiting"])
 def test_client_disconnect_cancels_and_frees_the_slot(fake_server, stream, where):
-    srv, sched, engine = fake_server(max_slots=1, step_delay=0.01, steps_per_dispatch=1)
+    srv, sched, engine = fake_server(max_slots=1, step_delay=0.05, steps_per_dispatch=1)
     blocker = sched.submit([sched_req(250)]) if where == "waiting" else []
     if blocker:
         wait_until(lambda: sched.stats()["running"] == 1)

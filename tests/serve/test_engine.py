@@ -32,7 +32,7 @@ def scheduler(tiny_model, codec):
 
 def run(s, requests):
     hs = s.submit(requests)
-    wait_until(lambda: all(h.done for h in hs), timeout=120)
+    wait_until(lambda: all(h.done for h in hs))
     return [h.stream.ids for h in hs]
 
 
@@ -155,7 +155,7 @@ def test_static_shapes_give_the_same_tokens_and_scores(tiny_model, codec):
                                   static_shapes=static), codec, Limits(max_queue=64)).start()
         try:
             outs.append(s.submit(reqs))
-            wait_until(lambda: all(h.done for h in outs[-1]), timeout=120)
+            wait_until(lambda: all(h.done for h in outs[-1]))
         finally:
             s.stop()
     want, got = outs
@@ -251,7 +251,7 @@ def test_scored_prompts_reuse_cached_context(tiny_model, codec, scheduler):
         out = []
         for r in reqs:
             (h,) = s.submit([r])
-            wait_until(lambda h=h: h.done, timeout=120)
+            wait_until(lambda h=h: h.done)
             out.append(h.prompt_scores)
         return out
 

@@ -11,6 +11,9 @@ from tests.serve.conftest import wait_until
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
         "--disable-component-update", "--disable-sync", "--no-first-run"]
+#: Playwright's bound on each launch / wait (ms); only a hang reaches it, so it is minutes
+#: (the default 30 s is too short for a machine whose cores other jobs share).
+WAIT_MS = 300_000
 
 
 @pytest.fixture
@@ -21,9 +24,11 @@ def page():
         pytest.fail(f"{CHROMIUM} is missing: `make test` installs it "
                     "(or run: apt-get install -y chromium)")
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, timeout=WAIT_MS)
         try:
-            yield browser.new_page()
+            page = browser.new_page()
+            page.set_default_timeout(WAIT_MS)
+            yield page
         finally:
             browser.close()
 
@@ -34,7 +39,7 @@ def set_slider(page, sel, value):
 
 
 def test_type_generate_watch_it_stream_then_stop(fake_server, page):
-    srv, sched, _ = fake_server(max_slots=2, step_delay=0.05, steps_per_dispatch=1)
+    srv, sched, _ = fake_server(max_slots=2, step_delay=0.1, steps_per_dispatch=1)
     bodies = []
     page.on("request", lambda r: bodies.append(r.post_data) if r.method == "POST" else None)
     page.goto(srv.url + "/")

@@ -54,7 +54,7 @@ def hf_env(tmp_path):
 
 def run(args, env, cwd):
     return subprocess.run([sys.executable, *args], env=env, cwd=cwd, capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=900)
 
 
 def test_names_load_from_the_hf_cache_offline(hf_env, tmp_path):
