@@ -97,16 +97,16 @@ def test_serves_then_drains_on_ctrl_c():
                 pass
             assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
             time.sleep(0.2)
-        r = httpx.post(url + "/v1/completions", timeout=10,
+        r = httpx.post(url + "/v1/completions", timeout=300,
                        json={"model": "fake", "prompt": "Hi", "max_tokens": 3})
         assert r.json()["choices"][0]["text"] == "jkl"
-        with httpx.stream("POST", url + "/v1/completions", timeout=60, json={
+        with httpx.stream("POST", url + "/v1/completions", timeout=300, json={
                 "model": "fake", "prompt": "a", "max_tokens": 2000, "stream": True}) as r:
             lines = r.iter_lines()
             first = next(lines)  # a stream is open while we press Ctrl-C
             proc.send_signal(signal.SIGINT)
             events = [first] + [line for line in lines if line]
-        code = proc.wait(timeout=60)
+        code = proc.wait(timeout=300)
     finally:
         if proc.poll() is None:
             proc.kill()
