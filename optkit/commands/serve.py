@@ -18,8 +18,9 @@ examples:
 sizing: each engine step computes at most --max-batched-tokens new tokens: one for every
 running sequence, the rest for chunks of waiting prompts, so a long prompt never freezes the
 streams already running.  The KV cache is --num-blocks blocks of --block-size tokens (by
-default they fill --kv-memory-fraction of each GPU's memory, weights included; on CPUs room
-for --max-num-seqs sequences of 512 tokens); sequences hold only the blocks they have
+default they fill --kv-memory-fraction of each GPU's memory, weights and a step's
+activations included, up to twice what --max-num-seqs full-length sequences hold; on CPUs
+room for --max-num-seqs sequences of 512 tokens); sequences hold only the blocks they have
 written, share cached prompt blocks, and are preempted (recomputed later) when blocks run out.
 
 then open http://127.0.0.1:10001/ or point any OpenAI client at http://127.0.0.1:10001/v1

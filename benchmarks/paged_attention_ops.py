@@ -1,0 +1,131 @@
+"""Time the device ops under the paged engine's steps, one op at a time (one GPU).
+
+Three tables, written as JSON (``--out``):
+
+* ``attn``: JAX's Pallas paged-attention op (``optkit.kernels.paged_attention`` calls it)
+  for 64 one-token rows of 32 heads of 128 reading 256 or 1,024 positions through
+  shuffled block tables, over its settings (positions a step ``tpc``, splits ``k``,
+  warps; an error text where a setting cannot run), next to XLA attention over a
+  contiguous cache of the same length (``xla_dense``).
+* ``scatter``: writing 576 new tokens into a layer's pool with ``.at[].set``: padding
+  aimed at one slot vs dropped, indices declared unique or not (``model.write_pool``).
+* ``chunk``: ``model.paged_attention`` (XLA's gather path) for prompt chunks packed in
+  rows of 64 tokens or one row of 512, over tables of 32-128 blocks.
+
+Run: ``python benchmarks/paged_attention_ops.py --out results/paged_attention_ops_h200.json``
+(``--small``: tiny shapes through Pallas' interpreter, to check the script on a CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import itertools
+import json
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental.pallas.ops.gpu.paged_attention import paged_attention as pallas_op
+
+from optkit import model as M
+
+
+def bench(f, *args, iters: int) -> float:
+    """Mean ms of ``iters`` back-to-back calls after one warm-up call."""
+    jax.block_until_ready(f(*args))
+    t = time.perf_counter()
+    for _ in range(iters):
+        out = f(*args)
+    jax.block_until_ready(out)
+    return (time.perf_counter() - t) / iters * 1e3
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default="build/paged_attention_ops.json")
+    ap.add_argument("--small", action="store_true", help="tiny shapes (CPU check)")
+    args = ap.parse_args(argv)
+    small = args.small
+    interpret = jax.devices()[0].platform != "gpu"
+    heads, dim, rows = (4, 32, 4) if small else (32, 128, 64)
+    pool_tokens = 4096 if small else 96000
+    dt = jnp.float16
+    res = {"device": str(jax.devices()[0]), "jax": jax.__version__,
+           "attn": [], "scatter": [], "chunk": []}
+    key, rng, iters = jax.random.PRNGKey(0), np.random.default_rng(0), 3 if small else 20
+    lengths_tried = (64,) if small else (256, 1024)
+    for bs in (16,) if small else (16, 32, 64):
+        pages = pool_tokens // bs
+        kp = jax.random.normal(key, (heads, pages, bs, dim), dt)
+        vp = kp + 1
+        nb = (512 if small else 2048) // bs
+        tables = jnp.asarray(np.stack([rng.permutation(pages - 1)[:nb] + 1
+                                       for _ in range(rows)]), jnp.int32)
+        q = jax.random.normal(key, (rows, heads, dim), dt)
+        for length in lengths_tried:
+            kc = jax.random.normal(key, (rows, length, heads, dim), dt)
+            dense = jax.jit(lambda q, k, v: jnp.einsum("rat,rtad->rad", jax.nn.softmax(
+                jnp.einsum("rad,rtad->rat", q, k, preferred_element_type=jnp.float32),
+                -1).astype(dt), v))
+            res["attn"].append(dict(bs=bs, L=length, kind="xla_dense",
+                                    ms=bench(dense, q, kc, kc, iters=iters),
+                                    gb=rows * length * heads * dim * 2 * 2 / 1e9))
+        for tpc, k, warps in itertools.product((32,) if small else (128, 256, 512),
+                                               (1, 2) if small else (1, 2, 4, 8, 16),
+                                               (4,) if small else (4, 8)):
+            per = tpc // bs
+            if per < 1 or nb % k or nb // k < per or (nb // k) % per:
+                continue
+            f = jax.jit(functools.partial(pallas_op, pages_per_compute_block=per, k_splits=k,
+                                          num_warps=warps, interpret=interpret))
+            for length in lengths_tried:
+                lengths = jnp.full((rows,), length, jnp.int32)
+                try:  # 512 positions a step need more shared memory than a GPU has
+                    ms = bench(f, q, kp, vp, tables, lengths, iters=iters)
+                except jax.errors.JaxRuntimeError as e:
+                    ms = repr(e)[:100]
+                res["attn"].append(dict(bs=bs, L=length, kind="pallas", tpc=tpc, k=k,
+                                        warps=warps, ms=ms))
+        if bs != 16:
+            continue
+        flat = jnp.zeros((heads, pages * bs, dim), dt)
+        new = jax.random.normal(key, (576, heads, dim), dt)
+        real = rng.permutation(pages * bs - bs)[:512] + bs
+        dup = jnp.asarray(np.concatenate([real, np.zeros(64, int)]), jnp.int32)
+        drop = jnp.asarray(np.concatenate([real, np.full(64, pages * bs)]), jnp.int32)
+        for name, idx, kw in (("dup_promise", dup, dict(mode="promise_in_bounds")),
+                              ("drop", drop, dict(mode="drop")),
+                              ("drop_unique", drop, dict(mode="drop", unique_indices=True)),
+                              ("dup_unique", dup, dict(mode="promise_in_bounds",
+                                                       unique_indices=True))):
+            f = jax.jit(lambda p, i, n, kw=kw: p.at[:, i].set(jnp.swapaxes(n, 0, 1), **kw),
+                        donate_argnums=0)
+            flat = f(flat, idx, new)
+            jax.block_until_ready(flat)
+            t = time.perf_counter()
+            for _ in range(iters):
+                flat = f(flat, idx, new)
+            jax.block_until_ready(flat)
+            res["scatter"].append(dict(kind=name, ms=(time.perf_counter() - t) / iters * 1e3))
+        for r, t, nbc, start in ((8, 64, 128, 0), (8, 64, 32, 0), (1, 512, 32, 0),
+                                 (1, 512, 128, 0), (1, 512, 64, 512)):
+            if small:
+                r, t, nbc = max(1, r // 4), t // 8, nbc // 4
+            qq = jax.random.normal(key, (r, t, heads, dim), dt)
+            qi = jnp.broadcast_to(start + jnp.arange(t)[None], (r, t))
+            f = jax.jit(lambda q, k, v, tb, qi: M.paged_attention(q, k, v, tb, qi, dim ** -0.5))
+            res["chunk"].append(dict(rows=r, t=t, nb=nbc, start=start,
+                                     ms=bench(f, qq, kp, vp, tables[:r, :nbc], qi,
+                                              iters=iters)))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=1))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
