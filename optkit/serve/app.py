@@ -265,13 +265,15 @@ def create_app(scheduler: Scheduler, codec: Codec, model_name: str, *,
                         headers={"Cache-Control": "max-age=86400"})
 
     @app.get("/health", responses={**errors(), 503: {
-        "description": "The engine has stopped (the same body, status 'engine stopped')",
+        "description": "The engine has stopped or the server is draining before it stops "
+                       "(the same body, status 'engine stopped' or 'shutting down')",
         "content": {"application/json": {"schema": {"type": "object"}}}}})
     async def health():
         s = scheduler.stats()
-        status = 200 if s["alive"] else 503
-        return JSONResponse({"status": "ok" if s["alive"] else "engine stopped",
-                             "model": model_name, **s}, status_code=status)
+        status = ("engine stopped" if not s["alive"] else
+                  "shutting down" if s["closed"] else "ok")
+        return JSONResponse({"status": status, "model": model_name, **s},
+                            status_code=200 if status == "ok" else 503)
 
     @app.get("/metrics", response_class=PlainTextResponse, responses=errors())
     async def prometheus():

@@ -59,6 +59,8 @@ def test_running_stream_finishes_in_the_grace_period_new_requests_get_503(fake_s
     assert r.json()["error"]["type"] == "server_error"
     assert "shutting down" in r.json()["error"]["message"]
     assert 1 <= int(r.headers["Retry-After"]) <= 120
+    health = httpx.get(srv.url + "/health", timeout=60)  # load balancers: stop sending
+    assert health.status_code == 503 and health.json()["status"] == "shutting down"
     assert not stream.events  # still held by the gate
 
     go.set()
