@@ -481,8 +481,11 @@ def build_scheduler(engine, options: dict):
     from optkit.serve.scheduler import Limits, Scheduler
     from optkit.serve.text import HFCodec
 
-    return Scheduler(engine, HFCodec(get_tokenizer()), Limits(max_queue=1_000_000),
-                     **options).start()
+    scheduler = Scheduler(engine, HFCodec(get_tokenizer()), Limits(max_queue=1_000_000),
+                          **options)
+    if hasattr(engine, "warmup"):  # what optkit serve does before it answers
+        engine.warmup(steps=(1, scheduler.steps_per_dispatch))
+    return scheduler.start()
 
 
 def engine_config(engine) -> dict:
