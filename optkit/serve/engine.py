@@ -536,10 +536,10 @@ class PagedEngine:
 
 #: Default (max_num_seqs, max_batched_tokens) on GPUs and on CPUs.  Every step with prompt
 #: chunks also runs the running decodes (their weight reads and attention), so fewer, larger
-#: chunks prefill faster: on an H200, opt-6.7b's offline throughput grew with the budget up
-#: to 2,048 tokens (``benchmarks/README.md``), a step of about a tenth of a second that a
-#: stream waits when a long prompt arrives.  A CPU computes far fewer tokens a second, so
-#: its chunks are 128 tokens.
+#: chunks prefill faster; a 2,048-token step of opt-6.7b takes about a tenth of a second on
+#: an H200 (the serving rows in ``benchmarks/README.md`` ran with these defaults), which is
+#: what a running stream waits when a long prompt arrives.  A CPU computes far fewer tokens
+#: a second, so its chunks are 128 tokens.
 DEFAULTS = {"gpu": (64, 2048), "cpu": (16, 128)}
 
 
