@@ -29,9 +29,9 @@ def supported(head_dim: int, block_size: int) -> bool:
 
 def splits(num_blocks: int, block_size: int) -> tuple[int, int]:
     """(k_splits, pages_per_compute_block) for rows reading ``num_blocks`` (a power of
-    two) blocks: 128 positions a step, up to 4 programs a row, 4 warps (within 2% of the
-    fastest setting measured on an H200 at 256 and 1,024 positions and every block size:
-    ``benchmarks/results/paged_attention_ops_h200.json``)."""
+    two) blocks: 128 positions a step, up to 4 programs a row, 4 warps (with 16-token
+    blocks within 3% of the fastest setting measured on an H200 at 256 and 1,024
+    positions: ``benchmarks/results/paged_attention_ops_h200.json``)."""
     per_step = max(1, min(num_blocks, 128 // block_size))
     return min(4, num_blocks // per_step), per_step
 
