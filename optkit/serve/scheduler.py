@@ -83,22 +83,22 @@ RATE_WINDOW = 64
 SHUTTING_DOWN = "the server is shutting down"
 
 
-class QueueFull(RuntimeError):
-    """The waiting queue is at its limit (HTTP 429); ``retry_after``: seconds until it
-    should have room (:func:`retry_after`)."""
+class Refused(RuntimeError):
+    """A submission refused for now; ``retry_after``: seconds until it may succeed."""
 
     def __init__(self, message: str, retry_after: int = RETRY_AFTER_MIN):
         super().__init__(message)
         self.retry_after = retry_after
 
 
-class ShuttingDown(RuntimeError):
-    """The scheduler was closed (HTTP 503); ``retry_after``: seconds until its shutdown
-    grace period ends (at least 1)."""
+class QueueFull(Refused):
+    """The waiting queue is at its limit (HTTP 429); ``retry_after``: until it should have
+    room (:func:`retry_after`)."""
 
-    def __init__(self, message: str, retry_after: int = RETRY_AFTER_MIN):
-        super().__init__(message)
-        self.retry_after = retry_after
+
+class ShuttingDown(Refused):
+    """The scheduler was closed (HTTP 503); ``retry_after``: until its shutdown grace
+    period ends (at least 1)."""
 
 
 def retry_after(excess: int, admitted: Sequence[float], now: float) -> int:
@@ -483,9 +483,9 @@ class Scheduler:
 
         for h in list(self._running.values()):  # prompts being prefilled, oldest first
             left = len(h.tokens) - h.computed
-            if left <= 1 or budget <= 0 or not chunk_size(left):
+            chunk = chunk_size(left) if left > 1 and budget > 0 else 0
+            if not chunk:
                 continue
-            chunk = chunk_size(left)
             works.append(self._work(h, chunk))
             chosen.append(h)
             budget -= -(-chunk // granule) * granule
