@@ -2,11 +2,14 @@
 
 Three tables, written as JSON (``--out``):
 
-* ``attn``: JAX's Pallas paged-attention op (``optkit.kernels.paged_attention`` calls it)
-  for 64 one-token rows of 32 heads of 128 reading 256 or 1,024 positions through
-  shuffled block tables, over its settings (positions a step ``tpc``, splits ``k``,
-  warps; an error text where a setting cannot run), next to XLA attention over a
-  contiguous cache of the same length (``xla_dense``).
+* ``attn``: optkit's paged decode-attention kernel (``optkit.kernels.paged_attention``) for
+  64 one-token rows of 32 heads of 128 through shuffled block tables of the whole context
+  (2,048 positions, as the engine's static shapes pass them), reading lengths uniform in
+  32-640 per row or 300, 1,000 or 2,000 each: at its default setting and (16-token blocks,
+  uniform and 1,000) over settings (splits ``k``, positions a step ``tpc``, warps); next to JAX's
+  Pallas paged-attention op (``jax_pallas``: the setting that was fastest for it here,
+  and its defaults) and XLA attention over a contiguous cache of the longest length
+  (``xla_dense``).
 * ``scatter``: writing 576 new tokens into a layer's pool with ``.at[].set``: padding
   aimed at one slot vs dropped, indices declared unique or not (``model.write_pool``).
 * ``chunk``: ``model.paged_attention`` (XLA's gather path) for prompt chunks packed in
@@ -31,6 +34,8 @@ import numpy as np
 from jax.experimental.pallas.ops.gpu.paged_attention import paged_attention as pallas_op
 
 from optkit import model as M
+from optkit.kernels.paged_attention import paged_decode_attention as kernel
+from optkit.kernels.paged_attention import splits
 
 
 def bench(f, *args, iters: int) -> float:
@@ -56,39 +61,46 @@ def main(argv=None) -> int:
     res = {"device": str(jax.devices()[0]), "jax": jax.__version__,
            "attn": [], "scatter": [], "chunk": []}
     key, rng, iters = jax.random.PRNGKey(0), np.random.default_rng(0), 3 if small else 20
-    lengths_tried = (64,) if small else (256, 1024)
-    for bs in (16,) if small else (16, 32, 64):
+    for bs in (16,) if small else (16, 32):
         pages = pool_tokens // bs
         kp = jax.random.normal(key, (heads, pages, bs, dim), dt)
         vp = kp + 1
-        nb = (512 if small else 2048) // bs
+        nb = (512 if small else 2048) // bs  # the engine's static tables: the whole context
         tables = jnp.asarray(np.stack([rng.permutation(pages - 1)[:nb] + 1
                                        for _ in range(rows)]), jnp.int32)
         q = jax.random.normal(key, (rows, heads, dim), dt)
-        for length in lengths_tried:
-            kc = jax.random.normal(key, (rows, length, heads, dim), dt)
+        lengths_tried = {"uniform": rng.integers(*((8, 65) if small else (32, 641)), rows)}
+        lengths_tried.update({str(n): np.full(rows, n) for n in ((32,) if small
+                                                               else (300, 1000, 2000))})
+        for name, lengths in lengths_tried.items():
+            lengths = jnp.asarray(lengths, jnp.int32)
+            longest = int(lengths.max())
+            kc = jax.random.normal(key, (rows, longest, heads, dim), dt)
             dense = jax.jit(lambda q, k, v: jnp.einsum("rat,rtad->rad", jax.nn.softmax(
                 jnp.einsum("rad,rtad->rat", q, k, preferred_element_type=jnp.float32),
                 -1).astype(dt), v))
-            res["attn"].append(dict(bs=bs, L=length, kind="xla_dense",
+            res["attn"].append(dict(bs=bs, L=name, kind="xla_dense",
                                     ms=bench(dense, q, kc, kc, iters=iters),
-                                    gb=rows * length * heads * dim * 2 * 2 / 1e9))
-        for tpc, k, warps in itertools.product((32,) if small else (128, 256, 512),
-                                               (1, 2) if small else (1, 2, 4, 8, 16),
-                                               (4,) if small else (4, 8)):
-            per = tpc // bs
-            if per < 1 or nb % k or nb // k < per or (nb // k) % per:
-                continue
-            f = jax.jit(functools.partial(pallas_op, pages_per_compute_block=per, k_splits=k,
-                                          num_warps=warps, interpret=interpret))
-            for length in lengths_tried:
-                lengths = jnp.full((rows,), length, jnp.int32)
-                try:  # 512 positions a step need more shared memory than a GPU has
-                    ms = bench(f, q, kp, vp, tables, lengths, iters=iters)
-                except jax.errors.JaxRuntimeError as e:
-                    ms = repr(e)[:100]
-                res["attn"].append(dict(bs=bs, L=length, kind="pallas", tpc=tpc, k=k,
-                                        warps=warps, ms=ms))
+                                    gb=rows * longest * heads * dim * 2 * 2 / 1e9))
+            for tpc, k, warps in ((128, 4, 4), (128, 16, 8)):  # its best here, its defaults
+                f = jax.jit(functools.partial(pallas_op, pages_per_compute_block=tpc // bs,
+                                              k_splits=k, num_warps=warps,
+                                              interpret=interpret))
+                res["attn"].append(dict(bs=bs, L=name, kind="jax_pallas", tpc=tpc, k=k,
+                                        warps=warps, ms=bench(f, q, kp, vp, tables, lengths,
+                                                              iters=iters)))
+            settings = [None] + ([] if bs != 16 or name not in ("uniform", "1000") else [
+                (k, per, w) for k, per, w in itertools.product(
+                    (1, 2) if small else (4, 8, 16), (2,) if small else (4, 8),
+                    (2,) if small else (2, 4)) if (nb // k) % per == 0])
+            for setting in settings:
+                f = jax.jit(functools.partial(kernel, scale=dim ** -0.5, interpret=interpret,
+                                              setting=setting))
+                k, per, w = setting or (*splits(nb, bs), 2)
+                res["attn"].append(dict(bs=bs, L=name, kind="optkit", k=k, tpc=per * bs,
+                                        warps=w, default=setting is None,
+                                        ms=bench(f, q, kp, vp, tables, lengths,
+                                                 iters=iters)))
         if bs != 16:
             continue
         flat = jnp.zeros((heads, pages * bs, dim), dt)

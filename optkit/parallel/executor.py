@@ -339,9 +339,20 @@ class MeshExecutor(Executor):
         JAX around ``model.paged_forward``) jitted on this mesh, the pools donated and kept in
         their shardings.  ``fn`` must be the same object across calls (it keys the compile
         cache; new input shapes compile as usual)."""
+        return self._paged_jit(fn, pools)(self.params, inputs, pools)
+
+    def paged_compile(self, fn: Callable, inputs, pools) -> Callable[[], None]:
+        """What compiles the program ``paged_run(fn, inputs, pools)`` would run, without
+        running it: a call that needs no lock, so several may compile in threads at once
+        (the jitted function is made here, in the caller's thread)."""
+        jitted = self._paged_jit(fn, pools)
+        # (where dispatch is synchronous, _once wrapped the jitted function)
+        lower = (jitted if hasattr(jitted, "lower") else jitted.__wrapped__).lower
+        return lambda: lower(self.params, inputs, pools).compile()
+
+    def _paged_jit(self, fn: Callable, pools) -> Callable:
         leaf = jax.tree.leaves(pools["k"])[0]
         num_blocks, block_size = int(leaf.shape[-3]), int(leaf.shape[-2])
-
         attention = self.paged_decode_attention(block_size)
 
         def make():
@@ -349,8 +360,7 @@ class MeshExecutor(Executor):
                            donate_argnums=(2,), compiler_options=self.decode_options,
                            out_shardings=(None, self.pool_shardings(num_blocks, block_size)))
 
-        return self._once(("paged", fn, num_blocks, block_size), make)(self.params, inputs,
-                                                                        pools)
+        return self._once(("paged", fn, num_blocks, block_size), make)
 
     def paged_decode_attention(self, block_size: int) -> Callable | None:
         """``decode_attention`` of ``model.paged_forward`` on this mesh: JAX's Pallas

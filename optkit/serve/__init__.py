@@ -53,7 +53,7 @@ def serve_app(model, tokenizer=None, *, name: str | None = None,
               block_size: int = 16, num_blocks: int | None = None,
               memory_fraction: float = 0.9, max_len: int | None = None,
               limits: Limits | None = None, api_keys: Mapping[str, float] | None = None,
-              steps_per_dispatch: int = 4, max_logprobs: int = 5, max_n: int = 16,
+              steps_per_dispatch: int = 8, max_logprobs: int = 5, max_n: int = 16,
               prefix_caching: bool = True, warmup: bool = True,
               max_body_bytes: int = MAX_BODY_BYTES, allowed_hosts: Sequence[str] | None = None):
     """A FastAPI app serving a JAX model from :func:`optkit.get_model` (anything with an

@@ -263,6 +263,13 @@ MIN_ROWS, MIN_BLOCKS = 2, 4
 #: rows of this many tokens (a long chunk over several rows of the same step: each layer
 #: writes every new K/V before any row attends, so a later row sees the earlier ones).
 CHUNK_ROW = 64
+#: Fewest blocks a static-shape step's prompt chunks read (a bucket below this saves
+#: little and is one more program to compile).
+MIN_CHUNK_BLOCKS = 16
+#: Fewest chunk rows of a static-shape step: the row counts compiled are this, its doublings
+#: and ``max_batched_tokens // CHUNK_ROW`` (a step with one short prompt computes 512
+#: tokens, not the whole budget).
+MIN_CHUNK_ROWS = 8
 
 
 class PagedEngine:
@@ -379,6 +386,21 @@ class PagedEngine:
         than a step has (so no other program compiles)."""
         return min(CHUNK_ROW, self.max_batched_tokens) if self.static_shapes else 1
 
+    def chunk_rows(self, pieces: int) -> int:
+        """Rows of a static-shape step's prompt chunks for ``pieces`` rows' worth: the
+        next of :data:`MIN_CHUNK_ROWS` and its doublings, at most the budget's
+        ``max_batched_tokens // CHUNK_ROW`` rows (more only when many short prompts start
+        at once: the next power of two)."""
+        most = max(self.max_batched_tokens // CHUNK_ROW, 1)
+        if pieces > most:
+            return pow2(pieces)
+        return min(pow2(pieces, MIN_CHUNK_ROWS), most)
+
+    def chunk_row_buckets(self) -> list[int]:
+        """Every row count :meth:`chunk_rows` gives for a step within the budget."""
+        most = max(self.max_batched_tokens // CHUNK_ROW, 1)
+        return sorted({self.chunk_rows(n) for n in range(1, most + 1)})
+
     # Steps ---------------------------------------------------------------------------------
     def _fn(self, *key):
         return _paged_fn(self.cfg, self.block_size, *key)
@@ -422,6 +444,24 @@ class PagedEngine:
 
     def step(self, works: Sequence[Work], num_steps: int = 1) -> StepOutput:
         works = list(works)
+        fn, inputs, layout = self._prepare(works, num_steps)
+        (out, scores), self.pools = self.executor.paged_run(fn, inputs, self.pools)
+        out, scores = _host((out, scores))
+        where, flat, score = layout
+        toks = Tokens(*(o[:num_steps, where] for o in out))
+        result = StepOutput(toks, [None] * len(works))
+        if score:
+            lp, ids, tlp = scores
+            for i, w in enumerate(works):
+                if w.targets:
+                    a, b = flat[i], flat[i] + len(w.targets)
+                    result.scores[i] = (lp[a:b], None if ids is None else ids[a:b],
+                                        None if tlp is None else tlp[a:b])
+        return result
+
+    def _prepare(self, works: list[Work], num_steps: int) -> tuple[Any, dict, tuple]:
+        """(the step function, its inputs, (each work's row, its first token, whether
+        prompt tokens are scored)) of a step."""
         if not works:
             raise ValueError("a step needs at least one sequence")
         for w in works:
@@ -446,8 +486,10 @@ class PagedEngine:
         nb = (pow2(-(-self.max_len // self.block_size)) if self.static_shapes
               else blocks(decode or chunks))
         nb_chunks = blocks(chunks) if chunks else nb
+        if self.static_shapes:
+            nb_chunks = max(nb_chunks, min(MIN_CHUNK_BLOCKS, nb))
         groups, rows = [], []
-        if decode:
+        if decode or self.static_shapes:  # static: one decode group in every program
             r = self.max_num_seqs if self.static_shapes else pow2(len(decode), MIN_ROWS)
             r = max(r, len(decode))
             groups.append(self._group([(works[i].tokens, works[i].start, works[i].blocks)
@@ -466,8 +508,7 @@ class PagedEngine:
                         owner.append(None)
                     owner[-1] = w
                     where[i] = len(rows) + len(pieces) - 1
-                r = max(self.max_batched_tokens // t, 1)
-                r = r if len(pieces) <= r else pow2(len(pieces))
+                r = self.chunk_rows(len(pieces))
                 groups.append(self._group(pieces, r, t, nb_chunks))
                 rows += owner + [None] * (r - len(pieces))
             else:
@@ -494,44 +535,55 @@ class PagedEngine:
                 for i, w in enumerate(works):
                     targets[flat[i]:flat[i] + len(w.targets)] = w.targets
                 inputs["targets"] = targets
-        (out, scores), self.pools = self.executor.paged_run(fn, inputs, self.pools)
-        out, scores = _host((out, scores))
-        toks = Tokens(*(o[:num_steps, where] for o in out))
-        result = StepOutput(toks, [None] * len(works))
-        if score:
-            lp, ids, tlp = scores
-            for i, w in enumerate(works):
-                if w.targets:
-                    a, b = flat[i], flat[i] + len(w.targets)
-                    result.scores[i] = (lp[a:b], None if ids is None else ids[a:b],
-                                        None if tlp is None else tlp[a:b])
-        return result
+        return fn, inputs, (where, flat, score)
 
-    def warmup(self, steps: tuple[int, ...] = (1,), prompt_len: int = 8) -> None:
-        """Compile the programs of one short request: its prompt, then decode dispatches of
-        ``steps`` steps (with and without top log-probs); under static shapes also a prompt
-        chunk reading each bucket of blocks, alone and beside running decodes (the shapes
-        of longer prompts, which would otherwise compile while requests wait)."""
+    def warmup(self, steps: tuple[int, ...] = (1,), prompt_len: int = 8,
+               threads: int | None = None) -> None:
+        """Compile, before serving, the programs of one short request (its prompt, then
+        decode dispatches of ``steps`` steps, with and without top log-probs) and, under
+        static shapes, the prompt-chunk steps of every bucket of blocks read and of chunk
+        rows (:meth:`chunk_row_buckets`): the shapes of longer or more prompts, which would
+        otherwise compile while requests wait.  ``threads`` programs compile at once
+        (default: up to 8, one per CPU core); then the short request runs."""
+        import concurrent.futures
+        import os
+
+        self._max_steps = max(self._max_steps, pow2(max(steps)))
         bos = self.cfg.bos_token_id
         blocks = list(range(1, min(self.num_blocks, MIN_BLOCKS + 1)))
+        run = []
         for k in sorted({0, self.max_logprobs}):
             req = EngineRequest((bos,) * prompt_len, 1, num_top=k)
-            self.step([Work(-1, req.prompt, 0, blocks, req)])
-            for n in sorted(set(steps)):
-                if prompt_len + n <= len(blocks) * self.block_size:
-                    self.step([Work(-1, (bos,), prompt_len, blocks, req, count=1)], n)
-        if not self.static_shapes:
-            return
-        req = EngineRequest((bos,) * prompt_len, 1)
-        decode = Work(-2, (bos,), prompt_len, blocks, req, count=1)
-        nb = MIN_BLOCKS
-        while nb <= min(pow2(-(-self.max_len // self.block_size)), self.num_blocks - 2):
-            end = min(nb * self.block_size, self.max_len)
-            table = list(range(2, nb + 2))  # block 1 is the decode's
-            chunk = Work(-3, (bos, bos), end - 2, table, req)
-            self.step([chunk])
-            self.step([decode, chunk])
-            nb *= 2
+            run.append(([Work(-1, req.prompt, 0, blocks, req)], 1))
+            run += [([Work(-1, (bos,), prompt_len, blocks, req, count=1)], n)
+                    for n in sorted(set(steps))
+                    if prompt_len + n <= len(blocks) * self.block_size]
+        cases = list(run)
+        if self.static_shapes:
+            req = EngineRequest((bos,) * prompt_len, 1)
+            usable = self.num_blocks - 1  # block 0 is reserved
+            need = -(-self.max_len // self.block_size)
+            nb = min(MIN_CHUNK_BLOCKS, pow2(need))
+            while nb <= max(pow2(min(need, usable)), min(MIN_CHUNK_BLOCKS, pow2(need))):
+                end = min(nb * self.block_size, self.max_len)
+                # ``rows`` two-token chunks ending at ``end``
+                cases += [([Work(-3 - j, (bos, bos), end - 2,
+                                 [1 + (i + j) % usable for i in range(nb)], req)
+                            for j in range(rows)], 1) for rows in self.chunk_row_buckets()]
+                nb *= 2
+        compiles, seen = [], set()
+        for works, n in cases:
+            fn, inputs, _ = self._prepare(works, n)
+            key = (fn, str(jax.tree.map(lambda x: (np.shape(x), np.asarray(x).dtype), inputs)))
+            if key not in seen:
+                seen.add(key)
+                compiles.append(self.executor.paged_compile(fn, inputs, self.pools))
+        threads = threads or min(8, os.cpu_count() or 1)
+        with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+            for f in [pool.submit(c) for c in compiles]:
+                f.result()
+        for works, n in run:
+            self.step(works, n)
 
 
 #: Default (max_num_seqs, max_batched_tokens) on GPUs and on CPUs.  Every step with prompt

@@ -209,7 +209,7 @@ class Scheduler:
 
     def __init__(self, engine: Engine, codec: Codec, limits: Limits = Limits(),
                  weights: Mapping[str, float] | None = None, policy: str = "continuous",
-                 static_wait: float = 0.0, steps_per_dispatch: int = 4, metrics=None,
+                 static_wait: float = 0.0, steps_per_dispatch: int = 8, metrics=None,
                  prefix_caching: bool = True):
         if policy not in ("continuous", "static"):
             raise ValueError(f"policy must be 'continuous' or 'static', not {policy!r}")

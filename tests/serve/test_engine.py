@@ -310,22 +310,40 @@ def test_default_pool_leaves_room_for_weights_and_a_step(tiny_model):
     assert big.num_blocks == 2 * 4 * (128 // big.block_size) + 1
 
 
+def test_static_chunk_rows_follow_the_prompts_not_the_budget(tiny_model):
+    e = PagedEngine(tiny_model.executor, max_num_seqs=4, max_len=128,
+                    max_batched_tokens=2048, num_blocks=16, static_shapes=True)
+    assert [e.chunk_rows(n) for n in (1, 8, 9, 16, 17, 32)] == [8, 8, 16, 16, 32, 32]
+    assert e.chunk_rows(33) == 64  # many short prompts at once: past the budget's rows
+    assert e.chunk_row_buckets() == [8, 16, 32]
+    small = PagedEngine(tiny_model.executor, max_num_seqs=4, max_len=128,
+                        max_batched_tokens=320, num_blocks=16, static_shapes=True)
+    assert small.chunk_row_buckets() == [5]
+
+
 def test_warmup_compiles_what_static_steps_of_any_prompt_need(tiny_model, codec):
     ex = tiny_model.executor
-    engine = PagedEngine(ex, max_num_seqs=4, max_len=128, max_batched_tokens=64,
-                         num_blocks=64, static_shapes=True)
+    engine = PagedEngine(ex, max_num_seqs=16, max_len=128, max_batched_tokens=1024,
+                         num_blocks=160, static_shapes=True)
+    assert engine.chunk_row_buckets() == [8, 16]
+    compiled = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda name, secs, **kw: name == "/jax/core/compile/backend_compile_duration"
+        and listening and compiled.append(secs))
+    listening = True
     engine.warmup(steps=(1, 4))
-
-    def programs():
-        return sum(f._cache_size() for f in ex._fns.values() if hasattr(f, "_cache_size"))
-
-    before = programs()
+    assert compiled  # (the listener hears compiles)
+    compiled.clear()
     s = Scheduler(engine, codec, Limits(), steps_per_dispatch=4).start()
     try:
+        # 16 prompts in the first step (16 rows), then one alone (8 rows)
         hs = s.submit([SeqRequest(tuple(range(4, 4 + n)), 6, ignore_eos=True)
-                       for n in (3, 20, 50, 70, 100)])
+                       for n in (3, 20, 50, 70, 100, 9, 30, 60, 5, 7, 11, 13, 17, 19, 23, 29)])
+        wait_until(lambda: all(h.done for h in hs))
+        hs += s.submit([SeqRequest(tuple(range(4, 120)), 6, ignore_eos=True)])
         wait_until(lambda: all(h.done for h in hs))
     finally:
         s.stop()
+    listening = False
     assert all(h.finish_reason == "length" for h in hs)
-    assert programs() == before
+    assert not compiled
