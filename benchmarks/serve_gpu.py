@@ -797,7 +797,7 @@ def brief(row: dict) -> dict:
 def run_parts(make_client, cfg, model_name: str, works: dict[str, Workload], args, emit,
               budget: Budget, on_offline=None) -> None:
     """Offline, stall and online parts (in that order) through clients from ``make_client(w)``
-    (``(client, setup_s)``; the same client comes back while the workload's context fits).
+    (``(client, setup_s)``; ``setup_s`` None when a client built earlier comes back).
     A failing part becomes an error row; the others still run."""
     def ready(w: Workload):
         client, setup_s = make_client(w)
@@ -871,31 +871,25 @@ def optkit_worker(args, model_name: str, emit) -> None:
     emit({"kind": "ceiling", "init_s": init_s, "matmul_size": size, "matmul_tflops": tflops,
           "dtype": str(np.dtype(model.dtype))})
     engine_opts, sched_opts = parse_options(args.engine_opt), parse_options(args.scheduler_opt)
-    state: dict = {"client": None, "ctx": None}
+    # one engine for every part, sized for the run's context (as optkit serve builds one)
+    ctx = min(args.max_context or cfg.max_position_embeddings, cfg.max_position_embeddings)
+    state: dict = {"client": None}
+    offline_rows: list[tuple[dict, Workload]] = []
 
     def make_client(w: Workload):
-        ctx = w.max_context
-        if state["client"] is not None and state["ctx"] >= ctx:
+        if state["client"] is not None:
             return state["client"], None
-        close()
         t = time.perf_counter()
         engine = build_engine(model, ctx, engine_opts)
         client = OptkitClient(build_scheduler(engine, sched_opts), {
             "engine_config": engine_config(engine), "engine_options": engine_opts,
             "scheduler_options": sched_opts})
-        state.update(client=client, ctx=ctx)
+        state.update(client=client)
         return client, time.perf_counter() - t
 
-    def close():
-        if state["client"] is not None:
-            state["client"].close()
-            state.update(client=None, ctx=None)
-            gc.collect()
-
     def ideal(row: dict, w: Workload) -> None:
-        """Right after an offline run: free the engine (generate() needs the memory), time
-        a decode step at the batch it reached, emit the ideal bound."""
-        close()
+        """After every part, the engine freed (generate() needs the memory): time a decode
+        step at the batch the offline run reached, emit the ideal bound."""
         try:
             context = int(round(np.mean([len(p) for p in w.prompts]) + np.mean(w.max_tokens) / 2))
             step = generate_step_s(model, max(1, int(row["batch_reached"])), context,
@@ -906,8 +900,13 @@ def optkit_worker(args, model_name: str, emit) -> None:
                   "error": f"{type(e).__name__}: {e}"})
 
     run_parts(make_client, cfg, model_name, workloads_for(cfg, args), args, emit, budget,
-              on_offline=ideal)
-    close()
+              on_offline=lambda row, w: offline_rows.append((row, w)))
+    if state["client"] is not None:
+        state["client"].close()
+        state["client"] = None
+        gc.collect()
+    for row, w in offline_rows:
+        ideal(row, w)
 
 
 def hf_model(model_name: str, dtype: str):
