@@ -36,8 +36,8 @@ def supported(head_dim: int, block_size: int) -> bool:
 
 def splits(num_blocks: int, block_size: int) -> tuple[int, int]:
     """(splits of a row's table, blocks a step) for tables of ``num_blocks`` (a power of
-    two) blocks: 256 positions a split (at most 8 splits), 64 positions a step -- the
-    setting within 1% of the fastest over lengths of 32-2,000 tokens on an H200
+    two) blocks: 256 positions a split (at most 8 splits), 64 positions a step -- within
+    3% of the fastest setting timed on an H200 for lengths of 32-2,000 tokens
     (``benchmarks/results/paged_attention_ops_h200.json``)."""
     positions = num_blocks * block_size
     k_splits = max(1, min(8, positions // 256, num_blocks))

@@ -363,8 +363,8 @@ class MeshExecutor(Executor):
         return self._once(("paged", fn, num_blocks, block_size), make)
 
     def paged_decode_attention(self, block_size: int) -> Callable | None:
-        """``decode_attention`` of ``model.paged_forward`` on this mesh: JAX's Pallas
-        paged-attention op (``optkit.kernels.paged_attention``) on GPUs where ``kernels``
+        """``decode_attention`` of ``model.paged_forward`` on this mesh: optkit's Pallas
+        paged-attention kernel (``optkit.kernels.paged_attention``) on GPUs where ``kernels``
         allows the attention kernel (``auto``, ``pallas``, ``attention``; off GPUs only by
         name, through the interpreter) and the shapes suit it, else None (XLA's gather).
         Split over the devices as the rules split the pools' heads."""

@@ -22,7 +22,7 @@ row ``stream`` of a call with that seed.
 * :class:`PagedEngine` (MeshExecutor: one device, data/tensor parallel): paged K/V pools,
   one forward per step over the decodes and prompt chunks together (``model.paged_forward``),
   sampling on the device.  Attention reads each sequence's blocks up to a bucketed length:
-  on GPUs one-token rows go through JAX's Pallas paged-attention kernel
+  on GPUs one-token rows go through optkit's Pallas paged-attention kernel
   (``optkit.kernels.paged_attention``), elsewhere through XLA (gathering the blocks).
 * :class:`ModelEngine` (pipeline and Ray executors, which have no paged step): one fixed
   cache of ``max_slots`` rows of ``max_len`` positions; a sequence's single block *is* its
@@ -284,10 +284,10 @@ class PagedEngine:
     powers of two) so few programs compile; ``static_shapes`` (default: on GPUs, where a
     program of a large model takes seconds to compile and padding costs little next to the
     weight reads) fixes them instead: decode rows padded to ``max_num_seqs``, every row's
-    block table to ``max_len``, prompt chunks packed into rows of :data:`CHUNK_ROW` tokens,
-    ``max_batched_tokens // CHUNK_ROW`` rows (more only when many short prompts start at
-    once), so a handful of programs serve every step.  ``max_logprobs`` bounds the top
-    alternatives per token.
+    block table to ``max_len``, prompt chunks packed into rows of :data:`CHUNK_ROW` tokens
+    (:meth:`chunk_rows` of them) reading a bucket of blocks, every step with the decode
+    rows, so a handful of programs serve every step (:meth:`warmup` compiles them).
+    ``max_logprobs`` bounds the top alternatives per token.
     """
 
     chunked_prefill = True
