@@ -38,12 +38,18 @@ class HFCodec:
         self.vocab_size = len(tokenizer)
         self._special = frozenset(tokenizer.all_special_ids)
         self.token_str = functools.lru_cache(maxsize=1 << 16)(self._token_str)
+        # a fast tokenizer's Rust decoder, called directly: what its ``decode`` does without
+        # cleaning up spaces, minus the Python around it (a text stream decodes twice a token)
+        self._backend = getattr(tokenizer, "backend_tokenizer", None)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=True,
+        ids = [int(i) for i in ids]
+        if self._backend is not None:
+            return self._backend.decode(ids, skip_special_tokens=True)
+        return self.tokenizer.decode(ids, skip_special_tokens=True,
                                      clean_up_tokenization_spaces=False)
 
     def _token_str(self, token: int) -> str:

@@ -41,3 +41,21 @@ def test_text_stream_holds_a_possible_stop_then_releases_it():
     assert s.release() == "\nUsually yes" and not s.stopped
     s.finish()
     assert s.release(final=True) == "" and s.text == "Fine thanks.\nUsually yes"
+
+
+def test_hf_codec_decodes_as_the_tokenizer_does():
+    """The codec calls a fast tokenizer's Rust decoder itself: the same text as the
+    tokenizer's ``decode`` (special tokens skipped, spaces not cleaned up), split UTF-8
+    characters and special tokens included."""
+    import numpy as np
+
+    tok = get_tokenizer()
+    codec = HFCodec(tok)
+    assert codec._backend is not None
+    rng = np.random.default_rng(0)
+    cases = [codec.encode("naïve café ☕ — ok", add_special_tokens=True)]
+    cases += [rng.integers(0, len(tok), rng.integers(0, 12)).tolist() for _ in range(300)]
+    cases += [ids[:k] for ids in cases[:1] for k in range(len(ids))]  # cut mid-character
+    for ids in cases:
+        assert codec.decode(np.array(ids, np.int64)) == tok.decode(
+            ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
