@@ -28,13 +28,13 @@ scheduler's ``on_output`` callback; HF: the manager's per-token ``record_timesta
 TTFT = first delivery - submit, TPOT = (last - first) / (tokens - 1), ITL = gap / tokens
 delivered.  Rows are loadgen's :func:`~optkit.bench.loadgen.summarize` rows plus this
 script's fields.  Before a workload is timed on a fresh engine, ``--warmup-requests`` of
-its requests (spread over the prompt lengths, with the longest prompt, context and output)
-run once: compiles and CUDA-graph captures land there, reported as ``warmup_s``; engine
-construction is ``setup_s`` (optkit's includes ``PagedEngine.warmup``, as ``optkit serve``
-runs it before answering), model creation ``init_s``.  The parts run in the order
-offline, stall, online (the sweep last: it runs until the framework falls behind);
-``--budget-s`` bounds each (model, framework): parts that would start later are skipped
-(a ``skipped`` row says so).
+its requests (spread over the prompt lengths, with the longest prompt, context and output;
+outputs cut to ``--warmup-max-tokens``) run once: compiles and CUDA-graph captures land
+there, reported as ``warmup_s``; engine construction is ``setup_s`` (optkit's includes
+``PagedEngine.warmup``, as ``optkit serve`` runs it before answering), model creation
+``init_s``.  The parts run in the order offline, stall, online (the sweep last: it runs
+until the framework falls behind); ``--budget-s`` bounds each (model, framework): parts
+that would start later are skipped (a ``skipped`` row says so).
 
 Request lengths (no data download):
 
@@ -561,25 +561,30 @@ def ideal_row(cfg, offline: dict, workload: Workload, tflops: float, step: dict)
 # ---------------------------------------------------------------------------------------------
 # The parts: offline, online, stall (framework-agnostic through the clients)
 # ---------------------------------------------------------------------------------------------
-def warmup_subset(workload: Workload, count: int) -> Workload:
+def warmup_subset(workload: Workload, count: int, max_tokens: int = 0) -> Workload:
     """``count`` requests spread over the prompt lengths (shortest and longest included)
-    plus the longest context and the longest output: the shapes a run will meet."""
+    plus the longest context and the longest output: the shapes a run will meet; outputs
+    cut to ``max_tokens`` where it is positive."""
     n = len(workload.prompts)
-    if not count or count >= n:
+    if count and count < n:
+        lens = np.array([len(p) for p in workload.prompts])
+        order = np.argsort(lens, kind="stable")
+        pick = set(order[np.linspace(0, n - 1, count).round().astype(int)].tolist())
+        pick.add(int(np.argmax(lens + np.array(workload.max_tokens))))
+        pick.add(int(np.argmax(workload.max_tokens)))
+        idx = sorted(pick)
+    elif max_tokens <= 0:
         return workload
-    lens = np.array([len(p) for p in workload.prompts])
-    order = np.argsort(lens, kind="stable")
-    pick = set(order[np.linspace(0, n - 1, count).round().astype(int)].tolist())
-    pick.add(int(np.argmax(lens + np.array(workload.max_tokens))))
-    pick.add(int(np.argmax(workload.max_tokens)))
-    idx = sorted(pick)
+    else:
+        idx = list(range(n))
+    cap = max_tokens if max_tokens > 0 else max(workload.max_tokens)
     return dataclasses.replace(workload, prompts=[workload.prompts[i] for i in idx],
-                               max_tokens=[workload.max_tokens[i] for i in idx])
+                               max_tokens=[min(workload.max_tokens[i], cap) for i in idx])
 
 
-def warm(client, workload: Workload, count: int, drain_s: float) -> float:
+def warm(client, workload: Workload, count: int, max_tokens: int, drain_s: float) -> float:
     """Run :func:`warmup_subset` of the workload once, all at once; its wall time."""
-    w = warmup_subset(workload, count)
+    w = warmup_subset(workload, count, max_tokens)
     t = time.perf_counter()
     run_trace(client, records_for(w), drain_s)
     return time.perf_counter() - t
@@ -804,7 +809,8 @@ def run_parts(make_client, cfg, model_name: str, works: dict[str, Workload], arg
         client, setup_s = make_client(w)
         warm_s = None
         if w.name not in client.warmed:
-            warm_s = warm(client, w, args.warmup_requests, max(60.0, budget.left()))
+            warm_s = warm(client, w, args.warmup_requests, args.warmup_max_tokens,
+                          max(60.0, budget.left()))
             client.warmed.add(w.name)
         return client, setup_s, warm_s
 
@@ -1222,6 +1228,10 @@ def parser() -> argparse.ArgumentParser:
     a("--warmup-requests", type=int, default=64,
       help="warm-up requests spread over a workload's lengths, run once before it is timed "
            "(0: the whole workload; default: %(default)s)")
+    a("--warmup-max-tokens", type=int, default=64,
+      help="cut warm-up requests' outputs to this many tokens (0: as drawn): one long "
+           "output at a slow framework's step time can take minutes (optkit's engine "
+           "warm-up compiles every step shape on GPUs; default: %(default)s)")
     a("--step-tokens", type=int, default=64,
       help="new tokens of the generate() call timing a decode step (default: %(default)s)")
     a("--matmul-size", type=int, help="n of the n^3 matmul (default: 8192 on GPUs, else 512)")

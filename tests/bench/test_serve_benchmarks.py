@@ -69,6 +69,10 @@ def test_workloads(sg):
     assert min(lens) in sub_lens and max(lens) in sub_lens and len(sub.prompts) <= 10
     assert max(s.max_tokens) in sub.max_tokens
     assert sg.warmup_subset(s, 0) is s
+    cut = sg.warmup_subset(s, 8, max_tokens=16)
+    assert cut.prompts == sub.prompts and max(cut.max_tokens) == 16 < max(s.max_tokens)
+    assert sg.warmup_subset(s, 0, max_tokens=16).max_tokens == [min(m, 16)
+                                                                 for m in s.max_tokens]
 
 
 # Measurement ----------------------------------------------------------------------------------
