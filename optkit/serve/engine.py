@@ -32,8 +32,10 @@ row ``stream`` of a call with that seed.
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -545,9 +547,6 @@ class PagedEngine:
         rows (:meth:`chunk_row_buckets`): the shapes of longer or more prompts, which would
         otherwise compile while requests wait.  ``threads`` programs compile at once
         (default: up to 8, one per CPU core); then the short request runs."""
-        import concurrent.futures
-        import os
-
         self._max_steps = max(self._max_steps, pow2(max(steps)))
         bos = self.cfg.bos_token_id
         blocks = list(range(1, min(self.num_blocks, MIN_BLOCKS + 1)))
@@ -563,8 +562,8 @@ class PagedEngine:
             req = EngineRequest((bos,) * prompt_len, 1)
             usable = self.num_blocks - 1  # block 0 is reserved
             need = -(-self.max_len // self.block_size)
-            nb = min(MIN_CHUNK_BLOCKS, pow2(need))
-            while nb <= max(pow2(min(need, usable)), min(MIN_CHUNK_BLOCKS, pow2(need))):
+            nb = first = min(MIN_CHUNK_BLOCKS, pow2(need))
+            while nb <= max(pow2(min(need, usable)), first):
                 end = min(nb * self.block_size, self.max_len)
                 # ``rows`` two-token chunks ending at ``end``
                 cases += [([Work(-3 - j, (bos, bos), end - 2,
