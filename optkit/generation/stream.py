@@ -89,15 +89,36 @@ class TextStream:
             entry.offset = self.start + len(self.text)
             self._entries.append(entry)
         self.ids.append(int(token))
-        if self.codec.is_special(token):
+        if not self.codec.is_special(token):
+            self._decode_new()
+
+    def extend(self, tokens: Sequence[int]) -> None:
+        """:meth:`add` of several tokens without records: one decode for all of them, the
+        same text (one at a time where they end inside a character, so the complete ones
+        before it are not held back); a stop string found still cuts the text, but which
+        token completed it is not told."""
+        if self.stopped or not len(tokens):
             return
+        n = len(self.ids)
+        self.ids.extend(int(t) for t in tokens)
+        if not self._decode_new():
+            new = self.ids[n:]
+            del self.ids[n:]
+            for t in new:
+                self.add(t)
+
+    def _decode_new(self) -> bool:
+        """Move the text on over the ids added since the last complete character (False:
+        they end inside one, or add nothing)."""
         before = self.codec.decode(self.ids[self._window:self._read])
         after = self.codec.decode(self.ids[self._window:])
-        if len(after) > len(before) and not after.endswith(REPLACEMENT):
-            checked = len(self.text)
-            self.text += after[len(before):]
-            self._window, self._read = self._read, len(self.ids)
-            self._find_stop(checked)
+        if len(after) <= len(before) or after.endswith(REPLACEMENT):
+            return False
+        checked = len(self.text)
+        self.text += after[len(before):]
+        self._window, self._read = self._read, len(self.ids)
+        self._find_stop(checked)
+        return True
 
     def _find_stop(self, checked: int) -> None:
         cut = self.matcher.find(self.text, checked) if self.matcher else None

@@ -605,15 +605,18 @@ class Scheduler:
                 self._start(h)
                 if h.state == "done":
                     continue
-            finished, taken = None, 0
-            for j in range(n):
-                taken += 1
-                finished = self._take(
-                    h, toks.ids[j, i], toks.logprobs[j, i],
-                    None if toks.top_ids is None else toks.top_ids[j, i],
-                    None if toks.top_logprobs is None else toks.top_logprobs[j, i])
-                if finished:
-                    break
+            if h.request.logprobs is None and not h.stream.matcher:
+                taken, finished = self._take_plain(h, toks.ids[:n, i], toks.logprobs[:n, i])
+            else:
+                finished, taken = None, 0
+                for j in range(n):
+                    taken += 1
+                    finished = self._take(
+                        h, toks.ids[j, i], toks.logprobs[j, i],
+                        None if toks.top_ids is None else toks.top_ids[j, i],
+                        None if toks.top_logprobs is None else toks.top_logprobs[j, i])
+                    if finished:
+                        break
             if self.metrics and not first:
                 for _ in range(taken):
                     self.metrics.tpot.observe((now - h.t_last) / taken)
@@ -714,6 +717,23 @@ class Scheduler:
         if h.generated >= r.max_tokens:
             return "length"
         return None
+
+    def _take_plain(self, h: Handle, ids, lps) -> tuple[int, str | None]:
+        """:meth:`_take` of a step's tokens at once, for a sequence whose text needs no
+        per-token work (no stop strings, no log-probs) -> (tokens taken, finish reason)."""
+        r, ids = h.request, [int(t) for t in ids]
+        k, reason = min(len(ids), r.max_tokens - h.generated), None
+        eos = self.engine.eos_token_id
+        if not r.ignore_eos and eos in ids[:k]:
+            k, reason = ids.index(eos) + 1, "stop"
+        elif h.generated + k >= r.max_tokens:
+            reason = "length"
+        for lp in lps[:k]:
+            h.cum_logprob += float(lp)
+        h.generated += k
+        h.tokens.extend(ids[:k])
+        h.stream.extend(ids[:k - 1] if reason == "stop" else ids[:k])
+        return k, reason
 
     def _finish(self, h: Handle, reason: str, error: str | None = None) -> None:
         if h.state == "done":

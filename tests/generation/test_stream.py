@@ -59,3 +59,33 @@ def test_hf_codec_decodes_as_the_tokenizer_does():
     for ids in cases:
         assert codec.decode(np.array(ids, np.int64)) == tok.decode(
             ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+
+def test_text_stream_extend_gives_the_text_of_adding_one_by_one():
+    """Several tokens at once (the server's path for sequences without stop strings or
+    log-probs): after each batch the text is what adding them one at a time gives."""
+    import numpy as np
+
+    tok = get_tokenizer()
+    codec = HFCodec(tok)
+    rng = np.random.default_rng(1)
+    texts = ["naïve café ☕ — ok, 日本語のテキスト and more", "plain words only here",
+             "emoji 🎉🎉 split 𝔘𝔫𝔦𝔠𝔬𝔡𝔢"]
+    for text in texts * 20:
+        ids = codec.encode(text, add_special_tokens=False)
+        for _ in range(3):  # special tokens here and there
+            ids.insert(int(rng.integers(0, len(ids) + 1)), tok.eos_token_id)
+        one, many = TextStream(codec), TextStream(codec)
+        a = 0
+        while a < len(ids):
+            b = a + int(rng.integers(1, 9))
+            for t in ids[a:b]:
+                one.add(t)
+            many.extend(ids[a:b])
+            assert many.text == one.text and many.release() == one.release()
+            a = b
+        assert many.text == text
+    # a stop string inside a batch still cuts the text there
+    s = TextStream(codec, ["café"])
+    s.extend(codec.encode("naïve café ☕", add_special_tokens=False))
+    assert s.stopped and s.text == "naïve "

@@ -367,3 +367,20 @@ def test_prompt_scores_come_with_cached_blocks(sched):
     assert s2.stats()["prefix_cache_hits"] == 0
     run_all(s2, [req(context + "z", 0, echo=True, logprobs=0)])
     assert s2.stats()["prefix_cache_hits"] == 48
+
+
+def test_plain_sequences_take_a_dispatch_at_once_as_token_by_token(sched):
+    """Sequences without stop strings or log-probs account a dispatch's tokens at once:
+    the same text, counts, log-prob sums and finish reasons as the token-by-token path
+    (taken by requests with log-probs), an end-of-text token mid-dispatch included."""
+    prompts = [("XY", 6), ("abc", 5), ("hello", 30), ("tuv", 9), ("W", 3)]
+    runs = []
+    for logprobs in (None, 0):
+        s = sched(max_slots=4, steps_per_dispatch=4)
+        hs, col = run_all(s, [req(p, m, logprobs=logprobs) for p, m in prompts])
+        runs.append([(col.text(h), h.generated, h.cum_logprob, h.finish_reason) for h in hs])
+        assert s.steps > s.engine.calls["step"]  # several steps a dispatch happened
+    assert runs[0] == runs[1]
+    assert [r[:2] + r[3:] for r in runs[0]] == [
+        ("Z", 2, "stop"), ("defgh", 5, "length"), ("pqrstuvwxyzabcdefghijklmnopqrs", 30, "length"),
+        ("wxyzabcde", 9, "length"), ("XYZ", 3, "length")]
