@@ -27,6 +27,7 @@ KV cache pytree::
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import NamedTuple
@@ -364,7 +365,7 @@ def paged_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, tables: 
 
 def paged_forward(params: Params, cfg: OPTConfig, tokens: jax.Array, positions: jax.Array,
                   slots: jax.Array, groups, pools: dict, lookup=None,
-                  decode_attention=None) -> tuple[jax.Array, dict]:
+                  decode_attention=None, chunk_attention=None) -> tuple[jax.Array, dict]:
     """New tokens of several sequences through every layer over paged K/V pools.
 
     ``tokens``, ``positions`` (each token's index in its sequence) and ``slots`` (where its
@@ -374,9 +375,10 @@ def paged_forward(params: Params, cfg: OPTConfig, tokens: jax.Array, positions: 
     whose earlier tokens are already in their blocks: T > 1).  Each layer first writes the
     new K/V, then every token attends over its sequence up to itself.
     ``decode_attention(q (R,A,D), k_pool, v_pool, tables, lengths (R,)) -> (R,A,D)``
-    replaces :func:`paged_attention` for T = 1 groups (e.g. a GPU kernel); ``lookup``: see
-    :func:`embed`.  Returns hidden states (N,H) after the last layer (:func:`unembed` them
-    where logits are wanted) and the new pools.
+    replaces :func:`paged_attention` for T = 1 groups (e.g. a GPU kernel), and
+    ``chunk_attention(q (R,T,A,D), k_pool, v_pool, tables, q_index) -> (R,T,A,D)`` for
+    T > 1 groups; ``lookup``: see :func:`embed`.  Returns hidden states (N,H) after the
+    last layer (:func:`unembed` them where logits are wanted) and the new pools.
     """
     x = embed(params, cfg, tokens[None], positions[None] + 2, lookup)
     scale = cfg.head_dim ** -0.5
@@ -394,8 +396,9 @@ def paged_forward(params: Params, cfg: OPTConfig, tokens: jax.Array, positions: 
                 if t == 1 and decode_attention is not None:
                     o = decode_attention(q, k_n, v_n, tables, q_index[:, 0] + 1)
                 else:
-                    o = paged_attention(q.reshape(r, t, *q.shape[1:]), k_n, v_n, tables,
-                                        q_index, scale)
+                    chunk = chunk_attention if t > 1 and chunk_attention is not None else \
+                        functools.partial(paged_attention, scale=scale)
+                    o = chunk(q.reshape(r, t, *q.shape[1:]), k_n, v_n, tables, q_index)
                 outs.append(o.reshape(r * t, *q.shape[1:]))
             out = outs[0] if len(outs) == 1 else jnp.concatenate(outs)
             return out[None], (k_n, v_n)

@@ -1,18 +1,23 @@
-"""Decode attention through block tables on GPUs: a Pallas (Triton) kernel for OPT's heads.
+"""Attention through block tables on GPUs: Pallas (Triton) kernels for OPT's heads.
 
-``model.paged_forward`` takes a ``decode_attention(q, k_pool, v_pool, tables, lengths)`` hook
-for its one-token rows; this module provides it.  Each program of the kernel takes one head
-of one row and one split of its block table: it walks the split's blocks up to the row's
-length, a few blocks a step, with an online softmax (instead of gathering the blocks into a
-contiguous copy first, XLA's path), and writes its partial output, maximum and sum; a
-last XLA step merges the splits.  OPT has as many K/V heads as query heads, so a head's
-query is one vector: the products are elementwise multiply-and-sum, with no padding of
-the query to a matrix (JAX's own Pallas paged-attention op pads each query head to 16
-rows for its tensor-core products, and writes 16 partial outputs per split).
-Pools are (A, blocks, block_size, D).
+``model.paged_forward`` takes hooks for its one-token rows (``decode_attention(q, k_pool,
+v_pool, tables, lengths)``) and for its prompt-chunk rows (``chunk_attention(q, k_pool,
+v_pool, tables, q_index)``); this module provides both.  Neither gathers a row's blocks
+into a contiguous copy first (XLA's path, ``model.paged_attention``): each program walks
+its blocks through the table, a few blocks a step, with an online softmax.
 
-``interpret=True`` runs it through Pallas' interpreter (CPU tests).  Where a JAX lacks
-Pallas' Triton backend, importing this module fails and the engine keeps XLA's path.
+* :func:`paged_decode_attention`: one program per head of a row and split of its table;
+  blocks read up to the row's length; a last XLA step merges the splits.  OPT has as many
+  K/V heads as query heads, so a head's query is one vector: the products are elementwise
+  multiply-and-sum, with no padding of the query to a matrix (JAX's own Pallas
+  paged-attention op pads each query head to 16 rows for its tensor-core products, and
+  writes 16 partial outputs per split).
+* :func:`paged_chunk_attention`: one program per head of a row of T prompt tokens;
+  blocks read up to the row's last position; tensor-core products (T x blocks).
+
+Pools are (A, blocks, block_size, D).  ``interpret=True`` runs them through Pallas'
+interpreter (CPU tests).  Where a JAX lacks Pallas' Triton backend, importing this module
+fails and the engine keeps XLA's path.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ _NEG = float(jnp.finfo(jnp.float32).min)
 
 
 def supported(head_dim: int, block_size: int) -> bool:
-    """Whether the kernel handles these shapes (Triton blocks want powers of two)."""
+    """Whether the kernels handle these shapes (Triton blocks want powers of two)."""
     return (head_dim >= 16 and head_dim & (head_dim - 1) == 0 and block_size >= 16
             and block_size & (block_size - 1) == 0)
 
@@ -113,3 +118,75 @@ def paged_decode_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array,
       (q.astype(jnp.float32) * scale).astype(q.dtype), k_pool, v_pool)
     weight = jnp.exp(m - m.max(0))  # splits past a row's length: m = min, total = 0
     return ((o * weight).sum(0) / (total * weight).sum(0)).astype(q.dtype)
+
+
+#: Blocks a step and warps of :func:`paged_chunk_attention`: the fastest of 2/4/8 blocks
+#: and 4/8 warps timed on an H200 for one 2,048-token prompt over 32 rows of 64 tokens
+#: (``benchmarks/results/paged_attention_ops_h200.json``).
+CHUNK_SETTING = (4, 4)
+
+
+def _chunk_kernel(tables_ref, q_index_ref, q_ref, k_ref, v_ref, o_ref, *, per_step: int):
+    """One (row, head): the row's T queries over its blocks up to its last position."""
+    bs, d = k_ref.shape[-2], k_ref.shape[-1]
+    width = per_step * bs
+    q_index = q_index_ref[...]  # (T,) each query's position
+    q = q_ref[...]              # (T, D), scaled
+
+    def body(i, carry):
+        acc, m, total = carry
+        blocks = tables_ref[pl.ds(i * per_step, per_step)]
+        k = k_ref[blocks].reshape(width, d)
+        v = v_ref[blocks].reshape(width, d)
+        logits = jnp.dot(q, k.T, preferred_element_type=jnp.float32)  # (T, width)
+        pos = i * width + jnp.arange(width)
+        logits = jnp.where(pos[None, :] <= q_index[:, None], logits, _NEG)
+        m_new = jnp.maximum(m, jnp.max(logits, axis=1))
+        p = jnp.exp(logits - m_new[:, None])
+        fix = jnp.exp(m - m_new)
+        acc = acc * fix[:, None] + jnp.dot(p.astype(v.dtype), v,
+                                           preferred_element_type=jnp.float32)
+        return acc, m_new, total * fix + jnp.sum(p, axis=1)
+
+    t = q.shape[0]
+    init = (jnp.zeros((t, d), jnp.float32), jnp.full((t,), _NEG, jnp.float32),
+            jnp.zeros((t,), jnp.float32))
+    acc, _, total = lax.fori_loop(0, pl.cdiv(jnp.max(q_index) + 1, width), body, init)
+    o_ref[...] = (acc / total[:, None]).astype(o_ref.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "interpret", "setting"))
+def paged_chunk_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array,
+                          tables: jax.Array, q_index: jax.Array, *, scale: float,
+                          interpret: bool = False,
+                          setting: tuple[int, int] | None = None) -> jax.Array:
+    """Causal attention of prompt-chunk rows: q (R, T, A, D), each query
+    attending positions [0, q_index] (R, T) of its row's blocks ``tables`` (R, NB) in the
+    pools (A, blocks, block_size, D) -> (R, T, A, D), as ``model.paged_attention``.
+    ``setting``: (blocks a step, warps) instead of :data:`CHUNK_SETTING`."""
+    r, t, a, d = q.shape
+    if t < 16:  # tensor-core products want 16 rows at least
+        pad = ((0, 0), (0, 16 - t))
+        return paged_chunk_attention(jnp.pad(q, pad + ((0, 0), (0, 0))), k_pool, v_pool,
+                                     tables, jnp.pad(q_index, pad), scale=scale,
+                                     interpret=interpret, setting=setting)[:, :t]
+    _, pool_blocks, bs, _ = k_pool.shape
+    per_step, warps = setting or CHUNK_SETTING
+    per_step = min(per_step, tables.shape[1])
+    # every step reads whole steps of blocks: pad the table (positions past a row's last
+    # query are masked, so the padding blocks' contents never count)
+    tables = jnp.pad(tables.astype(jnp.int32), ((0, 0), (0, -tables.shape[1] % per_step)))
+    head = pl.BlockSpec((None, pool_blocks, bs, d), lambda i, h: (h, 0, 0, 0))
+    rows = pl.BlockSpec((None, t, None, d), lambda i, h: (i, 0, h, 0))
+    return pl.pallas_call(
+        functools.partial(_chunk_kernel, per_step=per_step),
+        grid=(r, a),
+        in_specs=[pl.BlockSpec((None, tables.shape[1]), lambda i, h: (i, 0)),
+                  pl.BlockSpec((None, t), lambda i, h: (i, 0)),
+                  rows, head, head],
+        out_specs=rows,
+        out_shape=jax.ShapeDtypeStruct((r, t, a, d), q.dtype),
+        compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=2),
+        interpret=interpret, name="optkit_paged_chunk_attention",
+    )(tables, q_index.astype(jnp.int32), (q.astype(jnp.float32) * scale).astype(q.dtype),
+      k_pool, v_pool)

@@ -334,66 +334,75 @@ class MeshExecutor(Executor):
             functools.partial(M.init_pools, self.cfg, num_blocks, block_size, self.dtype),
             out_shardings=self.pool_shardings(num_blocks, block_size)))()
 
-    def paged_run(self, fn: Callable, inputs, pools):
-        """``fn(params, inputs, pools, lookup, decode_attention) -> (outputs, pools)`` (pure
-        JAX around ``model.paged_forward``) jitted on this mesh, the pools donated and kept in
-        their shardings.  ``fn`` must be the same object across calls (it keys the compile
-        cache; new input shapes compile as usual)."""
-        return self._paged_jit(fn, pools)(self.params, inputs, pools)
+    def paged_run(self, fn: Callable, inputs, pools, rows: int = 1):
+        """``fn(params, inputs, pools, lookup, attention) -> (outputs, pools)`` (pure JAX
+        around ``model.paged_forward``, ``attention`` its keyword arguments from
+        :meth:`paged_attention`) jitted on this mesh, the pools donated and kept in their
+        shardings.  ``fn`` must be the same object across calls (it keys the compile cache;
+        new input shapes compile as usual).  ``rows``: the tokens a call feeds the model
+        (they pick the XLA options, :meth:`decode_options_for`)."""
+        return self._paged_jit(fn, pools, rows)(self.params, inputs, pools)
 
-    def paged_compile(self, fn: Callable, inputs, pools) -> Callable[[], None]:
-        """What compiles the program ``paged_run(fn, inputs, pools)`` would run, without
-        running it: a call that needs no lock, so several may compile in threads at once
-        (the jitted function is made here, in the caller's thread)."""
-        jitted = self._paged_jit(fn, pools)
+    def paged_compile(self, fn: Callable, inputs, pools, rows: int = 1) -> Callable[[], None]:
+        """What compiles the program ``paged_run(fn, inputs, pools, rows)`` would run,
+        without running it: a call that needs no lock, so several may compile in threads at
+        once (the jitted function is made here, in the caller's thread)."""
+        jitted = self._paged_jit(fn, pools, rows)
         # (where dispatch is synchronous, _once wrapped the jitted function)
         lower = (jitted if hasattr(jitted, "lower") else jitted.__wrapped__).lower
         return lambda: lower(self.params, inputs, pools).compile()
 
-    def _paged_jit(self, fn: Callable, pools) -> Callable:
+    def _paged_jit(self, fn: Callable, pools, rows: int) -> Callable:
         leaf = jax.tree.leaves(pools["k"])[0]
         num_blocks, block_size = int(leaf.shape[-3]), int(leaf.shape[-2])
-        attention = self.paged_decode_attention(block_size)
+        attention = self.paged_attention(block_size)
+        options = self.decode_options_for(rows)
 
         def make():
             return jax.jit(lambda p, x, c: fn(p, x, c, self.embed_lookup, attention),
-                           donate_argnums=(2,), compiler_options=self.decode_options,
+                           donate_argnums=(2,), compiler_options=options,
                            out_shardings=(None, self.pool_shardings(num_blocks, block_size)))
 
-        return self._once(("paged", fn, num_blocks, block_size), make)
+        return self._once(("paged", fn, num_blocks, block_size, tuple(sorted(options.items()))),
+                          make)
 
-    def paged_decode_attention(self, block_size: int) -> Callable | None:
-        """``decode_attention`` of ``model.paged_forward`` on this mesh: optkit's Pallas
-        paged-attention kernel (``optkit.kernels.paged_attention``) on GPUs where ``kernels``
-        allows the attention kernel (``auto``, ``pallas``, ``attention``; off GPUs only by
-        name, through the interpreter) and the shapes suit it, else None (XLA's gather).
-        Split over the devices as the rules split the pools' heads."""
+    def paged_attention(self, block_size: int) -> dict[str, Callable]:
+        """``decode_attention`` and ``chunk_attention`` of ``model.paged_forward`` on this
+        mesh: optkit's Pallas kernels (``optkit.kernels.paged_attention``) on GPUs where
+        ``kernels`` allows the attention kernel (``auto``, ``pallas``, ``attention``; off
+        GPUs only by name, through the interpreter) and the shapes suit them, else {} (XLA's
+        gather).  Split over the devices as the rules split the pools' heads."""
         def make():
             kernels = self.options.kernels
             explicit = kernels.required and kernels.wants("attention")
             if not (explicit or not kernels.required and self.gpu):
-                return None
+                return {}
             try:
                 from optkit.kernels import paged_attention as kernel
             except ImportError as e:
                 if explicit:
                     raise ValueError(f"kernels={str(kernels)!r}: Pallas' paged attention is "
                                      f"unavailable in this JAX ({e})") from e
-                return None
+                return {}
             if not kernel.supported(self.cfg.head_dim, block_size):
                 if explicit:
                     raise ValueError(f"kernels={str(kernels)!r}: paged attention needs a "
                                      "power-of-two head size and block size >= 16")
-                return None
-            call = functools.partial(kernel.paged_decode_attention,
-                                     scale=self.cfg.head_dim ** -0.5, interpret=not self.gpu)
+                return {}
+            calls = {name: functools.partial(f, scale=self.cfg.head_dim ** -0.5,
+                                             interpret=not self.gpu)
+                     for name, f in (("decode_attention", kernel.paged_decode_attention),
+                                     ("chunk_attention", kernel.paged_chunk_attention))}
             if self.mesh.devices.size == 1:
-                return call
+                return calls
             pool = self.place.pool(1, block_size).spec
-            q = PartitionSpec(None, pool[0], None)
-            return jax.shard_map(call, mesh=self.mesh, check_vma=False,
-                                 in_specs=(q, pool, pool, PartitionSpec(), PartitionSpec()),
-                                 out_specs=q)
+            q = {"decode_attention": PartitionSpec(None, pool[0], None),
+                 "chunk_attention": PartitionSpec(None, None, pool[0], None)}
+            return {name: jax.shard_map(call, mesh=self.mesh, check_vma=False,
+                                        in_specs=(q[name], pool, pool, PartitionSpec(),
+                                                  PartitionSpec()),
+                                        out_specs=q[name])
+                    for name, call in calls.items()}
 
         return self._once(("paged_attention", block_size), make)
 

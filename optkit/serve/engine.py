@@ -22,8 +22,9 @@ row ``stream`` of a call with that seed.
 * :class:`PagedEngine` (MeshExecutor: one device, data/tensor parallel): paged K/V pools,
   one forward per step over the decodes and prompt chunks together (``model.paged_forward``),
   sampling on the device.  Attention reads each sequence's blocks up to a bucketed length:
-  on GPUs one-token rows go through optkit's Pallas paged-attention kernel
-  (``optkit.kernels.paged_attention``), elsewhere through XLA (gathering the blocks).
+  on GPUs through optkit's Pallas paged-attention kernels (``optkit.kernels.paged_attention``:
+  one for one-token rows, one for prompt-chunk rows), elsewhere through XLA (gathering the
+  blocks).
 * :class:`ModelEngine` (pipeline and Ray executors, which have no paged step): one fixed
   cache of ``max_slots`` rows of ``max_len`` positions; a sequence's single block *is* its
   slot, prompts are prefilled whole at batch 1 and every decode step runs every slot.
@@ -119,12 +120,13 @@ class Engine(Protocol):
     max_logprobs: int
     max_num_seqs: int        # sequences in flight
     max_slots: int           # = max_num_seqs (what /v1/models shows)
-    max_batched_tokens: int  # tokens one step computes (decodes first, then prompt chunks)
+    max_batched_tokens: int  # tokens a step computes (decodes first, then prompt chunks)
     block_size: int
     num_blocks: int          # in the pool, block 0 reserved
     prefix_caching: bool     # full blocks may be shared between sequences
     chunked_prefill: bool    # prompts may be split over steps (else fed whole)
     chunk_granule: int       # a step's chunks take budget in multiples of this (rows)
+    decodes_in_budget: bool  # decodes take budget (else prompt chunks have it all)
     penalties: bool          # honours repetition_penalty
 
     def step(self, works: Sequence[Work], num_steps: int = 1) -> StepOutput: ...
@@ -206,7 +208,7 @@ def _paged_logits(cfg, params, groups, pools, lookup, attention, block_size,
         off += r * t
     cat = (lambda xs: xs[0] if len(xs) == 1 else jnp.concatenate(xs))
     x, pools = M.paged_forward(params, cfg, cat(tokens), jnp.where(cat(pos) >= 0, cat(pos), 0),
-                               cat(slots), model_groups, pools, lookup, attention)
+                               cat(slots), model_groups, pools, lookup, **attention)
     logits = M.unembed(params, cfg, x[cat(last)])
     every = M.unembed(params, cfg, x) if all_tokens else None
     return logits, every, pools
@@ -249,6 +251,11 @@ def paged_decode_loop(cfg, block_size: int, num_top: int, penalty: bool, max_ste
     return (outs, None), pools
 
 
+def _rows(inputs) -> int:
+    """Tokens a step's inputs feed through the model (the rows of its products)."""
+    return sum(int(np.size(g["tokens"])) for g in inputs["groups"])
+
+
 @functools.cache
 def _paged_fn(cfg, block_size: int, kind: str, *statics):
     """One function object per static setting, shared by engines (it keys the executor's
@@ -279,13 +286,14 @@ class PagedEngine:
 
     ``max_num_seqs`` sequences in flight at most; each step computes at most
     ``max_batched_tokens`` new tokens (running decodes first, then prompt chunks: see
-    :mod:`optkit.serve.scheduler`).  The pools hold ``num_blocks`` blocks of ``block_size``
-    positions; by default as many as fill ``memory_fraction`` of each device's memory,
-    weights included (GPUs), or room for ``max_num_seqs`` sequences of up to 512 tokens (hosts
-    that report no memory: CPUs).  Shapes are bucketed (rows, tokens and blocks read to
-    powers of two) so few programs compile; ``static_shapes`` (default: on GPUs, where a
-    program of a large model takes seconds to compile and padding costs little next to the
-    weight reads) fixes them instead: decode rows padded to ``max_num_seqs``, every row's
+    :mod:`optkit.serve.scheduler`; under static shapes the decode rows come on top).  The
+    pools hold ``num_blocks`` blocks of ``block_size`` positions; by default as many as fill
+    ``memory_fraction`` of each device's memory, weights included (GPUs), or room for
+    ``max_num_seqs`` sequences of up to 512 tokens (hosts that report no memory: CPUs).
+    Shapes are bucketed (rows, tokens and blocks read to powers of two) so few programs
+    compile; ``static_shapes`` (default: on GPUs, where a program of a large model takes
+    seconds to compile and padding costs little next to the weight reads) fixes them
+    instead: decode rows padded to ``max_num_seqs``, every row's
     block table to ``max_len``, prompt chunks packed into rows of :data:`CHUNK_ROW` tokens
     (:meth:`chunk_rows` of them) reading a bucket of blocks, every step with the decode
     rows, so a handful of programs serve every step (:meth:`warmup` compiles them).
@@ -388,6 +396,14 @@ class PagedEngine:
         than a step has (so no other program compiles)."""
         return min(CHUNK_ROW, self.max_batched_tokens) if self.static_shapes else 1
 
+    @property
+    def decodes_in_budget(self) -> bool:
+        """Whether a step's decodes count against ``max_batched_tokens``.  Not under
+        static shapes: every program there has its ``max_num_seqs`` decode rows beside the
+        chunk rows, so the whole budget goes to prompt chunks (rows a step computes
+        anyway)."""
+        return not self.static_shapes
+
     def chunk_rows(self, pieces: int) -> int:
         """Rows of a static-shape step's prompt chunks for ``pieces`` rows' worth: the
         next of :data:`MIN_CHUNK_ROWS` and its doublings, at most the budget's
@@ -447,7 +463,8 @@ class PagedEngine:
     def step(self, works: Sequence[Work], num_steps: int = 1) -> StepOutput:
         works = list(works)
         fn, inputs, layout = self._prepare(works, num_steps)
-        (out, scores), self.pools = self.executor.paged_run(fn, inputs, self.pools)
+        (out, scores), self.pools = self.executor.paged_run(fn, inputs, self.pools,
+                                                            _rows(inputs))
         out, scores = _host((out, scores))
         where, flat, score = layout
         toks = Tokens(*(o[:num_steps, where] for o in out))
@@ -479,7 +496,7 @@ class PagedEngine:
         flat = np.zeros(len(works), np.int64)   # work -> its first token among all tokens
         # blocks read per row, bucketed; under static shapes the decode rows take the whole
         # table (the GPU kernel reads only up to each row's length), prompt chunks a bucket
-        # of what they read (XLA gathers every block of their tables)
+        # of what they read (XLA's path gathers every block of their tables)
         def blocks(idx):
             need = max(-(-(works[i].start + len(works[i].tokens) + num_steps - 1)
                          // self.block_size) for i in idx)
@@ -576,7 +593,8 @@ class PagedEngine:
             key = (fn, str(jax.tree.map(lambda x: (np.shape(x), np.asarray(x).dtype), inputs)))
             if key not in seen:
                 seen.add(key)
-                compiles.append(self.executor.paged_compile(fn, inputs, self.pools))
+                compiles.append(self.executor.paged_compile(fn, inputs, self.pools,
+                                                            _rows(inputs)))
         threads = threads or min(8, os.cpu_count() or 1)
         with concurrent.futures.ThreadPoolExecutor(threads) as pool:
             for f in [pool.submit(c) for c in compiles]:
@@ -655,6 +673,7 @@ class ModelEngine:
 
     chunk_granule = 1
     chunked_prefill = False
+    decodes_in_budget = True
     prefix_caching = False
     penalties = False
 
@@ -831,7 +850,9 @@ def describe(engine) -> str:
         return (f"PagedEngine: {engine.num_blocks - 1} blocks x {engine.block_size} tokens "
                 f"(KV cache {engine.cache_bytes() / 2**20:.1f} MiB), up to "
                 f"{engine.max_num_seqs} sequences of {engine.max_len} tokens, "
-                f"{engine.max_batched_tokens} tokens a step")
+                f"{engine.max_batched_tokens} "
+                f"{'tokens' if engine.decodes_in_budget else 'prompt tokens + the decodes'}"
+                " a step")
     return (f"{type(engine).__name__}: {engine.max_slots} slots x {engine.max_len} tokens"
             + (f", KV cache {engine.cache_bytes() / 2**20:.1f} MiB"
                if hasattr(engine, "cache_bytes") else ""))

@@ -81,6 +81,7 @@ class FakeEngine:
     block_size = 16
     chunked_prefill = True
     chunk_granule = 1
+    decodes_in_budget = True
     prefix_caching = True
     penalties = True
 

@@ -17,7 +17,9 @@ Threads and queues (one engine thread; the HTTP side never waits on it)::
                               (never blocks)
   GET /health, /metrics  <-- stats(): plain reads of counters the engine thread keeps
 
-Planning a step (``engine.max_batched_tokens`` new tokens at most):
+Planning a step (``engine.max_batched_tokens`` new tokens at most; an engine whose steps
+hold their decode rows beside the prompt chunks, ``decodes_in_budget`` false, gives the
+chunks the whole budget):
 
 1. every running sequence whose tokens are all in the cache but its last decodes one token
    (all of them, whatever the budget); each first gets the block its next token needs.  When
@@ -469,7 +471,8 @@ class Scheduler:
             if h.id in self._running:
                 chosen.append(h)
         works = [self._work(h, 1) for h in chosen]
-        budget -= len(chosen)
+        if e.decodes_in_budget:
+            budget -= len(chosen)
         granule, chunks = e.chunk_granule, 0
 
         def chunk_size(left: int) -> int:

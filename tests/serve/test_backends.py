@@ -37,8 +37,8 @@ def test_tensor_and_data_parallel_mesh(tiny_model, tiny_weights, reference):
 
 
 def test_tensor_parallel_paged_kernel_matches_one_device(tiny_model, tiny_weights):
-    """Pools split by heads over tp=2, decode attention through the Pallas kernel per shard
-    (interpreted here): one device's tokens and log-probs."""
+    """Pools split by heads over tp=2, prompt-chunk and decode attention through the
+    Pallas kernels per shard (interpreted here): one device's tokens and log-probs."""
     pytest.importorskip("optkit.kernels.paged_attention")
     from optkit.serve.engine import EngineRequest, PagedEngine, Work
     from tests.serve.conftest import ENGINE

@@ -219,16 +219,17 @@ def test_min_tokens_bans_eos_until_reached():
     np.testing.assert_array_equal(np.delete(x, 2, axis=1), 0.0)
 
 
-def test_pallas_paged_decode_attention_matches_xla(tiny_model):
-    """The GPU kernel's path (here through Pallas' interpreter) gives XLA's tokens."""
+def test_pallas_paged_attention_matches_xla(tiny_model):
+    """The GPU kernels' path (here through Pallas' interpreter: a prompt chunk, then
+    decodes) gives XLA's tokens."""
     pytest.importorskip("optkit.kernels.paged_attention")
     from optkit.parallel.executor import MeshExecutor
 
     ex = tiny_model.executor
     fused = MeshExecutor(ex.cfg, ex.params, ex.mesh, ex.rules,
                          options=ModelOptions(kernels="attention"))
-    assert fused.paged_decode_attention(16) is not None
-    assert ex.paged_decode_attention(16) is None  # XLA's path off GPUs by default
+    assert set(fused.paged_attention(16)) == {"decode_attention", "chunk_attention"}
+    assert ex.paged_attention(16) == {}  # XLA's path off GPUs by default
     outs = []
     for executor in (ex, fused):
         engine = PagedEngine(executor, **ENGINE)

@@ -384,3 +384,23 @@ def test_plain_sequences_take_a_dispatch_at_once_as_token_by_token(sched):
     assert [r[:2] + r[3:] for r in runs[0]] == [
         ("Z", 2, "stop"), ("defgh", 5, "length"), ("pqrstuvwxyzabcdefghijklmnopqrs", 30, "length"),
         ("wxyzabcde", 9, "length"), ("XYZ", 3, "length")]
+
+
+@pytest.mark.parametrize("in_budget", [True, False])
+def test_decodes_take_budget_unless_the_engine_runs_them_beside_the_chunks(sched, in_budget):
+    """A long prompt prefilling beside a running decode gets the budget less the decode,
+    or all of it from an engine whose decode rows come on top (static shapes)."""
+    s = sched(max_slots=2, steps_per_dispatch=1)
+    s.engine.decodes_in_budget = in_budget
+    mixed, step = [], s.engine.step
+
+    def record(works, num_steps=1):
+        sizes = [len(w.tokens) for w in works]
+        if 1 in sizes and max(sizes) > 1:
+            mixed.append(max(sizes))
+        return step(works, num_steps)
+
+    s.engine.step = record
+    hs, col = run_all(s, [req("a", 30), req("b" * 200, 2)])
+    assert max(mixed) == s.engine.max_batched_tokens - in_budget
+    assert [h.finish_reason for h in hs] == ["length", "length"]
