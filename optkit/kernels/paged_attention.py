@@ -121,9 +121,12 @@ def paged_decode_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array,
 
 
 #: Blocks a step and warps of :func:`paged_chunk_attention`: the fastest of 2/4/8 blocks
-#: and 4/8 warps timed on an H200 for one 2,048-token prompt over 32 rows of 64 tokens
-#: (``benchmarks/results/paged_attention_ops_h200.json``).
+#: and 4/8 warps timed on an H200 for the engine's rows of 64 tokens holding one 2,048-token
+#: prompt or eight of 256 (``benchmarks/results/paged_chunk_attention_ops_h200.json``).
 CHUNK_SETTING = (4, 4)
+#: Most queries one program of :func:`paged_chunk_attention` takes (longer rows are split:
+#: a program holds its queries and their partial outputs in registers).
+CHUNK_ROWS = 64
 
 
 def _chunk_kernel(tables_ref, q_index_ref, q_ref, k_ref, v_ref, o_ref, *, per_step: int):
@@ -165,11 +168,15 @@ def paged_chunk_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array,
     pools (A, blocks, block_size, D) -> (R, T, A, D), as ``model.paged_attention``.
     ``setting``: (blocks a step, warps) instead of :data:`CHUNK_SETTING`."""
     r, t, a, d = q.shape
-    if t < 16:  # tensor-core products want 16 rows at least
-        pad = ((0, 0), (0, 16 - t))
-        return paged_chunk_attention(jnp.pad(q, pad + ((0, 0), (0, 0))), k_pool, v_pool,
-                                     tables, jnp.pad(q_index, pad), scale=scale,
-                                     interpret=interpret, setting=setting)[:, :t]
+    rows = min(max(t, 16), CHUNK_ROWS)  # queries a program takes
+    if t != rows:  # pad to whole programs (>= 16 for the tensor cores), split long rows
+        n = -(-t // rows)
+        pad = ((0, 0), (0, n * rows - t))
+        q = jnp.pad(q, pad + ((0, 0), (0, 0))).reshape(r * n, rows, a, d)
+        out = paged_chunk_attention(q, k_pool, v_pool, jnp.repeat(tables, n, axis=0),
+                                    jnp.pad(q_index, pad).reshape(r * n, rows), scale=scale,
+                                    interpret=interpret, setting=setting)
+        return out.reshape(r, n * rows, a, d)[:, :t]
     _, pool_blocks, bs, _ = k_pool.shape
     per_step, warps = setting or CHUNK_SETTING
     per_step = min(per_step, tables.shape[1])

@@ -41,6 +41,7 @@ def test_splits():
     (3, 16, 2, 16, 16, 8, None),     # rows starting at 0, mid-table and near its end
     (2, 8, 2, 16, 32, 4, (2, 4)),    # fewer than 16 queries (padded), larger blocks
     (2, 16, 4, 32, 16, 6, (4, 4)),   # a table that is not a whole number of steps
+    (2, 100, 2, 16, 16, 10, None),   # rows longer than a program takes (split, padded)
 ])
 def test_chunk_kernel_matches_xla_paged_attention(rows, t, heads, dim, block, table, setting):
     """Prompt-chunk rows: each query attends its row's positions up to its own, padding
