@@ -1052,16 +1052,25 @@ def summary_markdown(rows: list[dict]) -> str:
         lines += ["", "## Online (Poisson arrivals): highest rate within the SLOs", "",
                   "| model | workload | framework | SLO p99 TTFT / TPOT (ms) | rates tested | "
                   "max rate within SLO (req/s) | optkit / HF |", "|" + "---|" * 7]
-        hf_cap = {(r["model"], r["workload"]): r["max_rate_within_slo"] for r in cap
+        def capacity(r) -> tuple[float | None, bool]:
+            """(the rate, whether it is only an upper bound: no rate tested was within)"""
+            if r["max_rate_within_slo"] is None and r["rates_tested"]:
+                return min(r["rates_tested"]), True
+            return r["max_rate_within_slo"], False
+
+        hf_cap = {(r["model"], r["workload"]): capacity(r) for r in cap
                   if r.get("framework") == "hf"}
         for r in cap:
-            other = hf_cap.get((r["model"], r["workload"]))
-            ratio = (r["max_rate_within_slo"] / other if r.get("framework") == "optkit"
-                     and other and r["max_rate_within_slo"] else None)
+            own, below = capacity(r)
+            other, other_below = hf_cap.get((r["model"], r["workload"]), (None, False))
+            ratio = "-"
+            if r.get("framework") == "optkit" and own and other and not below:
+                ratio = ("> " if other_below else "") + _fmt(own / other, 2)
+            shown = (f"< {own:g} (none within)" if below else _fmt(own, 2))
             lines.append(f"| {r['model']} | {r['workload']} | {r['framework']} | "
                          f"{r['slo_ttft_ms']:g} / {r['slo_tpot_ms']:g} | "
                          f"{', '.join(f'{x:g}' for x in r['rates_tested'])} | "
-                         f"{_fmt(r['max_rate_within_slo'], 2)} | {_fmt(ratio, 2)} |")
+                         f"{shown} | {ratio} |")
     onl = [r for r in rows if r.get("kind") == "online"]
     if onl:
         lines += ["", "| model | framework | rate | requests | gen tok/s | TTFT p50 / p99 (ms) | "

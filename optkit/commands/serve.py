@@ -17,7 +17,8 @@ examples:
 
 sizing: each engine step computes at most --max-batched-tokens new tokens: one for every
 running sequence, the rest for chunks of waiting prompts, so a long prompt never freezes the
-streams already running.  The KV cache is --num-blocks blocks of --block-size tokens (by
+streams already running (on GPUs, where step shapes are static, the prompt chunks have all
+of it and the decodes come on top).  The KV cache is --num-blocks blocks of --block-size tokens (by
 default they fill --kv-memory-fraction of each GPU's memory, weights and a step's
 activations included, up to twice what --max-num-seqs full-length sequences hold; on CPUs
 room for --max-num-seqs sequences of 512 tokens); sequences hold only the blocks they have
@@ -97,8 +98,9 @@ def register(sub) -> None:
     g = p.add_argument_group("engine (paged KV cache)")
     g.add_argument("--max-batched-tokens", type=int,
                    help="new tokens one step computes: running decodes first, then prompt "
-                        "chunks; smaller keeps streams smoother while long prompts arrive, "
-                        "larger prefills faster (default: 2048 on GPUs, 128 on CPUs)")
+                        "chunks (on GPUs: prompt tokens, the decodes on top); smaller keeps "
+                        "streams smoother while long prompts arrive, larger prefills faster "
+                        "(default: 2048 on GPUs, 128 on CPUs)")
     g.add_argument("--block-size", type=int, default=16,
                    help="tokens per KV-cache block (default: %(default)s)")
     g.add_argument("--num-blocks", type=int,

@@ -605,7 +605,7 @@ class PagedEngine:
 
 #: Default (max_num_seqs, max_batched_tokens) on GPUs and on CPUs.  Every step with prompt
 #: chunks also runs the running decodes (their weight reads and attention), so fewer, larger
-#: chunks prefill faster; a 2,048-token step of opt-6.7b takes about a tenth of a second on
+#: chunks prefill faster; a 2,048-token step of opt-6.7b takes about 60 ms on
 #: an H200 (the serving rows in ``benchmarks/README.md`` ran with these defaults), which is
 #: what a running stream waits when a long prompt arrives.  A CPU computes far fewer tokens
 #: a second, so its chunks are 128 tokens.

@@ -162,6 +162,26 @@ def test_serve_gpu_tiny_on_cpu(sg, tmp_path):
     assert (again / "summary.md").read_text() == summary
 
 
+def test_serve_gpu_capacity_table_bounds_a_framework_within_no_rate(sg, tmp_path):
+    """A framework within the SLOs at none of its rates shows '< lowest rate', and the
+    ratio is then a lower bound."""
+    base = {"kind": "slo_capacity", "model": "opt-6.7b", "workload": "sharegpt",
+            "slo_ttft_ms": 1000.0, "slo_tpot_ms": 50.0, "card": "GPU"}
+    rows = [{**base, "framework": "optkit", "rates_tested": [2, 4, 8, 16],
+             "max_rate_within_slo": 16.0},
+            {**base, "framework": "hf", "rates_tested": [0.5, 1, 2], "max_rate_within_slo": None}]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert sg.main(["--report", str(path), "--out", str(tmp_path)]) == 0
+    summary = (tmp_path / "summary.md").read_text()
+    assert "| 2, 4, 8, 16 | 16.00 | > 32.00 |" in summary
+    assert "| 0.5, 1, 2 | < 0.5 (none within) | - |" in summary
+    rows[1]["max_rate_within_slo"] = 2.0
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert sg.main(["--report", str(path), "--out", str(tmp_path)]) == 0
+    assert "| 2, 4, 8, 16 | 16.00 | 8.00 |" in (tmp_path / "summary.md").read_text()
+
+
 def test_serve_gpu_rejects_bad_arguments(sg, tmp_path):
     with pytest.raises(SystemExit, match="unknown OPT model"):
         sg.main(["--models", "opt-7b", "--out", str(tmp_path)])
