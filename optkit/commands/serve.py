@@ -18,8 +18,8 @@ examples:
 sizing: each engine step computes at most --max-batched-tokens new tokens: one for every
 running sequence, the rest for chunks of waiting prompts, so a long prompt never freezes the
 streams already running (on GPUs, where step shapes are static, the prompt chunks have all
-of it and the decodes come on top).  The KV cache is --num-blocks blocks of --block-size tokens (by
-default they fill --kv-memory-fraction of each GPU's memory, weights and a step's
+of it and the decodes come on top).  The KV cache is --num-blocks blocks of --block-size
+tokens (by default they fill --kv-memory-fraction of each GPU's memory, weights and a step's
 activations included, up to twice what --max-num-seqs full-length sequences hold; on CPUs
 room for --max-num-seqs sequences of 512 tokens); sequences hold only the blocks they have
 written, share cached prompt blocks, and are preempted (recomputed later) when blocks run out.

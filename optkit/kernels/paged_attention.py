@@ -184,14 +184,14 @@ def paged_chunk_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array,
     # query are masked, so the padding blocks' contents never count)
     tables = jnp.pad(tables.astype(jnp.int32), ((0, 0), (0, -tables.shape[1] % per_step)))
     head = pl.BlockSpec((None, pool_blocks, bs, d), lambda i, h: (h, 0, 0, 0))
-    rows = pl.BlockSpec((None, t, None, d), lambda i, h: (i, 0, h, 0))
+    row = pl.BlockSpec((None, t, None, d), lambda i, h: (i, 0, h, 0))
     return pl.pallas_call(
         functools.partial(_chunk_kernel, per_step=per_step),
         grid=(r, a),
         in_specs=[pl.BlockSpec((None, tables.shape[1]), lambda i, h: (i, 0)),
                   pl.BlockSpec((None, t), lambda i, h: (i, 0)),
-                  rows, head, head],
-        out_specs=rows,
+                  row, head, head],
+        out_specs=row,
         out_shape=jax.ShapeDtypeStruct((r, t, a, d), q.dtype),
         compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=2),
         interpret=interpret, name="optkit_paged_chunk_attention",

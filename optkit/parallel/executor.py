@@ -355,16 +355,14 @@ class MeshExecutor(Executor):
     def _paged_jit(self, fn: Callable, pools, rows: int) -> Callable:
         leaf = jax.tree.leaves(pools["k"])[0]
         num_blocks, block_size = int(leaf.shape[-3]), int(leaf.shape[-2])
-        attention = self.paged_attention(block_size)
-        options = self.decode_options_for(rows)
 
-        def make():
+        def make():  # once per row count: a dispatch with a known one does none of this
+            attention = self.paged_attention(block_size)
             return jax.jit(lambda p, x, c: fn(p, x, c, self.embed_lookup, attention),
-                           donate_argnums=(2,), compiler_options=options,
+                           donate_argnums=(2,), compiler_options=self.decode_options_for(rows),
                            out_shardings=(None, self.pool_shardings(num_blocks, block_size)))
 
-        return self._once(("paged", fn, num_blocks, block_size, tuple(sorted(options.items()))),
-                          make)
+        return self._once(("paged", fn, num_blocks, block_size, rows), make)
 
     def paged_attention(self, block_size: int) -> dict[str, Callable]:
         """``decode_attention`` and ``chunk_attention`` of ``model.paged_forward`` on this

@@ -293,8 +293,8 @@ class PagedEngine:
     Shapes are bucketed (rows, tokens and blocks read to powers of two) so few programs
     compile; ``static_shapes`` (default: on GPUs, where a program of a large model takes
     seconds to compile and padding costs little next to the weight reads) fixes them
-    instead: decode rows padded to ``max_num_seqs``, every row's
-    block table to ``max_len``, prompt chunks packed into rows of :data:`CHUNK_ROW` tokens
+    instead: decode rows padded to ``max_num_seqs``, every row's block table to
+    ``max_len``, prompt chunks packed into rows of :data:`CHUNK_ROW` tokens
     (:meth:`chunk_rows` of them) reading a bucket of blocks, every step with the decode
     rows, so a handful of programs serve every step (:meth:`warmup` compiles them).
     ``max_logprobs`` bounds the top alternatives per token.
@@ -409,15 +409,17 @@ class PagedEngine:
         next of :data:`MIN_CHUNK_ROWS` and its doublings, at most the budget's
         ``max_batched_tokens // CHUNK_ROW`` rows (more only when many short prompts start
         at once: the next power of two)."""
-        most = max(self.max_batched_tokens // CHUNK_ROW, 1)
-        if pieces > most:
+        if pieces > self._budget_rows:
             return pow2(pieces)
-        return min(pow2(pieces, MIN_CHUNK_ROWS), most)
+        return min(pow2(pieces, MIN_CHUNK_ROWS), self._budget_rows)
 
     def chunk_row_buckets(self) -> list[int]:
         """Every row count :meth:`chunk_rows` gives for a step within the budget."""
-        most = max(self.max_batched_tokens // CHUNK_ROW, 1)
-        return sorted({self.chunk_rows(n) for n in range(1, most + 1)})
+        return sorted({self.chunk_rows(n) for n in range(1, self._budget_rows + 1)})
+
+    @property
+    def _budget_rows(self) -> int:
+        return max(self.max_batched_tokens // CHUNK_ROW, 1)
 
     # Steps ---------------------------------------------------------------------------------
     def _fn(self, *key):
